@@ -1,0 +1,1 @@
+"""Vectors -> scores, calibrated decisions and drift alarms. Pure Python and NumPy."""

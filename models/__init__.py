@@ -1,0 +1,1 @@
+"""Event -> vector: one encoder per event kind. Pure Python and NumPy (and torch for text)."""

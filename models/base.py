@@ -1,0 +1,58 @@
+"""The small protocols every encoder keeps.
+
+An encoder turns a batch of validated events of one kind into a float32 matrix
+of fixed width. Encoders that keep statistics (robust scaling, template
+counts) also implement :class:`Learner`; the pipeline calls ``learn`` only with
+events it accepted as normal, after scoring them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from models.events import Event
+
+State = dict[str, Any]
+"""Saved state: JSON values and NumPy arrays only (never pickled objects)."""
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    """``encode(events) -> float32 (n, dim)``: deterministic, no side effect beyond caches.
+
+    ``name`` and ``version`` travel with every result as ``"name@version"``;
+    ``metric`` (``"l2"`` or ``"cosine"``) is the distance the vectors are meant for.
+    Raises :class:`~models.errors.InvalidEvent` for an event it cannot encode.
+    """
+
+    name: str
+    version: str
+    metric: str
+
+    @property
+    def dim(self) -> int | None: ...
+
+    def encode(self, events: Sequence[Event]) -> np.ndarray: ...
+
+
+@runtime_checkable
+class Learner(Protocol):
+    """``learn(events)``: update running statistics from events accepted as normal."""
+
+    def learn(self, events: Sequence[Event]) -> None: ...
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """``get_state() -> State`` and ``set_state(state)``: a round trip gives identical outputs."""
+
+    def get_state(self) -> State: ...
+
+    def set_state(self, state: State) -> None: ...
+
+
+def encoder_tag(encoder: Encoder) -> str:
+    return f"{encoder.name}@{encoder.version}"

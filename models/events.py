@@ -1,0 +1,343 @@
+"""Events in: decoding and validating the JSON contract of ``DESIGN.md``.
+
+:func:`decode_event` turns raw message bytes (or a JSONL line) into an
+:class:`Event`, or raises one :class:`~models.errors.InvalidEvent` subclass that
+names the reason. Nothing here performs I/O; the stream shell calls it at the edge.
+
+>>> e = decode_event(b'{"id": "t1", "kind": "vector", "vector": [1, 2.5]}', arrival_ts=0.0)
+>>> e.source, e.kind, e.payload.tolist()
+('vector', 'vector', [1.0, 2.5])
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import orjson
+
+from models.errors import (
+    BadEncoding,
+    BadTimestamp,
+    EmptyPayload,
+    InvalidEvent,
+    MissingField,
+    NonFinite,
+    NotAnObject,
+    NotJSON,
+    Oversized,
+    UnknownField,
+    UnknownKind,
+    WrongType,
+)
+
+KINDS = ("transaction", "log", "text", "audio", "vector")
+PAYLOAD_FIELDS = {
+    "transaction": ("fields",),
+    "log": ("line",),
+    "text": ("text",),
+    "audio": ("mfcc", "samples", "sample_rate"),
+    "vector": ("vector",),
+}
+COMMON_FIELDS = frozenset({"id", "source", "kind", "ts", "label"})
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Input size caps. Each guards memory or CPU against one hostile message."""
+
+    max_bytes: int = 1_048_576  # one Kafka message at the broker's default max.message.bytes
+    max_text_chars: int = 20_000  # MiniLM reads 256 tokens; longer text only costs tokenising time
+    max_fields: int = 256
+    max_vector_dim: int = 4096
+    max_mfcc_frames: int = 20_000
+    max_mfcc_coeffs: int = 128
+    max_samples: int = 48_000 * 30  # 30 s at 48 kHz
+    max_id_chars: int = 512
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A validated event. ``payload`` depends on the kind.
+
+    transaction: ``dict[str, float | str]`` (bools as 0/1 floats); log, text: ``str``;
+    audio: ``("mfcc", float32 (frames, coeffs))`` or ``("samples", float32 (n,), sample_rate)``;
+    vector: float32 ``(dim,)``.
+    """
+
+    id: str
+    kind: str
+    source: str
+    ts: float  # epoch seconds (event time, or arrival time when the event has none)
+    payload: Any
+    label: int | None = None
+    has_ts: bool = False
+
+
+def decode_event(
+    raw: bytes | str, *, arrival_ts: float, limits: Limits = DEFAULT_LIMITS
+) -> Event:
+    """Decode one message value or JSONL line into an :class:`Event`.
+
+    Raises
+    ------
+    InvalidEvent
+        A subclass naming the reason: ``bad_encoding``, ``oversized``, ``not_json``,
+        ``not_an_object``, ``missing_field``, ``wrong_type``, ``unknown_kind``,
+        ``unknown_field``, ``empty_payload``, ``non_finite``, ``bad_timestamp``.
+    """
+    if len(raw) > limits.max_bytes:
+        raise Oversized(f"message of {len(raw)} bytes exceeds the cap of {limits.max_bytes}")
+    if isinstance(raw, (bytes, bytearray, memoryview)):
+        try:
+            raw = bytes(raw).decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise BadEncoding(f"not valid UTF-8: {err.reason} at byte {err.start}") from None
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as err:
+        _raise_json_error(raw, err)
+    return event_from_dict(obj, arrival_ts=arrival_ts, limits=limits)
+
+
+def _raise_json_error(raw: str, err: Exception) -> None:
+    # orjson refuses NaN and Infinity literals; say so instead of "not JSON".
+    try:
+        json.loads(raw, parse_constant=_refuse_constant)
+    except NonFinite:
+        raise
+    except ValueError:
+        pass
+    raise NotJSON(f"not valid JSON: {err}") from None
+
+
+def _refuse_constant(name: str) -> float:
+    raise NonFinite(f"{name} is not a finite number")
+
+
+def event_from_dict(obj: Any, *, arrival_ts: float, limits: Limits = DEFAULT_LIMITS) -> Event:
+    """Validate a decoded JSON value as an event (see :func:`decode_event`)."""
+    if not isinstance(obj, dict):
+        raise NotAnObject(f"an event is a JSON object, got {type(obj).__name__}")
+    kind = obj.get("kind")
+    if kind is None:
+        raise MissingField("missing field 'kind'", field="kind")
+    if not isinstance(kind, str):
+        raise WrongType("'kind' must be a string", field="kind")
+    if kind not in PAYLOAD_FIELDS:
+        raise UnknownKind(f"unknown kind {kind[:40]!r}; one of {', '.join(KINDS)}", field="kind")
+    allowed = PAYLOAD_FIELDS[kind]
+    for name in obj:
+        if name not in COMMON_FIELDS and name not in allowed:
+            raise UnknownField(
+                f"unknown field {str(name)[:40]!r} for kind {kind!r}", field=str(name)[:40]
+            )
+
+    event_id = obj.get("id")
+    if event_id is None:
+        raise MissingField("missing field 'id'", field="id")
+    if not isinstance(event_id, str):
+        raise WrongType("'id' must be a string", field="id")
+    if not event_id:
+        raise EmptyPayload("'id' is empty", field="id")
+    if len(event_id) > limits.max_id_chars:
+        raise Oversized(f"'id' longer than {limits.max_id_chars} characters", field="id")
+
+    source = obj.get("source", kind)
+    if not isinstance(source, str):
+        raise WrongType("'source' must be a string", field="source")
+    if not source:
+        raise EmptyPayload("'source' is empty", field="source")
+    if len(source) > limits.max_id_chars:
+        raise Oversized(f"'source' longer than {limits.max_id_chars} characters", field="source")
+
+    raw_ts = obj.get("ts")
+    ts = arrival_ts if raw_ts is None else parse_ts(raw_ts)
+
+    label = obj.get("label")
+    if label is not None:
+        if isinstance(label, bool):
+            label = int(label)
+        if label not in (0, 1) or isinstance(label, float) and not label.is_integer():
+            raise WrongType("'label' must be 0 or 1", field="label")
+        label = int(label)
+
+    payload = _PARSERS[kind](obj, limits)
+    return Event(
+        id=event_id,
+        kind=kind,
+        source=source,
+        ts=ts,
+        payload=payload,
+        label=label,
+        has_ts=raw_ts is not None,
+    )
+
+
+def parse_ts(value: Any) -> float:
+    """An RFC 3339 string or epoch seconds, as epoch seconds."""
+    if isinstance(value, bool):
+        raise BadTimestamp("'ts' must be an RFC 3339 string or epoch seconds", field="ts")
+    if isinstance(value, (int, float)):
+        ts = float(value)
+        if not math.isfinite(ts):
+            raise BadTimestamp("'ts' is not finite", field="ts")
+        return ts
+    if isinstance(value, str):
+        try:
+            dt = datetime.fromisoformat(value)
+        except ValueError:
+            raise BadTimestamp(f"'ts' {value[:40]!r} is not an RFC 3339 timestamp", field="ts") from None
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=timezone.utc)
+        return dt.timestamp()
+    raise BadTimestamp("'ts' must be an RFC 3339 string or epoch seconds", field="ts")
+
+
+def format_ts(ts: float) -> str:
+    """Epoch seconds as RFC 3339 UTC with milliseconds."""
+    return (
+        datetime.fromtimestamp(ts, tz=timezone.utc)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
+
+
+def _require(obj: dict, name: str) -> Any:
+    value = obj.get(name)
+    if value is None:
+        raise MissingField(f"missing field {name!r}", field=name)
+    return value
+
+
+def _number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise WrongType(f"{name!r} must be a number", field=name)
+    x = float(value)
+    if not math.isfinite(x):
+        raise NonFinite(f"{name!r} is not finite", field=name)
+    return x
+
+
+def _float_array(values: Any, name: str, max_len: int) -> np.ndarray:
+    if not isinstance(values, list):
+        raise WrongType(f"{name!r} must be an array of numbers", field=name)
+    if not values:
+        raise EmptyPayload(f"{name!r} is empty", field=name)
+    if len(values) > max_len:
+        raise Oversized(f"{name!r} has {len(values)} entries, more than {max_len}", field=name)
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise WrongType(f"{name!r} must be an array of numbers", field=name)
+    arr = np.asarray(values, dtype=np.float64)
+    if not np.isfinite(arr).all():
+        raise NonFinite(f"{name!r} has a non-finite number", field=name)
+    return arr.astype(np.float32)
+
+
+def _parse_transaction(obj: dict, limits: Limits) -> dict[str, float | str]:
+    fields = _require(obj, "fields")
+    if not isinstance(fields, dict):
+        raise WrongType("'fields' must be an object", field="fields")
+    if not fields:
+        raise EmptyPayload("'fields' is empty", field="fields")
+    if len(fields) > limits.max_fields:
+        raise Oversized(f"'fields' has more than {limits.max_fields} entries", field="fields")
+    out: dict[str, float | str] = {}
+    for name, value in fields.items():
+        if value is None:
+            continue  # a missing value; the encoder imputes it
+        if isinstance(value, bool):
+            out[name] = float(value)
+        elif isinstance(value, (int, float)):
+            x = float(value)
+            if not math.isfinite(x):
+                raise NonFinite(f"field {name[:40]!r} is not finite", field="fields")
+            out[name] = x
+        elif isinstance(value, str):
+            if len(value) > limits.max_id_chars:
+                raise Oversized(f"field {name[:40]!r} is too long", field="fields")
+            out[name] = value
+        else:
+            raise WrongType(
+                f"field {name[:40]!r} must be a number, string or bool", field="fields"
+            )
+    if not out:
+        raise EmptyPayload("'fields' has no values", field="fields")
+    return out
+
+
+def _parse_str(name: str):
+    def parse(obj: dict, limits: Limits) -> str:
+        value = _require(obj, name)
+        if not isinstance(value, str):
+            raise WrongType(f"{name!r} must be a string", field=name)
+        if not value.strip():
+            raise EmptyPayload(f"{name!r} is empty", field=name)
+        if len(value) > limits.max_text_chars:
+            raise Oversized(
+                f"{name!r} has {len(value)} characters, more than {limits.max_text_chars}",
+                field=name,
+            )
+        return value
+
+    return parse
+
+
+def _parse_audio(obj: dict, limits: Limits) -> tuple:
+    if obj.get("mfcc") is not None:
+        frames = obj["mfcc"]
+        if not isinstance(frames, list) or not all(isinstance(f, list) for f in frames):
+            raise WrongType("'mfcc' must be an array of frames (arrays of numbers)", field="mfcc")
+        if not frames:
+            raise EmptyPayload("'mfcc' is empty", field="mfcc")
+        if len(frames) > limits.max_mfcc_frames:
+            raise Oversized(f"'mfcc' has more than {limits.max_mfcc_frames} frames", field="mfcc")
+        width = len(frames[0])
+        if width == 0 or width > limits.max_mfcc_coeffs:
+            raise WrongType(
+                f"'mfcc' frames must have 1 to {limits.max_mfcc_coeffs} coefficients", field="mfcc"
+            )
+        if any(len(f) != width for f in frames):
+            raise WrongType("'mfcc' frames differ in length", field="mfcc")
+        flat = _float_array([v for f in frames for v in f], "mfcc", len(frames) * width)
+        return ("mfcc", flat.reshape(len(frames), width))
+    if obj.get("samples") is not None:
+        samples = _float_array(obj["samples"], "samples", limits.max_samples)
+        rate = _number(_require(obj, "sample_rate"), "sample_rate")
+        if not 1000 <= rate <= 384_000 or not rate.is_integer():
+            raise WrongType("'sample_rate' must be an integer from 1000 to 384000 Hz", field="sample_rate")
+        return ("samples", samples, int(rate))
+    raise MissingField("audio needs 'mfcc', or 'samples' with 'sample_rate'", field="mfcc")
+
+
+def _parse_vector(obj: dict, limits: Limits) -> np.ndarray:
+    return _float_array(_require(obj, "vector"), "vector", limits.max_vector_dim)
+
+
+_PARSERS = {
+    "transaction": _parse_transaction,
+    "log": _parse_str("line"),
+    "text": _parse_str("text"),
+    "audio": _parse_audio,
+    "vector": _parse_vector,
+}
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "KINDS",
+    "Event",
+    "InvalidEvent",
+    "Limits",
+    "decode_event",
+    "event_from_dict",
+    "format_ts",
+    "parse_ts",
+]
