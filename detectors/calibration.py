@@ -1,0 +1,109 @@
+"""Calibrated alarms: kNN scores -> conformal p-values -> decisions at a false-alarm budget."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from models.base import State
+
+
+class ConformalThresholder:
+    """Turns scores into p-values against a rolling calibration set of recent scores.
+
+    ``p = (1 + #{calibration scores >= s}) / (n + 1)``: the conformal p-value,
+    valid when the scores of normal events are exchangeable. Each calibration
+    score was computed before its event joined the reference, so no point is
+    scored with itself among its neighbours. An event is an anomaly when
+    ``p < alpha``: on normal data about ``alpha`` of events are flagged.
+
+    Every scored event enters the calibration set, flagged ones included. Keeping
+    only accepted events would truncate the set at the threshold, and the
+    threshold taken from a truncated set drops each round until everything is
+    flagged. The price is conservatism under contamination: a burst of
+    anomalies raises the threshold while it lasts.
+
+    >>> t = ConformalThresholder(alpha=0.1, window=100, min_calibration=10)
+    >>> t.learn(np.arange(10.0))
+    >>> t.p_values(np.array([9.0, 100.0])).round(3).tolist()
+    [0.182, 0.091]
+    """
+
+    def __init__(
+        self, *, alpha: float = 0.01, window: int = 2000, min_calibration: int | None = None
+    ) -> None:
+        if not 0 < alpha < 1:
+            raise ValueError("alpha must be in (0, 1)")
+        self.alpha = alpha
+        self.window = window
+        # p cannot fall below 1/(n+1): with fewer than 1/alpha scores nothing could
+        # ever be flagged, so wait for twice that before judging.
+        self.min_calibration = (
+            min_calibration if min_calibration is not None else math.ceil(2.0 / alpha)
+        )
+        if self.min_calibration > window:
+            raise ValueError(
+                f"the calibration window ({window}) must hold at least {self.min_calibration} scores"
+            )
+        self._ring = np.zeros(window, dtype=np.float64)
+        self._n = 0
+        self._sorted: np.ndarray | None = None
+
+    @property
+    def size(self) -> int:
+        return min(self._n, self.window)
+
+    @property
+    def is_ready(self) -> bool:
+        return self.size >= self.min_calibration
+
+    @property
+    def threshold(self) -> float:
+        """The smallest score flagged right now (inf until ready)."""
+        if not self.is_ready:
+            return math.inf
+        cal = self._sorted_scores()
+        n = len(cal)
+        # p < alpha  <=>  #{cal >= s} < alpha (n+1) - 1
+        m = math.ceil(self.alpha * (n + 1) - 1)  # largest count allowed is m - 1
+        if m <= 0:
+            return math.inf
+        return float(np.nextafter(cal[n - m], np.inf))
+
+    def _sorted_scores(self) -> np.ndarray:
+        if self._sorted is None:
+            self._sorted = np.sort(self._ring[: self.size])
+        return self._sorted
+
+    def p_values(self, scores: np.ndarray) -> np.ndarray:
+        """``(n,)`` p-values in (0, 1]; all 1.0 while the calibration set is empty."""
+        scores = np.asarray(scores, dtype=np.float64)
+        if self.size == 0:
+            return np.ones(len(scores))
+        cal = self._sorted_scores()
+        n = len(cal)
+        n_ge = n - np.searchsorted(cal, scores, side="left")
+        return (1.0 + n_ge) / (n + 1.0)
+
+    def learn(self, scores: np.ndarray) -> None:
+        scores = np.asarray(scores, dtype=np.float64)
+        if len(scores) > self.window:
+            scores = scores[-self.window :]
+        slots = np.arange(self._n, self._n + len(scores)) % self.window
+        self._ring[slots] = scores
+        self._n += len(scores)
+        self._sorted = None
+
+    def reset(self) -> None:
+        """Forget the calibration set (after the reference adopted a new normal)."""
+        self._n = 0
+        self._sorted = None
+
+    def get_state(self) -> State:
+        return {"alpha": self.alpha, "window": self.window, "ring": self._ring.copy(), "n": self._n}
+
+    def set_state(self, state: State) -> None:
+        self._ring = np.array(state["ring"], dtype=np.float64)
+        self._n = int(state["n"])
+        self._sorted = None

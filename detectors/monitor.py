@@ -1,0 +1,185 @@
+"""One source's detection: kNN score -> conformal p-value -> decision, then learn; drift alongside.
+
+The order inside :meth:`SourceMonitor.process` is the contract:
+
+1. score the batch against the reference as it stands (no event sees itself);
+2. turn scores into p-values against the calibration set; flag ``p < alpha``
+   unless the source is still warming up;
+3. add the batch's scores to the calibration set;
+4. add only the events not flagged to the reference (never learn from what you flagged);
+5. feed every event to the drift monitor (a drift to a new region is flagged
+   event by event, so it must not be hidden from the drift test); on a confirmed
+   drift with the ``adopt`` policy, the reference learns the recent window and
+   the calibration restarts, so the new normal stops being flagged.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from detectors.calibration import ConformalThresholder
+from detectors.drift import CentroidDriftMonitor, DriftAlarm
+from detectors.index import DEFAULT_EXACT_MAX, Metric
+from detectors.knn import KNNDetector
+from models.base import State
+
+
+@dataclass(frozen=True, slots=True)
+class Decisions:
+    """Per-event results of one batch (arrays of length n) and the drift alarms it raised."""
+
+    scores: np.ndarray
+    p_values: np.ndarray
+    is_anomaly: np.ndarray
+    warming_up: np.ndarray
+    distances: np.ndarray
+    neighbour_ids: list[list[str]]
+    drift_alarms: list[DriftAlarm]
+
+
+class SourceMonitor:
+    """Reference index, calibration and drift monitor of one source.
+
+    Parameters map one-to-one onto the per-source settings (``streams.config.SourceSettings``).
+    """
+
+    def __init__(
+        self,
+        *,
+        metric: Metric = "l2",
+        k: int = 10,
+        reference_size: int = 2000,
+        aggregate: Literal["mean", "max"] = "mean",
+        index_backend: Literal["auto", "exact", "hnsw"] = "auto",
+        exact_max: int = DEFAULT_EXACT_MAX,
+        alpha: float = 0.01,
+        calibration_size: int = 2000,
+        min_reference: int = 200,
+        drift: bool = True,
+        drift_reference_size: int = 1000,
+        drift_block: int = 50,
+        drift_alpha: float = 0.001,
+        drift_policy: Literal["adopt", "keep"] = "adopt",
+        drift_cooldown: int = 500,
+        adopt_window: int = 200,
+        seed: int = 0,
+    ) -> None:
+        self.metric = metric
+        self.k = k
+        self.reference_size = reference_size
+        self.aggregate = aggregate
+        self.index_backend = index_backend
+        self.exact_max = exact_max
+        self.alpha = alpha
+        self.calibration_size = calibration_size
+        self.min_reference = min_reference
+        self.drift = drift
+        self.drift_reference_size = drift_reference_size
+        self.drift_block = drift_block
+        self.drift_alpha = drift_alpha
+        self.drift_policy = drift_policy
+        self.drift_cooldown = drift_cooldown
+        self.adopt_window = adopt_window
+        self.seed = seed
+        self.detector = KNNDetector(
+            k=k,
+            capacity=reference_size,
+            metric=metric,
+            aggregate=aggregate,
+            backend=index_backend,
+            exact_max=exact_max,
+            seed=seed,
+        )
+        self.thresholder = ConformalThresholder(alpha=alpha, window=calibration_size)
+        self.drift_monitor = (
+            CentroidDriftMonitor(
+                reference_size=drift_reference_size,
+                block_size=drift_block,
+                alpha=drift_alpha,
+                cooldown=drift_cooldown,
+                policy=drift_policy,
+                seed=seed,
+            )
+            if drift
+            else None
+        )
+        self._recent: deque[tuple[np.ndarray, str]] = deque(maxlen=adopt_window)
+        self.events_seen = 0
+        self.anomalies = 0
+
+    @property
+    def is_warming_up(self) -> bool:
+        return self.detector.size < self.min_reference or not self.thresholder.is_ready
+
+    def process(self, X: np.ndarray, ids: list[str]) -> Decisions:
+        """Score, decide and learn one batch of this source's vectors, in order."""
+        X = np.asarray(X, dtype=np.float32)
+        n = len(X)
+        warming = self.is_warming_up
+        result = self.detector.query(X)
+        if warming:
+            p = np.ones(n)
+            flagged = np.zeros(n, dtype=bool)
+        else:
+            p = self.thresholder.p_values(result.scores)
+            flagged = p < self.alpha
+        # Scores against a reference smaller than min_reference are inflated
+        # and would make the calibration too lenient for long after.
+        if self.detector.size >= self.min_reference:
+            self.thresholder.learn(result.scores)
+        keep = ~flagged
+        if keep.any():
+            self.detector.learn(X[keep], [i for i, f in zip(ids, flagged) if not f])
+        alarms: list[DriftAlarm] = []
+        if self.drift_monitor is not None:
+            alarms = self.drift_monitor.update(X, list(ids))
+            self._recent.extend(zip(X, ids))
+            if alarms and self.drift_policy == "adopt":
+                self._adopt_recent()
+        self.events_seen += n
+        self.anomalies += int(flagged.sum())
+        return Decisions(
+            scores=result.scores,
+            p_values=p,
+            is_anomaly=flagged,
+            warming_up=np.full(n, warming),
+            distances=result.distances,
+            neighbour_ids=result.neighbour_ids,
+            drift_alarms=alarms,
+        )
+
+    def _adopt_recent(self) -> None:
+        """The new normal: learn the recent window (flagged events too) and recalibrate."""
+        if self._recent:
+            X = np.stack([x for x, _ in self._recent])
+            self.detector.learn(X, [i for _, i in self._recent])
+            self._recent.clear()
+        self.thresholder.reset()
+
+    def get_state(self) -> State:
+        return {
+            "detector": self.detector.get_state(),
+            "thresholder": self.thresholder.get_state(),
+            "drift": None if self.drift_monitor is None else self.drift_monitor.get_state(),
+            "recent_vectors": (
+                np.stack([x for x, _ in self._recent]) if self._recent else np.zeros((0, 0), np.float32)
+            ),
+            "recent_ids": [i for _, i in self._recent],
+            "events_seen": self.events_seen,
+            "anomalies": self.anomalies,
+        }
+
+    def set_state(self, state: State) -> None:
+        self.detector.set_state(state["detector"])
+        self.thresholder.set_state(state["thresholder"])
+        if self.drift_monitor is not None and state["drift"] is not None:
+            self.drift_monitor.set_state(state["drift"])
+        self._recent.clear()
+        for x, i in zip(state["recent_vectors"], state["recent_ids"]):
+            self._recent.append((np.asarray(x, dtype=np.float32), i))
+        self.events_seen = int(state["events_seen"])
+        self.anomalies = int(state["anomalies"])

@@ -1,0 +1,78 @@
+"""Results out: the score and drift records of DESIGN.md, as small frozen dataclasses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Neighbour:
+    id: str
+    distance: float
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreRecord:
+    """One per scored event. ``to_dict`` gives the documented JSON object."""
+
+    id: str
+    source: str
+    kind: str
+    ts: str
+    score: float
+    p_value: float
+    is_anomaly: bool
+    warming_up: bool
+    neighbours: tuple[Neighbour, ...]
+    encoder: str
+    label: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "id": self.id,
+            "source": self.source,
+            "kind": self.kind,
+            "ts": self.ts,
+            "score": self.score,
+            "p_value": self.p_value,
+            "is_anomaly": self.is_anomaly,
+            "warming_up": self.warming_up,
+            "neighbours": [{"id": n.id, "distance": n.distance} for n in self.neighbours],
+            "encoder": self.encoder,
+        }
+        if self.label is not None:
+            d["label"] = self.label  # passed through for evaluation; never used to decide
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class DriftRecord:
+    """One per drift alarm."""
+
+    source: str
+    kind: str
+    ts: str
+    detected_at: str
+    events_seen: int
+    statistic: float
+    threshold: float
+    reference_size: int
+    window_size: int
+    encoder: str
+    explanation: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "kind": self.kind,
+            "ts": self.ts,
+            "detected_at": self.detected_at,
+            "events_seen": self.events_seen,
+            "statistic": self.statistic,
+            "threshold": self.threshold,
+            "reference_size": self.reference_size,
+            "window_size": self.window_size,
+            "explanation": self.explanation,
+            "encoder": self.encoder,
+        }

