@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from streams.runtime import configure_threads
+
+    configure_threads()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -1,0 +1,112 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from detectors.index import ReferenceIndex
+from models.errors import NonFinite, StateMismatch, WrongDimension, ZeroVector
+from tests.conftest import assert_plain_state
+
+
+def _fill(index, X, batch=97):
+    for i in range(0, len(X), batch):
+        index.add(X[i : i + batch], [f"e{j}" for j in range(i, min(i + batch, len(X)))])
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_hnsw_agrees_with_exact_search_after_many_evictions(metric, rng):
+    X = rng.normal(size=(6000, 24)).astype(np.float32)
+    exact = ReferenceIndex(dim=24, capacity=800, metric=metric, backend="exact")
+    graph = ReferenceIndex(dim=24, capacity=800, metric=metric, backend="hnsw", ef_search=128)
+    _fill(exact, X)
+    _fill(graph, X)
+    assert exact.size == graph.size == 800
+    Q = rng.normal(size=(200, 24)).astype(np.float32)
+    de, se = exact.query(Q, 10)
+    dg, sg = graph.query(Q, 10)
+    ids_e, ids_g = exact.ids_of(se), graph.ids_of(sg)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids_e, ids_g)])
+    assert recall >= 0.97
+    # only the newest 800 events can be neighbours
+    assert min(int(i[1:]) for row in ids_g for i in row) >= 6000 - 800
+    np.testing.assert_allclose(exact.vectors(), graph.vectors(), atol=1e-6)
+    # distances are true distances in both backends (hnswlib's l2 is squared)
+    np.testing.assert_allclose(de[:, 0], dg[:, 0], rtol=1e-4, atol=1e-5)
+
+
+def test_exact_distances_match_brute_force(rng):
+    X = rng.normal(size=(300, 8)).astype(np.float32)
+    idx = ReferenceIndex(dim=8, capacity=300)
+    _fill(idx, X)
+    q = rng.normal(size=(5, 8)).astype(np.float32)
+    d, _ = idx.query(q, 4)
+    brute = np.sort(np.linalg.norm(q[:, None] - X[None], axis=2), axis=1)[:, :4]
+    np.testing.assert_allclose(d, brute, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["exact", "hnsw"])
+def test_never_asks_more_neighbours_than_stored(backend):
+    idx = ReferenceIndex(dim=3, capacity=50, backend=backend)
+    d, s = idx.query(np.ones((2, 3), np.float32), 10)
+    assert d.shape == (2, 0)
+    idx.add(np.eye(3, dtype=np.float32), ["a", "b", "c"])
+    d, s = idx.query(np.ones((2, 3), np.float32), 10)
+    assert d.shape == (2, 3) and sorted(idx.ids_of(s)[0]) == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("backend", ["exact", "hnsw"])
+def test_memory_bounded_after_ten_times_capacity(backend, rng):
+    idx = ReferenceIndex(dim=16, capacity=200, backend=backend)
+    _fill(idx, rng.normal(size=(200, 16)).astype(np.float32))
+    before = idx.nbytes
+    _fill(idx, rng.normal(size=(2000, 16)).astype(np.float32))
+    assert idx.size == 200 and idx.nbytes == before and len(idx._ids) == 200
+
+
+@pytest.mark.parametrize("backend", ["exact", "hnsw"])
+def test_state_round_trip_gives_identical_answers(backend, rng):
+    X = rng.normal(size=(700, 12)).astype(np.float32)
+    a = ReferenceIndex(dim=12, capacity=300, backend=backend)
+    _fill(a, X)
+    state = a.get_state()
+    assert_plain_state(state)
+    b = ReferenceIndex(dim=12, capacity=300, backend=backend)
+    b.set_state(state)
+    Q = rng.normal(size=(50, 12)).astype(np.float32)
+    (da, sa), (db, sb) = a.query(Q, 5), b.query(Q, 5)
+    np.testing.assert_array_equal(da, db)
+    assert a.ids_of(sa) == b.ids_of(sb)
+    # both keep evolving identically
+    more = rng.normal(size=(100, 12)).astype(np.float32)
+    ids = [f"m{i}" for i in range(100)]
+    a.add(more, ids)
+    b.add(more, ids)
+    np.testing.assert_array_equal(a.query(Q, 5)[0], b.query(Q, 5)[0])
+    with pytest.raises(StateMismatch):
+        ReferenceIndex(dim=13, capacity=300, backend=backend).set_state(state)
+
+
+def test_query_does_not_change_the_index(rng):
+    idx = ReferenceIndex(dim=4, capacity=20)
+    _fill(idx, rng.normal(size=(30, 4)).astype(np.float32))
+    before = idx.get_state()
+    idx.query(rng.normal(size=(10, 4)).astype(np.float32), 3)
+    after = idx.get_state()
+    np.testing.assert_array_equal(before["vectors"], after["vectors"])
+    assert before["ids"] == after["ids"] and before["added"] == after["added"]
+
+
+def test_bad_input_raises_declared_errors():
+    idx = ReferenceIndex(dim=3, capacity=10, metric="cosine")
+    with pytest.raises(WrongDimension):
+        idx.add(np.ones((1, 4), np.float32), ["a"])
+    with pytest.raises(NonFinite):
+        idx.add(np.array([[1, np.nan, 0]], np.float32), ["a"])
+    with pytest.raises(ZeroVector):
+        idx.add(np.zeros((1, 3), np.float32), ["a"])
+    assert idx.size == 0
+
+
+def test_auto_backend_switches_on_capacity():
+    assert ReferenceIndex(dim=2, capacity=100, exact_max=100).is_exact
+    assert not ReferenceIndex(dim=2, capacity=101, exact_max=100).is_exact

@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from detectors.calibration import ConformalThresholder
+from detectors.knn import KNNDetector
+
+
+def test_knn_score_is_mean_distance_to_k_nearest():
+    det = KNNDetector(k=2, capacity=10)
+    det.learn(np.array([[0, 0], [0, 1], [0, 5]], np.float32), ["a", "b", "c"])
+    r = det.query(np.array([[0, 0.5]], np.float32))
+    assert r.scores.tolist() == pytest.approx([0.5])
+    assert sorted(r.neighbour_ids[0]) == ["a", "b"]
+    assert KNNDetector(k=2, capacity=10, aggregate="max").score(np.zeros((1, 2), np.float32)).tolist() == [0.0]
+
+
+def test_scoring_before_learning_never_finds_the_event_itself(rng):
+    det = KNNDetector(k=1, capacity=100)
+    X = rng.normal(size=(50, 4)).astype(np.float32)
+    det.learn(X[:49])
+    assert det.score(X[49:])[0] > 0  # not yet in the reference
+    det.learn(X[49:])
+    assert det.score(X[49:])[0] == pytest.approx(0.0, abs=1e-3)
+
+
+def test_conformal_p_values_are_exact_ranks():
+    t = ConformalThresholder(alpha=0.2, window=10, min_calibration=5)
+    t.learn(np.array([1.0, 2.0, 3.0, 4.0, 5.0]))
+    assert t.p_values(np.array([0.0, 3.0, 5.0, 6.0])).tolist() == pytest.approx(
+        [6 / 6, 4 / 6, 2 / 6, 1 / 6]
+    )
+    assert t.is_ready
+
+
+def test_threshold_agrees_with_p_values(rng):
+    t = ConformalThresholder(alpha=0.05, window=500)
+    t.learn(rng.exponential(size=500))
+    s = np.linspace(0, 8, 4001)
+    flagged = t.p_values(s) < 0.05
+    assert flagged.any() and not flagged.all()
+    assert s[flagged].min() >= t.threshold and s[~flagged].max() < t.threshold
+
+
+def test_calibration_window_rolls_and_is_bounded(rng):
+    t = ConformalThresholder(alpha=0.1, window=100)
+    t.learn(np.zeros(100))
+    t.learn(np.ones(1000))
+    assert t.size == 100 and t.p_values(np.array([0.5]))[0] == pytest.approx(101 / 101)
+    assert t._ring.nbytes == 800
+
+
+def test_not_ready_until_twice_one_over_alpha():
+    t = ConformalThresholder(alpha=0.01, window=2000)
+    t.learn(np.arange(199.0))
+    assert not t.is_ready
+    t.learn(np.array([1.0]))
+    assert t.is_ready
+    with pytest.raises(ValueError):
+        ConformalThresholder(alpha=0.001, window=100)

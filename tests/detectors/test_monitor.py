@@ -1,0 +1,98 @@
+"""The per-source monitor on fixed-seed synthetic streams: golden positions and calibration."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from detectors.monitor import SourceMonitor
+
+
+def run(monitor, X, batch=64):
+    flags, warm, pv, alarms = [], [], [], []
+    for i in range(0, len(X), batch):
+        d = monitor.process(X[i : i + batch], [f"e{j}" for j in range(i, min(i + batch, len(X)))])
+        flags.append(d.is_anomaly)
+        warm.append(d.warming_up)
+        pv.append(d.p_values)
+        alarms.extend(d.drift_alarms)
+    return np.concatenate(flags), np.concatenate(warm), np.concatenate(pv), alarms
+
+
+def gaussian_stream(n, dim, seed):
+    return np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+
+
+@pytest.mark.parametrize("alpha", [0.01, 0.05])
+def test_flagged_share_on_normal_data_is_close_to_alpha(alpha):
+    X = gaussian_stream(20_000, 8, seed=3)
+    flags, warm, pv, _ = run(SourceMonitor(alpha=alpha, drift=False), X)
+    share = flags[~warm].mean()
+    assert alpha / 2 <= share <= alpha * 2, share
+    assert ((pv > 0) & (pv <= 1)).all()
+    assert not flags[warm].any()
+
+
+def test_golden_injected_anomalies():
+    rng = np.random.default_rng(7)
+    X = rng.normal(size=(3000, 6)).astype(np.float32)
+    planted = np.array([700, 1200, 1201, 2222, 2900])
+    X[planted] += np.float32(6.0)
+    flags, warm, _, _ = run(SourceMonitor(alpha=0.01, drift=False), X)
+    found = np.flatnonzero(flags)
+    assert set(planted) <= set(found.tolist())
+    # pinned for this seed: the planted five and eleven false alarms among
+    # ~2,490 judged normal events (0.44%, inside the 1% budget)
+    assert found.tolist() == [
+        515, 700, 776, 980, 1200, 1201, 1490, 1547, 1648, 1746, 1758, 2121, 2222, 2585, 2900, 2916
+    ]
+
+
+def test_flagged_events_never_enter_the_reference():
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(1000, 4)).astype(np.float32)
+    X[900] = 50.0
+    mon = SourceMonitor(alpha=0.01, drift=False)
+    flags, _, _, _ = run(mon, X)
+    assert flags[900]
+    assert "e900" not in set(mon.detector.index._ids)
+    # a repeat of the same outlier is still far from everything normal
+    d = mon.process(X[900:901], ["again"])
+    assert d.is_anomaly[0]
+
+
+def test_warming_up_until_reference_and_calibration_are_ready():
+    X = gaussian_stream(600, 4, seed=2)
+    mon = SourceMonitor(alpha=0.01, min_reference=200, drift=False)
+    _, warm, _, _ = run(mon, X, batch=50)
+    # reference reaches 200 after 4 batches; calibration then needs 200 more scores
+    assert warm[:400].all() and not warm[450:].any()
+
+
+def test_drift_is_detected_and_the_new_normal_adopted():
+    rng = np.random.default_rng(5)
+    before = rng.normal(size=(4000, 8))
+    after = rng.normal(size=(4000, 8)) + np.array([1.5, -1.5, 0, 0, 0, 0, 0, 0])
+    X = np.vstack([before, after]).astype(np.float32)
+    mon = SourceMonitor(alpha=0.01, drift_policy="adopt")
+    flags, warm, _, alarms = run(mon, X)
+    assert len(alarms) == 1
+    at = int(alarms[0].detected_at[1:])
+    assert 4000 <= at <= 4300
+    # after adoption the shifted stream is normal again: flagged share back near alpha
+    tail = flags[6000:][~warm[6000:]]
+    assert tail.mean() <= 0.02
+
+
+def test_state_round_trip_mid_stream_gives_identical_results():
+    X = gaussian_stream(3000, 5, seed=11)
+    X[2500:] += 2.0
+    a = SourceMonitor(alpha=0.01)
+    run(a, X[:1500])
+    b = SourceMonitor(alpha=0.01)
+    b.set_state(a.get_state())
+    fa, _, pa, aa = run(a, X[1500:])
+    fb, _, pb, ab = run(b, X[1500:])
+    np.testing.assert_array_equal(pa, pb)
+    np.testing.assert_array_equal(fa, fb)
+    assert [x.detected_at for x in aa] == [x.detected_at for x in ab]

@@ -1,0 +1,126 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from models import errors
+from models.events import Limits, decode_event, format_ts, parse_ts
+
+
+def dec(obj, **kw):
+    raw = obj if isinstance(obj, (bytes, str)) else json.dumps(obj)
+    return decode_event(raw, arrival_ts=1000.0, **kw)
+
+
+def test_valid_events_of_every_kind():
+    t = dec({"id": "a", "kind": "transaction", "fields": {"amount": 3, "ok": True, "c": "GB", "n": None}})
+    assert t.payload == {"amount": 3.0, "ok": 1.0, "c": "GB"} and t.source == "transaction"
+    assert t.ts == 1000.0 and not t.has_ts
+    log = dec({"id": "b", "kind": "log", "line": "x y", "source": "svc", "ts": 5})
+    assert (log.source, log.ts, log.has_ts) == ("svc", 5.0, True)
+    text = dec({"id": "c", "kind": "text", "text": "hi", "ts": "2026-11-23T10:00:00Z", "label": 1})
+    assert text.ts == parse_ts("2026-11-23T10:00:00+00:00") and text.label == 1
+    audio = dec({"id": "d", "kind": "audio", "mfcc": [[1, 2], [3, 4], [5, 6]]})
+    assert audio.payload[0] == "mfcc" and audio.payload[1].shape == (3, 2)
+    raw = dec({"id": "e", "kind": "audio", "samples": [0.0, 0.5, -0.5], "sample_rate": 16000})
+    assert raw.payload[0] == "samples" and raw.payload[2] == 16000
+    vec = dec({"id": "f", "kind": "vector", "vector": [1, 2.5]})
+    assert vec.payload.dtype == np.float32 and vec.payload.tolist() == [1.0, 2.5]
+
+
+@pytest.mark.parametrize(
+    "raw, reason",
+    [
+        (b"{not json", "not_json"),
+        (b'{"id": "a", "kind": "vector", "vector": [NaN]}', "non_finite"),
+        (b'{"id": "a", "kind": "vector", "vector": [Infinity]}', "non_finite"),
+        (b"\xff\xfe\x00", "bad_encoding"),
+        (b"[1]", "not_an_object"),
+        (b'"text"', "not_an_object"),
+        ({"kind": "text", "text": "x"}, "missing_field"),
+        ({"id": "a", "text": "x"}, "missing_field"),
+        ({"id": 5, "kind": "text", "text": "x"}, "wrong_type"),
+        ({"id": "", "kind": "text", "text": "x"}, "empty_payload"),
+        ({"id": "a", "kind": "sound", "x": 1}, "unknown_kind"),
+        ({"id": "a", "kind": 3}, "wrong_type"),
+        ({"id": "a", "kind": "text", "text": "x", "extra": 1}, "unknown_field"),
+        ({"id": "a", "kind": "text", "text": "  "}, "empty_payload"),
+        ({"id": "a", "kind": "text", "text": 7}, "wrong_type"),
+        ({"id": "a", "kind": "text"}, "missing_field"),
+        ({"id": "a", "kind": "text", "text": "x", "ts": "yesterday"}, "bad_timestamp"),
+        ({"id": "a", "kind": "text", "text": "x", "ts": True}, "bad_timestamp"),
+        ({"id": "a", "kind": "text", "text": "x", "label": 2}, "wrong_type"),
+        ({"id": "a", "kind": "text", "text": "x", "source": ""}, "empty_payload"),
+        ({"id": "a", "kind": "transaction", "fields": {}}, "empty_payload"),
+        ({"id": "a", "kind": "transaction", "fields": []}, "wrong_type"),
+        ({"id": "a", "kind": "transaction", "fields": {"a": [1]}}, "wrong_type"),
+        ({"id": "a", "kind": "transaction", "fields": {"a": None}}, "empty_payload"),
+        ({"id": "a", "kind": "vector", "vector": []}, "empty_payload"),
+        ({"id": "a", "kind": "vector", "vector": [1, "2"]}, "wrong_type"),
+        ({"id": "a", "kind": "vector", "vector": [True]}, "wrong_type"),
+        ({"id": "a", "kind": "audio", "mfcc": [[1, 2], [3]]}, "wrong_type"),
+        ({"id": "a", "kind": "audio", "mfcc": []}, "empty_payload"),
+        ({"id": "a", "kind": "audio", "samples": [0.1]}, "missing_field"),
+        ({"id": "a", "kind": "audio", "samples": [0.1], "sample_rate": 3}, "wrong_type"),
+        ({"id": "a", "kind": "audio"}, "missing_field"),
+        ({"id": "a", "kind": "log", "line": "x" * 30_000}, "oversized"),
+    ],
+)
+def test_invalid_events_name_their_reason(raw, reason):
+    with pytest.raises(errors.InvalidEvent) as info:
+        dec(raw)
+    assert info.value.reason == reason
+    assert str(info.value)  # a message a person can read
+
+
+def test_oversized_message_is_refused_before_parsing():
+    with pytest.raises(errors.Oversized):
+        dec(b'{"id": "a", "kind": "text", "text": "' + b"x" * 2_000_000 + b'"}')
+    with pytest.raises(errors.Oversized):
+        dec({"id": "a", "kind": "vector", "vector": [1.0] * 10}, limits=Limits(max_vector_dim=5))
+
+
+def test_reason_codes_are_unique():
+    classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.InvalidEvent)]
+    reasons = [c.reason for c in classes]
+    assert len(reasons) == len(set(reasons))
+
+
+def test_format_ts_round_trips():
+    assert format_ts(0) == "1970-01-01T00:00:00.000Z"
+    assert parse_ts(format_ts(1_763_892_000.25)) == 1_763_892_000.25
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        st.binary(max_size=200),
+        json_values.map(lambda v: json.dumps(v).encode()),
+        st.fixed_dictionaries(
+            {"id": st.text(max_size=5), "kind": st.sampled_from(["transaction", "log", "text", "audio", "vector"])},
+            optional={
+                "fields": json_values, "line": json_values, "text": json_values, "mfcc": json_values,
+                "vector": json_values, "samples": json_values, "sample_rate": json_values,
+                "ts": json_values, "label": json_values, "source": json_values,
+            },
+        ).map(lambda d: json.dumps(d).encode()),
+    )
+)
+def test_decoder_only_ever_raises_invalid_event(raw):
+    try:
+        event = decode_event(raw, arrival_ts=0.0)
+    except errors.InvalidEvent as err:
+        assert err.reason != "invalid_event"
+    else:
+        assert event.id and event.source and event.kind
