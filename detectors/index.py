@@ -27,11 +27,13 @@ from models.errors import NonFinite, StateMismatch, WrongDimension, ZeroVector
 
 Metric = Literal["l2", "cosine"]
 
-# Exact scans beat hnswlib up to this many stored vectors on the 2-core
-# reference machine once insert costs are counted (hnswlib's replace_deleted
-# insert costs ~0.65 ms at 10k elements; an exact batched scan of 4k x 64-d
-# vectors costs ~40 us per query). Measured by `nwatch bench index`.
-DEFAULT_EXACT_MAX = 4096
+# Every normal event is inserted, so the cost that matters is query + insert
+# per event. `nwatch bench index` (2 cores, batches of 256, k=10) measured the
+# exact scan at 50-500 us per event up to 16k x 64-d, and hnswlib at 0.5-3 ms,
+# almost all of it the in-place update that reuses the oldest slot: exact
+# search wins at every size up to 16k. hnswlib serves larger references, where
+# a linear scan per query grows past the insert cost.
+DEFAULT_EXACT_MAX = 16_384
 
 
 class ReferenceIndex:
