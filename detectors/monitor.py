@@ -115,8 +115,12 @@ class SourceMonitor:
     def is_warming_up(self) -> bool:
         return self.detector.size < self.min_reference or not self.thresholder.is_ready
 
-    def process(self, X: np.ndarray, ids: list[str]) -> Decisions:
-        """Score, decide and learn one batch of this source's vectors, in order."""
+    def process(self, X: np.ndarray, ids: list[str], *, drift_X: np.ndarray | None = None) -> Decisions:
+        """Score, decide and learn one batch of this source's vectors, in order.
+
+        ``drift_X`` is what the drift monitor sees instead of ``X`` (the same rows
+        without seasonal dimensions, say).
+        """
         X = np.asarray(X, dtype=np.float32)
         n = len(X)
         warming = self.is_warming_up
@@ -136,7 +140,7 @@ class SourceMonitor:
             self.detector.learn(X[keep], [i for i, f in zip(ids, flagged) if not f])
         alarms: list[DriftAlarm] = []
         if self.drift_monitor is not None:
-            alarms = self.drift_monitor.update(X, list(ids))
+            alarms = self.drift_monitor.update(X if drift_X is None else drift_X, list(ids))
             self._recent.extend(zip(X, ids))
             if alarms and self.drift_policy == "adopt":
                 self._adopt_recent()

@@ -54,5 +54,17 @@ class Stateful(Protocol):
     def set_state(self, state: State) -> None: ...
 
 
+@runtime_checkable
+class Seasonal(Protocol):
+    """``seasonal_dims``: dimensions that follow the clock (time of day, day of week).
+
+    Their mean moves every hour by design; a drift test must not read that as
+    drift. The kNN score keeps them (a payment at 3 a.m. is unusual).
+    """
+
+    @property
+    def seasonal_dims(self) -> tuple[int, ...]: ...
+
+
 def encoder_tag(encoder: Encoder) -> str:
     return f"{encoder.name}@{encoder.version}"

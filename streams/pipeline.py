@@ -17,7 +17,7 @@ import numpy as np
 
 from detectors.monitor import SourceMonitor
 from detectors.records import DriftRecord, Neighbour, ScoreRecord
-from models.base import Encoder, Learner, encoder_tag
+from models.base import Encoder, Learner, Seasonal, encoder_tag
 from models.errors import InvalidEvent, NonFinite, WrongDimension, WrongType
 from models.events import DEFAULT_LIMITS, Event, Limits, decode_event, format_ts
 from models.registry import make_encoder
@@ -53,6 +53,12 @@ class SourceState:
     encoder: Encoder
     monitor: SourceMonitor
     tag: str
+
+    def drift_view(self, X: np.ndarray) -> np.ndarray | None:
+        """``X`` without the encoder's seasonal dimensions, for the drift test (None: all of X)."""
+        if not isinstance(self.encoder, Seasonal) or not self.encoder.seasonal_dims:
+            return None
+        return np.delete(X, list(self.encoder.seasonal_dims), axis=1)
 
 
 class Pipeline:
@@ -151,7 +157,7 @@ class Pipeline:
         if not accepted:
             return
         ids = [e.id for _, e in accepted]
-        d = state.monitor.process(X, ids)
+        d = state.monitor.process(X, ids, drift_X=state.drift_view(X))
         if isinstance(state.encoder, Learner):
             normal = [e for (_, e), f in zip(accepted, d.is_anomaly) if not f]
             if normal:
