@@ -226,6 +226,21 @@ def _number(value: Any, name: str) -> float:
     return x
 
 
+def _numeric_array(values: Any, name: str, ndim: int) -> np.ndarray:
+    """``values`` (nested lists of numbers) as float32, checked by NumPy rather than per element."""
+    try:
+        arr = np.array(values)
+    except (ValueError, TypeError):  # ragged nesting
+        raise WrongType(f"{name!r} must be a rectangular array of numbers", field=name) from None
+    if arr.dtype.kind not in "iuf" or arr.ndim != ndim:
+        shape = "an array of numbers" if ndim == 1 else "an array of frames (arrays of numbers)"
+        raise WrongType(f"{name!r} must be {shape}", field=name)
+    arr = arr.astype(np.float64, copy=False)
+    if not np.isfinite(arr).all():
+        raise NonFinite(f"{name!r} has a non-finite number", field=name)
+    return arr.astype(np.float32)
+
+
 def _float_array(values: Any, name: str, max_len: int) -> np.ndarray:
     if not isinstance(values, list):
         raise WrongType(f"{name!r} must be an array of numbers", field=name)
@@ -233,13 +248,7 @@ def _float_array(values: Any, name: str, max_len: int) -> np.ndarray:
         raise EmptyPayload(f"{name!r} is empty", field=name)
     if len(values) > max_len:
         raise Oversized(f"{name!r} has {len(values)} entries, more than {max_len}", field=name)
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise WrongType(f"{name!r} must be an array of numbers", field=name)
-    arr = np.asarray(values, dtype=np.float64)
-    if not np.isfinite(arr).all():
-        raise NonFinite(f"{name!r} has a non-finite number", field=name)
-    return arr.astype(np.float32)
+    return _numeric_array(values, name, 1)
 
 
 def _parse_transaction(obj: dict, limits: Limits) -> dict[str, float | str]:
@@ -307,8 +316,7 @@ def _parse_audio(obj: dict, limits: Limits) -> tuple:
             )
         if any(len(f) != width for f in frames):
             raise WrongType("'mfcc' frames differ in length", field="mfcc")
-        flat = _float_array([v for f in frames for v in f], "mfcc", len(frames) * width)
-        return ("mfcc", flat.reshape(len(frames), width))
+        return ("mfcc", _numeric_array(frames, "mfcc", 2))
     if obj.get("samples") is not None:
         samples = _float_array(obj["samples"], "samples", limits.max_samples)
         rate = _number(_require(obj, "sample_rate"), "sample_rate")
