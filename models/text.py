@@ -141,7 +141,8 @@ class EmbeddingCache:
             else:
                 self._data.move_to_end(t)
                 out[i] = row
-        self.hits += len(texts) - sum(len(v) for v in missing.values())
+        # a hit is a text the backend did not have to embed (cached, or repeated in the batch)
+        self.hits += len(texts) - len(missing)
         if missing:
             keys = list(missing)
             self.misses += len(keys)

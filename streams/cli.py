@@ -73,6 +73,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from streams.bench_index import main as bench_index
 
         return bench_index(json_out=args.json)
+    if args.what == "quality":
+        from streams.bench_quality import main as bench_quality
+
+        settings = _settings(args)
+        return bench_quality(
+            data_dir=args.data_dir or settings.data_dir, seeds=args.seeds,
+            max_events=args.max_events, json_out=args.json, only=args.only,
+        )
     raise AssertionError(args.what)
 
 
@@ -119,8 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("bench", help="benchmarks")
-    p.add_argument("what", choices=["index"], help="index: exact scan vs hnswlib crossover")
+    p.add_argument(
+        "what", choices=["index", "quality"],
+        help="index: exact scan vs hnswlib per event; quality: ROC-AUC and alarms on the labelled data",
+    )
     p.add_argument("--json", help="also write the results as JSON here")
+    p.add_argument("--data-dir", help="labelled data (default: settings data_dir, ../shared/data)")
+    p.add_argument("--seeds", type=int, default=3, help="shuffles per tabular set (quality)")
+    p.add_argument("--max-events", type=int, default=50_000, help="events per stream at most (quality)")
+    p.add_argument("--only", nargs="+", help="only streams whose name contains one of these (quality)")
+    p.add_argument("--config", help="TOML config file")
     p.set_defaults(func=cmd_bench)
     return parser
 
