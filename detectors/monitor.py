@@ -6,7 +6,8 @@ The order inside :meth:`SourceMonitor.process` is the contract:
 2. turn scores into p-values against the calibration set; flag ``p < alpha``
    unless the source is still warming up;
 3. add the batch's scores to the calibration set;
-4. add only the events not flagged to the reference (never learn from what you flagged);
+4. add to the reference only events whose p-value is at least ``learn_alpha``
+   (>= ``alpha``): never learn from what you flagged, nor from near misses;
 5. feed every event to the drift monitor (a drift to a new region is flagged
    event by event, so it must not be hidden from the drift test); on a confirmed
    drift with the ``adopt`` policy, the reference learns the recent window and
@@ -35,6 +36,7 @@ class Decisions:
     scores: np.ndarray
     p_values: np.ndarray
     is_anomaly: np.ndarray
+    learned: np.ndarray  # joined the reference
     warming_up: np.ndarray
     distances: np.ndarray
     neighbour_ids: list[list[str]]
@@ -57,6 +59,7 @@ class SourceMonitor:
         index_backend: Literal["auto", "exact", "hnsw"] = "auto",
         exact_max: int = DEFAULT_EXACT_MAX,
         alpha: float = 0.01,
+        learn_alpha: float = 0.05,
         calibration_size: int = 2000,
         min_reference: int = 200,
         drift: bool = True,
@@ -75,6 +78,7 @@ class SourceMonitor:
         self.index_backend = index_backend
         self.exact_max = exact_max
         self.alpha = alpha
+        self.learn_alpha = learn_alpha
         self.calibration_size = calibration_size
         self.min_reference = min_reference
         self.drift = drift
@@ -128,16 +132,19 @@ class SourceMonitor:
         if warming:
             p = np.ones(n)
             flagged = np.zeros(n, dtype=bool)
+            keep = np.ones(n, dtype=bool)
         else:
             p = self.thresholder.p_values(result.scores)
             flagged = p < self.alpha
+            # The reference is guarded more strictly than the alarm: unflagged
+            # anomalies would otherwise become neighbours of the next ones.
+            keep = p >= max(self.alpha, self.learn_alpha)
         # Scores against a reference smaller than min_reference are inflated
         # and would make the calibration too lenient for long after.
         if self.detector.size >= self.min_reference:
             self.thresholder.learn(result.scores)
-        keep = ~flagged
         if keep.any():
-            self.detector.learn(X[keep], [i for i, f in zip(ids, flagged) if not f])
+            self.detector.learn(X[keep], [i for i, k in zip(ids, keep) if k])
         alarms: list[DriftAlarm] = []
         if self.drift_monitor is not None:
             alarms = self.drift_monitor.update(X if drift_X is None else drift_X, list(ids))
@@ -150,6 +157,7 @@ class SourceMonitor:
             scores=result.scores,
             p_values=p,
             is_anomaly=flagged,
+            learned=keep,
             warming_up=np.full(n, warming),
             distances=result.distances,
             neighbour_ids=result.neighbour_ids,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from models.base import State
@@ -55,15 +57,23 @@ class RobustScaler:
 
     def learn(self, X: np.ndarray) -> None:
         X = np.asarray(X, dtype=np.float64)
-        for row in X:
-            if self._seen < self.reservoir:
-                self._rows[self._seen] = row
-            else:
-                j = int(self._rng.integers(0, self._seen + 1))
-                if j < self.reservoir:
-                    self._rows[j] = row
-            self._seen += 1
-        self._since_refresh += len(X)
+        n = len(X)
+        if n == 0:
+            return
+        # Algorithm R, vectorised: row i (0-based in the stream) replaces a
+        # uniformly drawn position j in [0, i] if j falls inside the reservoir.
+        seen = self._seen
+        fill = max(0, min(n, self.reservoir - seen))
+        if fill:
+            self._rows[seen : seen + fill] = X[:fill]
+        if fill < n:
+            positions = np.arange(seen + fill, seen + n) + 1
+            j = self._rng.integers(0, positions)
+            keep = j < self.reservoir
+            # repeated targets: the later row wins, as in the sequential algorithm
+            self._rows[j[keep]] = X[fill:][keep]
+        self._seen += n
+        self._since_refresh += n
         # Refresh often while the sample is small, then rarely: once the
         # reservoir is full each new row replaces one with probability R/n.
         if self._since_refresh >= min(self.refresh, max(1, self._seen // 8)):
@@ -74,13 +84,28 @@ class RobustScaler:
         rows = self._rows[: min(self._seen, self.reservoir)]
         if len(rows) == 0:
             return
-        with np.errstate(all="ignore"):
-            import warnings
+        # Quartiles read off one sort (NaNs sort last), with the linear
+        # interpolation of np.nanpercentile at a fraction of its cost.
+        ordered = np.sort(rows, axis=0)
+        counts = (~np.isnan(rows)).sum(axis=0)
+        valid = counts > 0
+        last = np.maximum(counts - 1, 0)
 
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                q25, med, q75 = np.nanpercentile(rows, [25, 50, 75], axis=0)
-                std = np.nanstd(rows, axis=0)
+        def quantile(q: float) -> np.ndarray:
+            pos = q * last
+            lo = np.floor(pos).astype(np.int64)
+            hi = np.minimum(lo + 1, last)
+            frac = pos - lo
+            a = np.take_along_axis(ordered, lo[None, :], axis=0)[0]
+            b = np.take_along_axis(ordered, hi[None, :], axis=0)[0]
+            return np.where(valid, a + (b - a) * frac, np.nan)
+
+        q25, med, q75 = quantile(0.25), quantile(0.5), quantile(0.75)
+        finite_rows = np.where(np.isnan(rows), 0.0, rows)
+        n = np.maximum(counts, 1)
+        mean = finite_rows.sum(axis=0) / n
+        var = np.where(np.isnan(rows), 0.0, (rows - mean) ** 2).sum(axis=0) / n
+        std = np.sqrt(var)
         scale = (q75 - q25) / _IQR_TO_SIGMA
         # Binary or mostly-constant columns have IQR 0: fall back to the std.
         scale = np.where(scale > 1e-12, scale, std)
@@ -104,7 +129,8 @@ class RobustScaler:
             "since_refresh": self._since_refresh,
             "center": self._center.copy(),
             "scale": self._scale.copy(),
-            "rng": self._rng.bit_generator.state,
+            # as a JSON string: PCG64's 128-bit integers overflow orjson and JSON readers
+            "rng": json.dumps(self._rng.bit_generator.state),
         }
 
     def set_state(self, state: State) -> None:
@@ -118,4 +144,5 @@ class RobustScaler:
         self._center = np.array(state["center"], dtype=np.float64)
         self._scale = np.array(state["scale"], dtype=np.float64)
         self._rng = np.random.default_rng(self.seed)
-        self._rng.bit_generator.state = state["rng"]
+        rng_state = state["rng"]
+        self._rng.bit_generator.state = json.loads(rng_state) if isinstance(rng_state, str) else rng_state

@@ -37,6 +37,7 @@ class SourceSettings(_Frozen):
     aggregate: Literal["mean", "max"] = "mean"
     index_backend: Literal["auto", "exact", "hnsw"] = "auto"
     alpha: float = Field(0.01, gt=0, lt=1)  # false-alarm budget
+    learn_alpha: float = Field(0.05, gt=0, lt=1)  # events with p below it stay out of the reference
     calibration_size: int = Field(2000, ge=10)
     min_reference: int = Field(200, ge=1)
     drift: bool = True

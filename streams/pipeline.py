@@ -153,13 +153,21 @@ class Pipeline:
             return
         t0 = time.perf_counter()
         accepted, X = self._encode(state.encoder, accepted, result)
+        learner = isinstance(state.encoder, Learner)
+        warming = state.monitor.is_warming_up
+        if warming and learner and accepted:
+            # While warming up nothing is judged, so the encoder may learn a batch
+            # before encoding it: a fresh encoder has no field slots and no scale
+            # yet, and its first vectors would enter the reference as near-zeros.
+            state.encoder.learn([e for _, e in accepted])
+            X = state.encoder.encode([e for _, e in accepted])
         result.encode_seconds[state.name] = time.perf_counter() - t0
         if not accepted:
             return
         ids = [e.id for _, e in accepted]
         d = state.monitor.process(X, ids, drift_X=state.drift_view(X))
-        if isinstance(state.encoder, Learner):
-            normal = [e for (_, e), f in zip(accepted, d.is_anomaly) if not f]
+        if learner and not warming:
+            normal = [e for (_, e), k in zip(accepted, d.learned) if k]
             if normal:
                 state.encoder.learn(normal)
         scores = d.scores.tolist()
