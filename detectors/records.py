@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
@@ -63,16 +63,4 @@ class DriftRecord:
     explanation: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "kind": self.kind,
-            "ts": self.ts,
-            "detected_at": self.detected_at,
-            "events_seen": self.events_seen,
-            "statistic": self.statistic,
-            "threshold": self.threshold,
-            "reference_size": self.reference_size,
-            "window_size": self.window_size,
-            "explanation": self.explanation,
-            "encoder": self.encoder,
-        }
+        return asdict(self)

@@ -206,14 +206,8 @@ class Pipeline:
                     source=state.name,
                     kind=state.kind,
                     ts=format_ts(at.ts if at is not None else self.clock()),
-                    detected_at=alarm.detected_at,
-                    events_seen=alarm.events_seen,
-                    statistic=float(alarm.statistic),
-                    threshold=float(alarm.threshold),
-                    reference_size=int(alarm.reference_size),
-                    window_size=int(alarm.window_size),
-                    explanation=alarm.explanation,
                     encoder=state.tag,
+                    **alarm.to_dict(),
                 )
             )
 
