@@ -50,6 +50,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from streams.run import run_worker
+
+    return run_worker(_settings(args), loglevel=args.loglevel)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from streams.samples import write_sample_stream
 
@@ -107,6 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action="store_true", help="show progress even when not on a terminal")
     p.add_argument("--quiet", action="store_true", help="no progress and no summary")
     p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser(
+        "run",
+        help="the worker against the configured Kafka cluster (NWATCH_KAFKA__BOOTSTRAP_SERVERS)",
+        description="Consume the input topics, score every event, publish scores, anomalies, drift "
+        "records, alerts and dead letters. Stops cleanly on Ctrl-C or SIGTERM.",
+    )
+    p.add_argument("--config", help="TOML config file (NWATCH_* variables override it)")
+    p.add_argument("--loglevel", default="warning", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
         "generate",

@@ -1,0 +1,292 @@
+"""The Kafka worker: a faust-streaming app around the same pipeline as ``nwatch replay``.
+
+Data path, per batch (``stream.take_events`` with a time bound):
+
+1. the raw message values go to :meth:`Pipeline.process_raw` in one worker
+   thread, off the event loop (hnswlib and a shared SentenceTransformer are not
+   safe to call concurrently, and the loop must keep the consumer heartbeating);
+2. the results are produced: every score record to ``nwatch.scores``, anomalies
+   to ``nwatch.anomalies``, drift records to ``nwatch.drift``, alerts to
+   ``nwatch.alerts`` keyed by their fingerprint, and each rejected message,
+   byte for byte, to ``nwatch.dlq`` with headers naming the error and where it
+   came from;
+3. the batch's produce futures are awaited (the broker acknowledged every
+   output), and only then does ``take_events`` acknowledge the input events,
+   so their offsets can be committed: at least once, never at most once.
+
+No exception leaves the detection agent: in faust a raised exception skips the
+offset. A batch the pipeline cannot process (a bug, not bad data: bad data is
+rejected per event) goes whole to the dead-letter topic with reason
+``internal_error``.
+
+A separate notifier agent reads ``nwatch.alerts`` and delivers to the hooks,
+so a slow or dead endpoint never slows detection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import faust
+import orjson
+
+from streams.config import KafkaSettings, Settings
+from streams.pipeline import BatchResult, Pipeline
+
+log = logging.getLogger("neighbourwatch.worker")
+
+# How long take_events waits to fill a batch: bounds the latency an event can
+# spend waiting for company when traffic is light.
+BATCH_WAIT_SECONDS = 0.05
+INTERNAL_ERROR = "internal_error"
+
+
+def broker_credentials(k: KafkaSettings) -> Any:
+    """faust credentials for the configured security protocol (None for PLAINTEXT)."""
+    ctx = None
+    if k.security_protocol in ("SSL", "SASL_SSL"):
+        ctx = ssl.create_default_context(cafile=k.ssl_cafile)
+        if k.ssl_certfile:
+            ctx.load_cert_chain(k.ssl_certfile, k.ssl_keyfile)
+    if k.security_protocol in ("SASL_PLAINTEXT", "SASL_SSL"):
+        password = k.sasl_password.get_secret_value() if k.sasl_password else ""
+        mechanism = k.sasl_mechanism or "PLAIN"
+        if mechanism == "PLAIN":
+            return faust.SASLCredentials(
+                username=k.sasl_username, password=password, ssl_context=ctx,
+                mechanism=faust.auth.SASLMechanism.PLAIN,
+            )
+        return faust.SASLCredentials(
+            username=k.sasl_username, password=password, ssl_context=ctx,
+            mechanism=faust.auth.SASLMechanism(mechanism),
+        )
+    if ctx is not None:
+        return faust.SSLCredentials(ctx)
+    return None
+
+
+def dlq_headers(reason: str, message: str, topic: str, partition: int, offset: int) -> list[tuple[str, bytes]]:
+    """Headers of a dead-letter record: why it was rejected and where it came from."""
+    return [
+        ("nwatch-error-reason", reason.encode()),
+        ("nwatch-error", message.encode("utf-8", "replace")[:1000]),
+        ("nwatch-source-topic", topic.encode()),
+        ("nwatch-source-partition", str(partition).encode()),
+        ("nwatch-source-offset", str(offset).encode()),
+    ]
+
+
+class Worker:
+    """Holds the pipeline, the faust app and its agents for one worker process.
+
+    Parameters
+    ----------
+    settings : Settings
+    pipeline : Pipeline, optional
+        Defaults to ``Pipeline(settings=settings)``.
+    metrics : optional
+        A ``streams.metrics.Metrics``; ``observe_batch`` is called per batch.
+    deliverer : optional
+        A ``streams.alerts.Deliverer``; without one alerts are published to the
+        alerts topic but not delivered by this process.
+    on_batch : callable, optional
+        Called with each :class:`BatchResult` after its outputs are produced (for the demo's live view).
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        pipeline: Pipeline | None = None,
+        metrics: Any = None,
+        deliverer: Any = None,
+        on_batch: Callable[[BatchResult], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.pipeline = pipeline or Pipeline(settings=settings)
+        self.metrics = metrics
+        self.deliverer = deliverer
+        self.on_batch = on_batch
+        self.batches = 0
+        self.events = 0
+        self._executor: ThreadPoolExecutor | None = None
+        self.app: faust.App | None = None
+
+    # -- the faust app ------------------------------------------------------------------
+    def build(self) -> faust.App:
+        k = self.settings.kafka
+        app = faust.App(
+            k.group_id,
+            broker=[f"kafka://{hp.strip()}" for hp in k.bootstrap_servers.split(",")],
+            broker_credentials=broker_credentials(k),
+            store="memory://",
+            autodiscover=False,
+            # No web server: it would expose table data; /metrics is served by
+            # prometheus_client on NWATCH_METRICS__HOST (loopback by default).
+            web_enabled=False,
+            consumer_auto_offset_reset="earliest",
+            # A batch of text events on a busy 2-core machine can take seconds;
+            # the session timeout must outlast it with margin, heartbeats run
+            # on the loop meanwhile.
+            broker_session_timeout=45.0,
+            broker_heartbeat_interval=3.0,
+            broker_commit_interval=1.0,
+            producer_acks=-1,
+            topic_allow_declare=True,
+            topic_replication_factor=1,
+            key_serializer="raw",
+            value_serializer="raw",
+        )
+        raw = {"key_serializer": "raw", "value_serializer": "raw"}
+        self.inputs = app.topic(*k.input_topics, **raw)
+        self.scores_topic = app.topic(k.scores_topic, **raw)
+        self.anomalies_topic = app.topic(k.anomalies_topic, **raw)
+        self.drift_topic = app.topic(k.drift_topic, **raw)
+        self.alerts_topic = app.topic(k.alerts_topic, **raw)
+        self.dlq_topic = app.topic(k.dlq_topic, **raw)
+        self.alerts_dlq_topic = app.topic(f"{k.alerts_topic}.dlq", **raw)
+
+        @app.agent(self.inputs, name="nwatch-detect")
+        async def detect(stream: Any) -> None:
+            async for events in stream.take_events(self.settings.batch_size, within=BATCH_WAIT_SECONDS):
+                await self.handle(events)
+
+        if self.deliverer is not None:
+
+            @app.agent(self.alerts_topic, name="nwatch-notify")
+            async def notify(stream: Any) -> None:
+                async for events in stream.take_events(100, within=0.5):
+                    await self.notify(events)
+
+        @app.task
+        async def started() -> None:
+            log.info("neighbourwatch worker consuming %s", ", ".join(k.input_topics))
+
+        self.app = app
+        return app
+
+    # -- detection ----------------------------------------------------------------------
+    async def handle(self, events: Sequence[Any]) -> None:
+        """Process one batch; never raises (see the module docstring)."""
+        t0 = time.perf_counter()
+        raws = [e.message.value if e.message.value is not None else b"" for e in events]
+        loop = asyncio.get_running_loop()
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nwatch-pipeline")
+        try:
+            result = await loop.run_in_executor(self._executor, self.pipeline.process_raw, raws)
+        except Exception as err:  # a bug, not bad data: keep the batch, keep the stream
+            log.exception("pipeline failed on a batch of %d events; sent to the dead-letter topic", len(raws))
+            await self._dead_letter_all(events, err)
+            return
+        try:
+            outputs = self._outputs(result, events)
+        except Exception as err:
+            log.exception("building the outputs of a batch failed; sent to the dead-letter topic")
+            await self._dead_letter_all(events, err)
+            return
+        await self._send(outputs)
+        self.batches += 1
+        self.events += len(events)
+        if self.metrics is not None:
+            try:
+                self.metrics.observe_batch(
+                    result, pipeline=self.pipeline, input_topic=events[0].message.topic,
+                    batch_seconds=time.perf_counter() - t0,
+                    event_times=[e.message.timestamp for e in events],
+                )
+            except Exception:  # metrics must never stop detection
+                log.exception("metrics failed")
+        if self.on_batch is not None:
+            self.on_batch(result)
+
+    def _outputs(self, result: BatchResult, events: Sequence[Any]) -> list[tuple[Any, bytes | None, bytes, list | None]]:
+        """Every record a batch produces, as ``(topic, key, value, headers)``."""
+        from streams.alerts import Alert
+
+        out: list[tuple[Any, bytes | None, bytes, list | None]] = []
+        publish_scores = self.settings.kafka.publish_scores
+        for _, rec in result.scores:
+            key = rec.source.encode()
+            d = rec.to_dict()
+            value = orjson.dumps(d)
+            if publish_scores:
+                out.append((self.scores_topic, key, value, None))
+            if rec.is_anomaly:
+                out.append((self.anomalies_topic, key, value, None))
+                alert = Alert.from_anomaly(d)
+                out.append((self.alerts_topic, alert.fingerprint.encode(), _bytes(alert.to_json()), None))
+        for drift in result.drifts:
+            d = drift.to_dict()
+            out.append((self.drift_topic, drift.source.encode(), orjson.dumps(d), None))
+            alert = Alert.from_drift(d)
+            out.append((self.alerts_topic, alert.fingerprint.encode(), _bytes(alert.to_json()), None))
+        for reject in result.rejects:
+            msg = events[reject.index].message
+            headers = dlq_headers(reject.reason, reject.message, msg.topic, msg.partition, msg.offset)
+            out.append((self.dlq_topic, msg.key, msg.value if msg.value is not None else b"", headers))
+        return out
+
+    async def _send(self, outputs: list[tuple[Any, bytes | None, bytes, list | None]]) -> None:
+        """Produce and wait for the broker's acknowledgement of every record.
+
+        A broker that is away is waited for (with capped backoff) rather than
+        skipped: the input events are acknowledged only after this returns.
+        A retry after a partial failure can duplicate outputs; downstream
+        de-duplicates by event id and alert fingerprint (at least once).
+        """
+        delay = 0.5
+        while True:
+            try:
+                futures = [await t.send(key=k, value=v, headers=h) for t, k, v, h in outputs]
+                await asyncio.gather(*futures)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                log.warning("producing %d records failed (%s); retrying in %.1f s", len(outputs), err, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def _dead_letter_all(self, events: Sequence[Any], err: Exception) -> None:
+        outputs = []
+        for e in events:
+            msg = e.message
+            headers = dlq_headers(INTERNAL_ERROR, f"{type(err).__name__}: {err}", msg.topic, msg.partition, msg.offset)
+            outputs.append((self.dlq_topic, msg.key, msg.value if msg.value is not None else b"", headers))
+        await self._send(outputs)
+
+    # -- alert delivery ---------------------------------------------------------------------
+    async def notify(self, events: Sequence[Any]) -> None:
+        from streams.alerts import Alert
+
+        alerts = []
+        for e in events:
+            try:
+                alerts.append(Alert.from_json(e.message.value))
+            except Exception:
+                log.warning("unreadable alert at %s[%s]@%s skipped", e.message.topic, e.message.partition, e.message.offset)
+        if alerts:
+            try:
+                await self.deliverer.deliver(alerts)
+            except Exception:
+                log.exception("alert delivery failed")
+
+    async def dead_letter_alerts(self, hook: str, alerts: Sequence[Any], reason: str) -> None:
+        """Undeliverable alerts are kept on ``<alerts topic>.dlq``, never dropped."""
+        headers = [("nwatch-hook", hook.encode()), ("nwatch-error-reason", reason.encode())]
+        await self._send([(self.alerts_dlq_topic, a.fingerprint.encode(), _bytes(a.to_json()), headers) for a in alerts])
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
+
+def _bytes(value: str | bytes) -> bytes:
+    return value.encode() if isinstance(value, str) else value
