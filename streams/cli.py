@@ -56,6 +56,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_worker(_settings(args), loglevel=args.loglevel)
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from streams.demo import run_demo
+
+    return run_demo(
+        _settings(args), duration=args.duration, rate=args.rate, events=args.events, seed=args.seed,
+        metrics_port=args.metrics_port,
+    )
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from streams.samples import write_sample_stream
 
@@ -113,6 +122,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action="store_true", help="show progress even when not on a terminal")
     p.add_argument("--quiet", action="store_true", help="no progress and no summary")
     p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser(
+        "demo",
+        help="the whole system on loopback: embedded broker, worker, event generator, live view",
+        description="Start a Kafka-compatible broker on a free loopback port, the worker and a "
+        "generator of events of every kind (with anomalies and a drift), and show what is "
+        "detected. Ctrl-C or --duration stops everything, the broker included.",
+    )
+    p.add_argument("--duration", type=float, help="stop after this many seconds (default: run until Ctrl-C)")
+    p.add_argument("--rate", type=float, default=300.0, help="events per second produced (default 300)")
+    p.add_argument("--events", type=int, default=100_000, help="events in the generated stream (default 100000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--metrics-port", type=int, help="port of /metrics (default NWATCH_METRICS__PORT, 9650)")
+    p.add_argument("--config", help="TOML config file")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
         "run",

@@ -207,17 +207,27 @@ BROKEN_LINES: list[tuple[bytes, str]] = [
 ]
 
 
-def write_sample_stream(
-    out: IO[bytes], *, events: int = 20_000, seed: int = 0, broken: int = 20, kinds: list[str] | None = None
-) -> int:
-    """Write the sample stream as JSONL with ``broken`` invalid lines spread through it."""
+def sample_lines(
+    *, events: int = 20_000, seed: int = 0, broken: int = 20, kinds: list[str] | None = None
+) -> Iterator[bytes]:
+    """The sample stream as JSONL lines, generated lazily, with ``broken`` invalid lines spread through it."""
     rng = np.random.default_rng(seed + 7)
     at = set(rng.choice(np.arange(300, max(301, events)), size=min(broken, max(0, events - 300)), replace=False).tolist())
     written = 0
     for i, event in enumerate(SampleStream(events=events, seed=seed, kinds=kinds)):
         if i in at:
             raw, _ = BROKEN_LINES[written % len(BROKEN_LINES)]
-            out.write(raw.replace(b'"b', f'"broken{i}-b'.encode(), 1) + b"\n")
+            yield raw.replace(b'"b', f'"broken{i}-b'.encode(), 1)
             written += 1
-        out.write(orjson.dumps(event) + b"\n")
-    return events + written
+        yield orjson.dumps(event)
+
+
+def write_sample_stream(
+    out: IO[bytes], *, events: int = 20_000, seed: int = 0, broken: int = 20, kinds: list[str] | None = None
+) -> int:
+    """Write :func:`sample_lines` to ``out``; returns the number of lines."""
+    n = 0
+    for line in sample_lines(events=events, seed=seed, broken=broken, kinds=kinds):
+        out.write(line + b"\n")
+        n += 1
+    return n
