@@ -255,6 +255,8 @@ class Worker:
                 delay = min(delay * 2, 10.0)
 
     async def _dead_letter_all(self, events: Sequence[Any], err: Exception) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_rejected(INTERNAL_ERROR, topic=events[0].message.topic, n=len(events))
         outputs = []
         for e in events:
             msg = e.message

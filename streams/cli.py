@@ -65,6 +65,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_produce(args: argparse.Namespace) -> int:
+    from streams.broker import BrokerError, ensure_topics, kafka_client_config
+    from streams.produce import ProduceError, ProgressLine, produce_file
+
+    kafka = _settings(args).kafka
+    if args.bootstrap_servers:
+        kafka = kafka.model_copy(update={"bootstrap_servers": args.bootstrap_servers})
+    topic = args.topic or kafka.input_topics[0]
+    if args.create_topic:
+        try:
+            ensure_topics(kafka.bootstrap_servers, {topic: args.partitions}, client_config=kafka_client_config(kafka))
+        except BrokerError as err:
+            print(f"nwatch: {err}", file=sys.stderr)
+            return 1
+    line = ProgressLine(sys.stderr) if args.progress or (sys.stderr.isatty() and not args.quiet) else None
+    try:
+        summary = produce_file(args.file, topic=topic, kafka_settings=kafka, key_field=args.key_field, progress=line)
+    except ProduceError as err:
+        if line:
+            line.close()
+        print(f"nwatch: {err}", file=sys.stderr)
+        for t in err.summary.lines_text():
+            print(t, file=sys.stderr)
+        return 1
+    if line:
+        line.close()
+    if not args.quiet:
+        for t in summary.lines_text():
+            print(t, file=sys.stderr)
+    return 1 if summary.failed else 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from streams.samples import write_sample_stream
 
@@ -147,6 +179,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML config file (NWATCH_* variables override it)")
     p.add_argument("--loglevel", default="warning", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "produce",
+        help="publish a JSONL file (or stdin) to a Kafka topic, one message per line, keyed by source",
+    )
+    p.add_argument("file", help="JSONL file of events, or - for stdin")
+    p.add_argument("--topic", help="destination topic (default: the first input topic, nwatch.events)")
+    p.add_argument("--bootstrap-servers", help="Kafka cluster (default NWATCH_KAFKA__BOOTSTRAP_SERVERS)")
+    p.add_argument("--key-field", default="source", help="event field used as the key (default source)")
+    p.add_argument("--create-topic", action="store_true", help="create the topic first if it is missing")
+    p.add_argument("--partitions", type=int, default=1, help="partitions of a created topic (default 1)")
+    p.add_argument("--config", help="TOML config file (NWATCH_* variables override it)")
+    p.add_argument("--progress", action="store_true", help="show progress even when not on a terminal")
+    p.add_argument("--quiet", action="store_true", help="no progress and no summary")
+    p.set_defaults(func=cmd_produce)
 
     p = sub.add_parser(
         "generate",

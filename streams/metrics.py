@@ -527,10 +527,10 @@ class Metrics:
         except KeyError:
             pass
 
-    def observe_delivery(self, hook: str, outcome: str) -> None:
-        """Count one alert delivery; ``hook`` and ``outcome`` must come from small fixed sets
+    def observe_delivery(self, hook: str, outcome: str, n: int = 1) -> None:
+        """Count ``n`` alert deliveries; ``hook`` and ``outcome`` must come from small fixed sets
         (e.g. ``webhook``/``alertmanager`` and ``delivered``/``retried``/``failed``)."""
-        self.alert_deliveries.labels(hook, outcome).inc()
+        self.alert_deliveries.labels(hook, outcome).inc(n)
 
     def observe_suppressed(self, source: str, n: int = 1) -> None:
         """Count ``n`` suppressed alerts of ``source`` (capped like every source label)."""

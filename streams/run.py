@@ -10,11 +10,28 @@ from streams.config import Settings
 def run_worker(settings: Settings, *, loglevel: str = "warning") -> int:
     import faust
 
+    from streams.alerts import Deliverer, hooks_from_settings
     from streams.app import Worker
+    from streams.metrics import Metrics, start_http_server
     from streams.pipeline import Pipeline
 
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    worker = Worker(settings=settings, pipeline=Pipeline(settings=settings))
+    # kafka-python and aiokafka log every connection at INFO
+    for noisy in ("kafka", "aiokafka"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+    metrics = Metrics()
+    server = start_http_server(metrics, host=settings.metrics.host, port=settings.metrics.port)
+    logging.getLogger("neighbourwatch").warning("metrics on %s", server.url)
+    worker = Worker(settings=settings, pipeline=Pipeline(settings=settings), metrics=metrics)
+    hooks = hooks_from_settings(settings.alerts)
+    if hooks:
+        worker.deliverer = Deliverer(
+            hooks=hooks,
+            on_dead_letter=worker.dead_letter_alerts,  # kept on <alerts topic>.dlq, never dropped
+            on_outcome=lambda hook, outcome, n: metrics.observe_delivery(hook, outcome, n=n),
+            on_suppressed=lambda source, alerts: metrics.observe_suppressed(source, n=len(alerts)),
+        )
     app = worker.build()
     runner = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     try:
@@ -23,4 +40,5 @@ def run_worker(settings: Settings, *, loglevel: str = "warning") -> int:
         return int(exit_.code or 0)
     finally:
         worker.close()
+        server.stop()
     return 0
