@@ -48,7 +48,9 @@ def _generator(bootstrap: str, topic: str, rate: float, events: int, seed: int, 
 
     from streams.samples import sample_lines
 
-    lines = sample_lines(events=events, seed=seed, broken=max(5, events // 1000))
+    # The change comes after 6,000 events (20 s at the default rate), once every
+    # source's drift reference is established, so a short demo shows it too.
+    lines = sample_lines(events=events, seed=seed, broken=max(5, events // 1000), drift_at=min(6000, events // 2))
     producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, acks=1)
     t0 = time.monotonic()
     try:
@@ -165,7 +167,7 @@ def run_demo(settings: Settings, *, duration: float | None, rate: float, events:
         out.write(
             f"worker pid {worker.pid}; metrics on http://{settings.metrics.host}:{port}/metrics\n"
             f"producing {events:,} events at {rate:,.0f}/s to {k.input_topics[0]} "
-            "(anomalies ~1%, drift of cards and embeddings at 60%)\n"
+            "(anomalies ~1%, cards and embeddings drift after 6,000 events)\n"
         )
         topics = {"scores": k.scores_topic, "anomalies": k.anomalies_topic, "drift": k.drift_topic, "dlq": k.dlq_topic}
         threads = [

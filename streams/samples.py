@@ -87,10 +87,13 @@ _VEC_DIM = 32
 class SampleStream:
     """Deterministic generator of sample events (dicts) for a seed."""
 
-    def __init__(self, *, events: int = 20_000, seed: int = 0, kinds: list[str] | None = None) -> None:
+    def __init__(
+        self, *, events: int = 20_000, seed: int = 0, kinds: list[str] | None = None, drift_at: int | None = None
+    ) -> None:
         self.events = events
         self.seed = seed
         self.kinds = kinds or list(KIND_WEIGHTS)
+        self.drift_at = drift_at  # event index of the change; default DRIFT_AT of the stream
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         rng = np.random.default_rng(self.seed)
@@ -98,7 +101,7 @@ class SampleStream:
         kinds = rng.choice(self.kinds, size=self.events, p=w / w.sum())
         vec_rng = np.random.default_rng(self.seed + 1)
         self._centres = vec_rng.normal(size=(8, _VEC_DIM)) * 3.0
-        drift_at = int(self.events * DRIFT_AT)
+        drift_at = self.drift_at if self.drift_at is not None else int(self.events * DRIFT_AT)
         counters: dict[str, int] = {}
         for i, kind in enumerate(kinds):
             ts = START + i * 2.0 + float(rng.uniform(0, 1))
@@ -208,13 +211,14 @@ BROKEN_LINES: list[tuple[bytes, str]] = [
 
 
 def sample_lines(
-    *, events: int = 20_000, seed: int = 0, broken: int = 20, kinds: list[str] | None = None
+    *, events: int = 20_000, seed: int = 0, broken: int = 20, kinds: list[str] | None = None,
+    drift_at: int | None = None,
 ) -> Iterator[bytes]:
     """The sample stream as JSONL lines, generated lazily, with ``broken`` invalid lines spread through it."""
     rng = np.random.default_rng(seed + 7)
     at = set(rng.choice(np.arange(300, max(301, events)), size=min(broken, max(0, events - 300)), replace=False).tolist())
     written = 0
-    for i, event in enumerate(SampleStream(events=events, seed=seed, kinds=kinds)):
+    for i, event in enumerate(SampleStream(events=events, seed=seed, kinds=kinds, drift_at=drift_at)):
         if i in at:
             raw, _ = BROKEN_LINES[written % len(BROKEN_LINES)]
             yield raw.replace(b'"b', f'"broken{i}-b'.encode(), 1)
