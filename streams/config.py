@@ -79,6 +79,8 @@ class AlertsSettings(_Frozen):
     webhook_url: SecretStr | None = None  # URLs may carry credentials
     webhook_secret: SecretStr | None = None
     alertmanager_url: SecretStr | None = None
+    timeout: float = Field(10.0, gt=0)  # seconds per delivery attempt
+    rate_limit_per_source: float = Field(60.0, gt=0)  # alerts per minute per source
 
 
 class ModelSettings(_Frozen):

@@ -24,10 +24,11 @@ def run_worker(settings: Settings, *, loglevel: str = "warning") -> int:
     server = start_http_server(metrics, host=settings.metrics.host, port=settings.metrics.port)
     logging.getLogger("neighbourwatch").warning("metrics on %s", server.url)
     worker = Worker(settings=settings, pipeline=Pipeline(settings=settings), metrics=metrics)
-    hooks = hooks_from_settings(settings.alerts)
+    hooks = hooks_from_settings(settings.alerts, timeout=settings.alerts.timeout)
     if hooks:
         worker.deliverer = Deliverer(
             hooks=hooks,
+            rate_limit_per_source=settings.alerts.rate_limit_per_source,
             on_dead_letter=worker.dead_letter_alerts,  # kept on <alerts topic>.dlq, never dropped
             on_outcome=lambda hook, outcome, n: metrics.observe_delivery(hook, outcome, n=n),
             on_suppressed=lambda source, alerts: metrics.observe_suppressed(source, n=len(alerts)),

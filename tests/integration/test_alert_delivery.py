@@ -1,0 +1,128 @@
+"""A hanging alert receiver does not hold up detection; alerts still reach it, or the alerts DLQ."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import orjson
+import pytest
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from streams.broker import ensure_topics
+from streams.samples import sample_lines
+
+pytestmark = pytest.mark.timeout(300)
+
+
+class HangingReceiver:
+    """Accepts TCP connections on loopback and never answers (a hung webhook endpoint)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.connections: list[socket.socket] = []
+        self.bytes_received = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            conn.setblocking(False)
+            self.connections.append(conn)
+            for c in list(self.connections):
+                try:
+                    self.bytes_received += len(c.recv(65536))
+                except (BlockingIOError, OSError):
+                    pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        for c in self.connections:
+            c.close()
+        self.sock.close()
+
+
+def _count(bootstrap: str, topic: str) -> int:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    tp = TopicPartition(topic, 0)
+    consumer.assign([tp])
+    consumer.seek_to_beginning(tp)
+    n = 0
+    while batch := consumer.poll(timeout_ms=800, max_records=5000):
+        n += sum(len(v) for v in batch.values())
+    consumer.close()
+    return n
+
+
+def test_hung_receiver_does_not_hold_up_detection(broker, tmp_path):
+    bootstrap = broker.bootstrap_servers
+    suffix = uuid.uuid4().hex[:8]
+    t = {n: f"h{suffix}.{n}" for n in ("events", "scores", "anomalies", "drift", "alerts", "dlq")}
+    ensure_topics(bootstrap, list(t.values()) + [f"{t['alerts']}.dlq"])
+    lines = list(sample_lines(events=2500, seed=21, broken=0, kinds=["transaction", "vector"]))
+    receiver = HangingReceiver()
+    env = {
+        **os.environ,
+        "NWATCH_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+        "NWATCH_KAFKA__INPUT_TOPICS": f'["{t["events"]}"]',
+        "NWATCH_KAFKA__SCORES_TOPIC": t["scores"],
+        "NWATCH_KAFKA__ANOMALIES_TOPIC": t["anomalies"],
+        "NWATCH_KAFKA__DRIFT_TOPIC": t["drift"],
+        "NWATCH_KAFKA__ALERTS_TOPIC": t["alerts"],
+        "NWATCH_KAFKA__DLQ_TOPIC": t["dlq"],
+        "NWATCH_KAFKA__GROUP_ID": f"g-{suffix}",
+        "NWATCH_METRICS__PORT": "0",
+        "NWATCH_ALERTS__WEBHOOK_URL": f"http://127.0.0.1:{receiver.port}/hook",
+        "NWATCH_ALERTS__TIMEOUT": "2",
+    }
+    log = open(tmp_path / "worker.log", "wb")
+    worker = subprocess.Popen([sys.executable, "-m", "streams.cli", "run"], env=env, stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=10)
+        for line in lines:
+            producer.send(t["events"], key=orjson.loads(line)["source"].encode(), value=line)
+        producer.flush()
+        producer.close()
+        deadline = time.monotonic() + 200
+        while time.monotonic() < deadline and _count(bootstrap, t["scores"]) < len(lines):
+            assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
+            time.sleep(2)
+        # every event scored although every delivery attempt hangs until its timeout
+        assert _count(bootstrap, t["scores"]) >= len(lines)
+        alerts = _count(bootstrap, t["alerts"])
+        assert alerts > 0
+        assert receiver.connections and receiver.bytes_received > 0  # deliveries were attempted
+        # undeliverable alerts are kept on the alerts dead-letter topic, not dropped
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and _count(bootstrap, f"{t['alerts']}.dlq") == 0:
+            time.sleep(2)
+        assert _count(bootstrap, f"{t['alerts']}.dlq") > 0
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
+        log.close()
+        receiver.close()
