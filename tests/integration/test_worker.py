@@ -19,6 +19,7 @@ import uuid
 import orjson
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
 
 from streams.broker import ensure_topics
 from streams.samples import BROKEN_LINES, sample_lines
@@ -131,8 +132,18 @@ def test_worker_scores_every_event_and_dead_letters_broken_ones(broker, topics, 
         alerts = _read_all(bootstrap, topics["alerts"])
         assert len(alerts) >= len(anomalies) + len(drifts) - 2  # one per anomaly/drift (dedup by key)
 
+        time.sleep(6)  # one lag reading (every 5 s)
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        assert "nwatch_events_total" in body
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(body) for s in fam.samples
+        }
+        scored_events = sum(v for (n, _), v in samples.items() if n == "nwatch_events_total")
+        assert scored_events == len(scores)
+        rejected = sum(v for (n, _), v in samples.items() if n == "nwatch_rejected_total")
+        assert rejected == len(BROKEN_LINES)
+        assert any(n == "nwatch_consumer_lag" for n, _ in samples)
+        assert samples[("nwatch_reference_size", (("kind", "vector"), ("source", "embeddings")))] > 0
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
         try:
