@@ -185,10 +185,8 @@ class Worker:
         t0 = time.perf_counter()
         raws = [e.message.value if e.message.value is not None else b"" for e in events]
         loop = asyncio.get_running_loop()
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nwatch-pipeline")
         try:
-            result = await loop.run_in_executor(self._executor, self.pipeline.process_raw, raws)
+            result = await loop.run_in_executor(self._pipeline_executor(), self.pipeline.process_raw, raws)
         except Exception as err:  # a bug, not bad data: keep the batch, keep the stream
             log.exception("pipeline failed on a batch of %d events; sent to the dead-letter topic", len(raws))
             await self._dead_letter_all(events, err)
@@ -240,6 +238,12 @@ class Worker:
             headers = dlq_headers(reject.reason, reject.message, msg.topic, msg.partition, msg.offset)
             out.append((self.dlq_topic, msg.key, msg.value if msg.value is not None else b"", headers))
         return out
+
+    def _pipeline_executor(self) -> ThreadPoolExecutor:
+        # One thread: the pipeline (hnswlib, the shared model) is called from it alone.
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nwatch-pipeline")
+        return self._executor
 
     async def _send(self, outputs: list[tuple[Any, bytes | None, bytes, list | None]]) -> None:
         """Produce and wait for the broker's acknowledgement of every record.

@@ -161,6 +161,7 @@ def run_demo(settings: Settings, *, duration: float | None, rate: float, events:
         port = metrics_port if metrics_port is not None else settings.metrics.port
         env["NWATCH_METRICS__PORT"] = str(port)
         env["NWATCH_KAFKA__GROUP_ID"] = f"nwatch-demo-{os.getpid()}"
+        env.setdefault("NWATCH_MODELS__PRELOAD", "true")  # text and log events come from the start
         worker = subprocess.Popen(
             [sys.executable, "-m", "streams.cli", "run"], env=env, start_new_session=True,
         )

@@ -249,6 +249,10 @@ class Pipeline:
             X = X[finite]
         return good, X
 
+    def preload(self) -> None:
+        """Load the text model now (one embedding of a short text) rather than on first use."""
+        self._text_backend().embed(["warm up"])
+
     def summary(self) -> dict[str, Any]:
         return {
             name: {

@@ -8,12 +8,12 @@ from streams.config import Settings
 
 
 def run_worker(settings: Settings, *, loglevel: str = "warning") -> int:
+    pipeline = _pipeline(settings)
     import faust
 
     from streams.alerts import Deliverer, hooks_from_settings
     from streams.app import Worker
     from streams.metrics import Metrics, start_http_server
-    from streams.pipeline import Pipeline
 
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # kafka-python and aiokafka log every connection at INFO
@@ -23,7 +23,7 @@ def run_worker(settings: Settings, *, loglevel: str = "warning") -> int:
     metrics = Metrics()
     server = start_http_server(metrics, host=settings.metrics.host, port=settings.metrics.port)
     logging.getLogger("neighbourwatch").warning("metrics on %s", server.url)
-    worker = Worker(settings=settings, pipeline=Pipeline(settings=settings), metrics=metrics)
+    worker = Worker(settings=settings, pipeline=pipeline, metrics=metrics)
     hooks = hooks_from_settings(settings.alerts, timeout=settings.alerts.timeout)
     if hooks:
         worker.deliverer = Deliverer(
@@ -43,3 +43,20 @@ def run_worker(settings: Settings, *, loglevel: str = "warning") -> int:
         worker.close()
         server.stop()
     return 0
+
+
+def _pipeline(settings: Settings):
+    """The pipeline; with ``models.preload`` its text model starts loading at once, in a thread.
+
+    Importing sentence-transformers and loading MiniLM take ~10 s on 2 cores;
+    started first, they overlap faust's start-up and group join. The backend's
+    lock makes the first batch wait for the load rather than start a second one.
+    """
+    import threading
+
+    from streams.pipeline import Pipeline
+
+    pipeline = Pipeline(settings=settings)
+    if settings.models.preload:
+        threading.Thread(target=pipeline.preload, name="nwatch-preload", daemon=True).start()
+    return pipeline
