@@ -27,6 +27,7 @@ from typing import IO
 import orjson
 
 from streams.config import Settings
+from streams.runtime import stop_process_group
 
 
 @dataclass
@@ -191,13 +192,8 @@ def run_demo(settings: Settings, *, duration: float | None, rate: float, events:
         stop.set()
         for t in threads:
             t.join(timeout=15)
-        if worker is not None and worker.poll() is None:
-            os.killpg(worker.pid, signal.SIGTERM)
-            try:
-                worker.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
-                worker.wait()
+        if worker is not None:
+            stop_process_group(worker)
         broker.stop()
         signal.signal(signal.SIGINT, old_int)
         signal.signal(signal.SIGTERM, old_term)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 
 
 def configure_threads(blas_threads: int = 1) -> None:
@@ -19,3 +21,21 @@ def configure_threads(blas_threads: int = 1) -> None:
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=blas_threads, user_api="blas")
+
+
+def stop_process_group(proc: subprocess.Popen, *, timeout: float = 20.0) -> int:
+    """SIGTERM the child's process group, SIGKILL it after ``timeout``; returns the exit code.
+
+    The child must have been started with ``start_new_session=True`` so that its
+    group holds it and whatever it started, and nothing else.
+    """
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        except ProcessLookupError:
+            proc.wait()
+    return proc.returncode

@@ -235,3 +235,16 @@ def write_sample_stream(
         out.write(line + b"\n")
         n += 1
     return n
+
+
+def valid_ids(lines: list[bytes]) -> list[str]:
+    """Ids of the valid events among sample lines (the broken ones carry ``broken...`` ids or none)."""
+    ids = []
+    for line in lines:
+        try:
+            d = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(d, dict) and "id" in d and not str(d["id"]).startswith("broken"):
+            ids.append(d["id"])
+    return ids

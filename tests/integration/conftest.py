@@ -94,3 +94,60 @@ async def _consume(bootstrap: str, topic: str, count: int, timeout: float) -> li
         await consumer.stop()
     assert len(records) >= count, f"{len(records)} of {count} records arrived in {timeout} s"
     return sorted(records, key=lambda r: (r.partition, r.offset))
+
+
+def read_topic(bootstrap: str, topic: str) -> list:
+    """Every record of partition 0 of ``topic`` so far (kafka-python, no consumer group)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    tp = TopicPartition(topic, 0)
+    consumer.assign([tp])
+    consumer.seek_to_beginning(tp)
+    out: list = []
+    while batch := consumer.poll(timeout_ms=1000, max_records=5000):
+        for records in batch.values():
+            out.extend(records)
+    consumer.close()
+    return out
+
+
+def worker_topics(bootstrap: str, prefix: str) -> dict[str, str]:
+    """Fresh input and output topics for one worker test, created with one partition each."""
+    from streams.broker import ensure_topics
+
+    suffix = uuid.uuid4().hex[:8]
+    names = {n: f"{prefix}{suffix}.{n}" for n in ("events", "scores", "anomalies", "drift", "alerts", "dlq")}
+    ensure_topics(bootstrap, list(names.values()) + [f"{names['alerts']}.dlq"])
+    return names
+
+
+def worker_env(bootstrap: str, topics: dict[str, str], **extra: str) -> dict[str, str]:
+    """The environment of ``nwatch run`` on these topics (``extra``: more NWATCH_* variables)."""
+    import os
+
+    env = dict(os.environ)
+    env.update({
+        "NWATCH_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+        "NWATCH_KAFKA__INPUT_TOPICS": f'["{topics["events"]}"]',
+        "NWATCH_KAFKA__SCORES_TOPIC": topics["scores"],
+        "NWATCH_KAFKA__ANOMALIES_TOPIC": topics["anomalies"],
+        "NWATCH_KAFKA__DRIFT_TOPIC": topics["drift"],
+        "NWATCH_KAFKA__ALERTS_TOPIC": topics["alerts"],
+        "NWATCH_KAFKA__DLQ_TOPIC": topics["dlq"],
+        "NWATCH_KAFKA__GROUP_ID": f"g-{topics['events']}",
+    })
+    env.update(extra)
+    return env
+
+
+def start_worker(env: dict[str, str], log_path) -> tuple:
+    """``nwatch run`` as a child process in its own group; returns (process, open log file)."""
+    import subprocess
+    import sys
+
+    log = open(log_path, "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "run"], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, log
+

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-import uuid
 
 import orjson
 import pytest
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaProducer
 
-from streams.broker import ensure_topics
+from streams.runtime import stop_process_group
 from streams.samples import sample_lines
+from tests.integration.conftest import read_topic, start_worker, worker_env, worker_topics
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -62,41 +58,21 @@ class HangingReceiver:
 
 
 def _count(bootstrap: str, topic: str) -> int:
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    tp = TopicPartition(topic, 0)
-    consumer.assign([tp])
-    consumer.seek_to_beginning(tp)
-    n = 0
-    while batch := consumer.poll(timeout_ms=800, max_records=5000):
-        n += sum(len(v) for v in batch.values())
-    consumer.close()
-    return n
+    return len(read_topic(bootstrap, topic))
 
 
 def test_hung_receiver_does_not_hold_up_detection(broker, tmp_path):
     bootstrap = broker.bootstrap_servers
-    suffix = uuid.uuid4().hex[:8]
-    t = {n: f"h{suffix}.{n}" for n in ("events", "scores", "anomalies", "drift", "alerts", "dlq")}
-    ensure_topics(bootstrap, list(t.values()) + [f"{t['alerts']}.dlq"])
+    t = worker_topics(bootstrap, "h")
     lines = list(sample_lines(events=2500, seed=21, broken=0, kinds=["transaction", "vector"]))
     receiver = HangingReceiver()
-    env = {
-        **os.environ,
-        "NWATCH_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
-        "NWATCH_KAFKA__INPUT_TOPICS": f'["{t["events"]}"]',
-        "NWATCH_KAFKA__SCORES_TOPIC": t["scores"],
-        "NWATCH_KAFKA__ANOMALIES_TOPIC": t["anomalies"],
-        "NWATCH_KAFKA__DRIFT_TOPIC": t["drift"],
-        "NWATCH_KAFKA__ALERTS_TOPIC": t["alerts"],
-        "NWATCH_KAFKA__DLQ_TOPIC": t["dlq"],
-        "NWATCH_KAFKA__GROUP_ID": f"g-{suffix}",
-        "NWATCH_METRICS__PORT": "0",
-        "NWATCH_ALERTS__WEBHOOK_URL": f"http://127.0.0.1:{receiver.port}/hook",
-        "NWATCH_ALERTS__TIMEOUT": "2",
-    }
-    log = open(tmp_path / "worker.log", "wb")
-    worker = subprocess.Popen([sys.executable, "-m", "streams.cli", "run"], env=env, stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True)
+    env = worker_env(
+        bootstrap, t,
+        NWATCH_METRICS__PORT="0",
+        NWATCH_ALERTS__WEBHOOK_URL=f"http://127.0.0.1:{receiver.port}/hook",
+        NWATCH_ALERTS__TIMEOUT="2",
+    )
+    worker, log = start_worker(env, tmp_path / "worker.log")
     try:
         producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=10)
         for line in lines:
@@ -118,11 +94,6 @@ def test_hung_receiver_does_not_hold_up_detection(broker, tmp_path):
             time.sleep(2)
         assert _count(bootstrap, f"{t['alerts']}.dlq") > 0
     finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait()
+        stop_process_group(worker, timeout=30)
         log.close()
         receiver.close()

@@ -13,7 +13,7 @@ from models.text import HashingTextBackend
 from streams.config import Settings, SourceSettings
 from streams.pipeline import Pipeline
 from streams.replay import replay
-from streams.samples import BROKEN_LINES, SampleStream, write_sample_stream
+from streams.samples import BROKEN_LINES, SampleStream, valid_ids, write_sample_stream
 
 SCORE_FIELDS = {"id", "source", "kind", "ts", "score", "p_value", "is_anomaly", "warming_up", "neighbours", "encoder"}
 DRIFT_FIELDS = {"source", "kind", "ts", "detected_at", "events_seen", "statistic", "threshold",
@@ -39,16 +39,9 @@ def _run(data: bytes, batch_size: int = 256, settings: Settings | None = None):
 def test_every_valid_event_scored_once_with_every_field(sample):
     summary, scores, drifts, rejects, pipe = _run(sample)
     lines = sample.splitlines()
-    valid_ids = []
-    for line in lines:
-        try:
-            d = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            continue
-        if isinstance(d, dict) and "id" in d and not str(d["id"]).startswith("broken"):
-            valid_ids.append(d["id"])
-    assert len(valid_ids) == 6000
-    assert [s["id"] for s in scores] == valid_ids  # once each, in file order
+    expected = valid_ids(lines)
+    assert len(expected) == 6000
+    assert [s["id"] for s in scores] == expected  # once each, in file order
     for s in scores:
         assert SCORE_FIELDS <= s.keys()
         assert 0 < s["p_value"] <= 1 and s["score"] >= 0
