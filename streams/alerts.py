@@ -272,28 +272,11 @@ class Alert:
             "p_value": repr(p_value),
             "neighbours": listed,
         }
-        if score.get("encoder"):
-            annotations["encoder"] = str(score["encoder"])
-        labels = {
-            "alertname": ANOMALY_ALERTNAME,
-            "source": source,
-            "kind": kind,
-            "severity": severity,
-            # Alertmanager identifies an alert by its label set: without the
-            # event id two anomalies of one source would merge into one alert.
-            "event_id": event_id,
-        }
-        return cls(
-            fingerprint=_fingerprint("anomaly", source, event_id),
-            alertname=ANOMALY_ALERTNAME,
-            severity=severity,
-            source=source,
-            kind=kind,
-            labels=labels,
-            annotations={k: _clip(v) for k, v in annotations.items() if v},
-            starts_at=_rfc3339(score["ts"]),
-            ends_at=ends_at,
-            generator_url=generator_url,
+        # Alertmanager identifies an alert by its label set: without the
+        # event id two anomalies of one source would merge into one alert.
+        return cls._build(
+            "anomaly", ANOMALY_ALERTNAME, score, ("event_id", event_id), annotations,
+            severity=severity, generator_url=generator_url, ends_at=ends_at,
         )
 
     @classmethod
@@ -332,24 +315,40 @@ class Alert:
             "exemplars": ", ".join(str(e) for e in list(exemplars)[:MAX_LISTED_IDS]),
             "explanation": orjson.dumps(explanation, default=str).decode() if explanation else "",
         }
-        if drift.get("encoder"):
-            annotations["encoder"] = str(drift["encoder"])
-        labels = {
-            "alertname": DRIFT_ALERTNAME,
-            "source": source,
-            "kind": kind,
-            "severity": severity,
-            "detected_at": at,  # one alert per alarm, as event_id for anomalies
-        }
+        # one alert per alarm, as event_id for anomalies
+        return cls._build(
+            "drift", DRIFT_ALERTNAME, drift, ("detected_at", at), annotations,
+            severity=severity, generator_url=generator_url, ends_at=ends_at,
+        )
+
+    @classmethod
+    def _build(
+        cls,
+        what: str,
+        alertname: str,
+        record: Mapping[str, Any],
+        identity: tuple[str, str],
+        annotations: dict[str, str],
+        *,
+        severity: str,
+        generator_url: str | None,
+        ends_at: str | None,
+    ) -> Alert:
+        """The parts both alert kinds share; ``identity`` is the label naming this one alert."""
+        source, kind = str(record["source"]), str(record["kind"])
+        if record.get("encoder"):
+            annotations["encoder"] = str(record["encoder"])
+        labels = {"alertname": alertname, "source": source, "kind": kind, "severity": severity}
+        labels[identity[0]] = identity[1]
         return cls(
-            fingerprint=_fingerprint("drift", source, at),
-            alertname=DRIFT_ALERTNAME,
+            fingerprint=_fingerprint(what, source, identity[1]),
+            alertname=alertname,
             severity=severity,
             source=source,
             kind=kind,
             labels=labels,
             annotations={k: _clip(v) for k, v in annotations.items() if v},
-            starts_at=_rfc3339(drift["ts"]),
+            starts_at=_rfc3339(record["ts"]),
             ends_at=ends_at,
             generator_url=generator_url,
         )
