@@ -168,6 +168,11 @@ class Worker:
                 async for events in stream.take_events(100, within=0.5):
                     await self.notify(events)
 
+            @app.agent(self.alerts_dlq_topic, name="nwatch-redeliver")
+            async def redeliver(stream: Any) -> None:
+                async for events in stream.take_events(100, within=1.0):
+                    await self.redeliver(events)
+
         @app.task
         async def started() -> None:
             log.info("neighbourwatch worker consuming %s", ", ".join(k.input_topics))
@@ -318,6 +323,39 @@ class Worker:
             except Exception:
                 log.exception("alert delivery failed")
 
+    async def redeliver(self, events: Sequence[Any]) -> None:
+        """Try dead-lettered alerts again, each on the hook that failed it, after a delay.
+
+        Alerts that fail again are dead-lettered again (back on this topic, to
+        come round after another delay), so an endpoint that is down for a while
+        gets every alert once it is back. Alerts its receiver refused (a 4xx:
+        the same request would be refused again) stay where they are.
+        """
+        from streams.alerts import Alert
+
+        delay = self.settings.alerts.redelivery_delay
+        newest = max((e.message.timestamp or 0.0) for e in events)
+        wait = newest + delay - time.time()
+        if wait > 0:
+            await asyncio.sleep(min(wait, delay))
+        by_hook: dict[str, list[Any]] = {}
+        for e in events:
+            headers = e.message.headers or {}
+            headers = dict(headers) if not isinstance(headers, dict) else headers
+            reason = _text(headers.get("nwatch-error-reason"))
+            hook = _text(headers.get("nwatch-hook"))
+            if not hook or reason.startswith("rejected"):
+                continue
+            try:
+                by_hook.setdefault(hook, []).append(Alert.from_json(e.message.value))
+            except Exception:
+                log.warning("unreadable dead-lettered alert at offset %s skipped", e.message.offset)
+        for hook, alerts in by_hook.items():
+            try:
+                await self.deliverer.deliver(alerts, only={hook}, rate_limit=False)
+            except Exception:
+                log.exception("re-delivery to %s failed", hook)
+
     async def dead_letter_alerts(self, hook: str, alerts: Sequence[Any], reason: str) -> None:
         """Undeliverable alerts are kept on ``<alerts topic>.dlq``, never dropped."""
         headers = [("nwatch-hook", hook.encode()), ("nwatch-error-reason", reason.encode())]
@@ -326,6 +364,12 @@ class Worker:
     def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+
+
+def _text(value: str | bytes | None) -> str:
+    if value is None:
+        return ""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
 def _bytes(value: str | bytes) -> bytes:

@@ -80,6 +80,9 @@ class AlertsSettings(_Frozen):
     webhook_secret: SecretStr | None = None
     alertmanager_url: SecretStr | None = None
     timeout: float = Field(10.0, gt=0)  # seconds per delivery attempt
+    # Dead-lettered alerts are tried again after this many seconds (the
+    # breaker's reset is 10 s, so an endpoint that came back is found again).
+    redelivery_delay: float = Field(30.0, ge=0)
     rate_limit_per_source: float = Field(60.0, gt=0)  # alerts per minute per source
 
 

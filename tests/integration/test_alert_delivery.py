@@ -97,3 +97,79 @@ def test_hung_receiver_does_not_hold_up_detection(broker, tmp_path):
         stop_process_group(worker, timeout=30)
         log.close()
         receiver.close()
+
+
+class RecordingReceiver:
+    """A webhook receiver (http.server in a thread) that records the fingerprints it was sent."""
+
+    def __init__(self, port: int) -> None:
+        import http.server
+
+        received = self.fingerprints = set()
+        self.calls = 0
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                for alert in orjson.loads(body).get("alerts", []):
+                    received.add(alert["fingerprint"])
+                outer.calls += 1
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        http.server.ThreadingHTTPServer.allow_reuse_address = True
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_receiver_down_then_back_gets_every_alert(broker, tmp_path):
+    bootstrap = broker.bootstrap_servers
+    t = worker_topics(bootstrap, "r")
+    with socket.socket() as s:  # a port where nothing listens yet: connections are refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = worker_env(
+        bootstrap, t,
+        NWATCH_METRICS__PORT="0",
+        NWATCH_ALERTS__WEBHOOK_URL=f"http://127.0.0.1:{port}/hook",
+        NWATCH_ALERTS__TIMEOUT="2",
+        NWATCH_ALERTS__REDELIVERY_DELAY="3",
+        NWATCH_ALERTS__RATE_LIMIT_PER_SOURCE="100000",
+    )
+    worker, log = start_worker(env, tmp_path / "worker.log")
+    receiver = None
+    try:
+        lines = list(sample_lines(events=2500, seed=22, broken=0, kinds=["transaction", "vector"]))
+        producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=10)
+        for line in lines:
+            producer.send(t["events"], key=orjson.loads(line)["source"].encode(), value=line)
+        producer.flush()
+        producer.close()
+        deadline = time.monotonic() + 200
+        while time.monotonic() < deadline and _count(bootstrap, f"{t['alerts']}.dlq") == 0:
+            assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
+            time.sleep(2)
+        assert _count(bootstrap, f"{t['alerts']}.dlq") > 0  # the endpoint was down: dead letters
+        receiver = RecordingReceiver(port)  # ... and now it is back
+        while time.monotonic() < deadline and _count(bootstrap, t["scores"]) < len(lines):
+            time.sleep(2)
+        expected = {r.key.decode() for r in read_topic(bootstrap, t["alerts"])}
+        assert expected
+        while time.monotonic() < deadline and not expected <= receiver.fingerprints:
+            assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
+            time.sleep(2)
+        assert expected <= receiver.fingerprints, f"missing {len(expected - receiver.fingerprints)}"
+    finally:
+        stop_process_group(worker, timeout=30)
+        log.close()
+        if receiver is not None:
+            receiver.close()
