@@ -229,13 +229,12 @@ class ReferenceIndex:
 
     def vectors(self) -> np.ndarray:
         """The stored vectors, oldest first (a copy). Exact search over them is the recall oracle."""
-        order = (np.arange(self._added - self.size, self._added) % self.capacity) if self.size else []
         if self.size == 0:
             return np.zeros((0, self.dim), np.float32)
+        slots = np.arange(self._added - self.size, self._added) % self.capacity
         if self.is_exact:
-            return self._vecs[order].copy()
-        labels = np.arange(self._added - self.size, self._added) % self.capacity
-        return np.asarray(self._hnsw.get_items(labels), dtype=np.float32)
+            return self._vecs[slots].copy()
+        return np.asarray(self._hnsw.get_items(slots), dtype=np.float32)
 
     # -- state ----------------------------------------------------------------
     def get_state(self) -> State:

@@ -36,6 +36,7 @@ from typing import Any
 import faust
 import orjson
 
+from streams.alerts import Alert
 from streams.config import KafkaSettings, Settings
 from streams.pipeline import BatchResult, Pipeline
 
@@ -154,7 +155,7 @@ class Worker:
         self.drift_topic = app.topic(k.drift_topic, **raw)
         self.alerts_topic = app.topic(k.alerts_topic, **raw)
         self.dlq_topic = app.topic(k.dlq_topic, **raw)
-        self.alerts_dlq_topic = app.topic(f"{k.alerts_topic}.dlq", **raw)
+        self.alerts_dlq_topic = app.topic(k.alerts_dlq_topic, **raw)
 
         @app.agent(self.inputs, name="nwatch-detect")
         async def detect(stream: Any) -> None:
@@ -219,8 +220,6 @@ class Worker:
 
     def _outputs(self, result: BatchResult, events: Sequence[Any]) -> list[tuple[Any, bytes | None, bytes, list | None]]:
         """Every record a batch produces, as ``(topic, key, value, headers)``."""
-        from streams.alerts import Alert
-
         out: list[tuple[Any, bytes | None, bytes, list | None]] = []
         publish_scores = self.settings.kafka.publish_scores
         for _, rec in result.scores:
@@ -309,8 +308,6 @@ class Worker:
 
     # -- alert delivery ---------------------------------------------------------------------
     async def notify(self, events: Sequence[Any]) -> None:
-        from streams.alerts import Alert
-
         alerts = []
         for e in events:
             try:
@@ -331,8 +328,6 @@ class Worker:
         gets every alert once it is back. Alerts its receiver refused (a 4xx:
         the same request would be refused again) stay where they are.
         """
-        from streams.alerts import Alert
-
         delay = self.settings.alerts.redelivery_delay
         newest = max((e.message.timestamp or 0.0) for e in events)
         wait = newest + delay - time.time()

@@ -69,6 +69,11 @@ class KafkaSettings(_Frozen):
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
 
+    @property
+    def alerts_dlq_topic(self) -> str:
+        """Alerts no hook could deliver, waiting for re-delivery."""
+        return f"{self.alerts_topic}.dlq"
+
 
 class MetricsSettings(_Frozen):
     host: str = "127.0.0.1"

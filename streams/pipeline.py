@@ -134,7 +134,7 @@ class Pipeline:
         groups: dict[str, list[tuple[int, Event]]] = {}
         for i, e in events:
             groups.setdefault(e.source, []).append((i, e))
-        for name, group in groups.items():
+        for group in groups.values():
             self._process_source(group, result)
         result.scores.sort(key=lambda t: t[0])
         return result

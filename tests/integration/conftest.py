@@ -118,8 +118,18 @@ def worker_topics(bootstrap: str, prefix: str) -> dict[str, str]:
 
     suffix = uuid.uuid4().hex[:8]
     names = {n: f"{prefix}{suffix}.{n}" for n in ("events", "scores", "anomalies", "drift", "alerts", "dlq")}
-    ensure_topics(bootstrap, list(names.values()) + [f"{names['alerts']}.dlq"])
+    names["alerts_dlq"] = f"{names['alerts']}.dlq"  # as KafkaSettings.alerts_dlq_topic derives it
+    ensure_topics(bootstrap, list(names.values()))
     return names
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def worker_env(bootstrap: str, topics: dict[str, str], **extra: str) -> dict[str, str]:

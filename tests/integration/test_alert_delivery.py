@@ -12,7 +12,7 @@ from kafka import KafkaProducer
 
 from streams.runtime import stop_process_group
 from streams.samples import sample_lines
-from tests.integration.conftest import read_topic, start_worker, worker_env, worker_topics
+from tests.integration.conftest import free_port, read_topic, start_worker, worker_env, worker_topics
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -90,9 +90,9 @@ def test_hung_receiver_does_not_hold_up_detection(broker, tmp_path):
         assert receiver.connections and receiver.bytes_received > 0  # deliveries were attempted
         # undeliverable alerts are kept on the alerts dead-letter topic, not dropped
         deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and _count(bootstrap, f"{t['alerts']}.dlq") == 0:
+        while time.monotonic() < deadline and _count(bootstrap, t["alerts_dlq"]) == 0:
             time.sleep(2)
-        assert _count(bootstrap, f"{t['alerts']}.dlq") > 0
+        assert _count(bootstrap, t["alerts_dlq"]) > 0
     finally:
         stop_process_group(worker, timeout=30)
         log.close()
@@ -134,9 +134,7 @@ class RecordingReceiver:
 def test_receiver_down_then_back_gets_every_alert(broker, tmp_path):
     bootstrap = broker.bootstrap_servers
     t = worker_topics(bootstrap, "r")
-    with socket.socket() as s:  # a port where nothing listens yet: connections are refused
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens there yet: connections are refused
     env = worker_env(
         bootstrap, t,
         NWATCH_METRICS__PORT="0",
@@ -155,10 +153,10 @@ def test_receiver_down_then_back_gets_every_alert(broker, tmp_path):
         producer.flush()
         producer.close()
         deadline = time.monotonic() + 200
-        while time.monotonic() < deadline and _count(bootstrap, f"{t['alerts']}.dlq") == 0:
+        while time.monotonic() < deadline and _count(bootstrap, t["alerts_dlq"]) == 0:
             assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
             time.sleep(2)
-        assert _count(bootstrap, f"{t['alerts']}.dlq") > 0  # the endpoint was down: dead letters
+        assert _count(bootstrap, t["alerts_dlq"]) > 0  # the endpoint was down: dead letters
         receiver = RecordingReceiver(port)  # ... and now it is back
         while time.monotonic() < deadline and _count(bootstrap, t["scores"]) < len(lines):
             time.sleep(2)

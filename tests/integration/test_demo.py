@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
 import psutil
 import pytest
 
+from tests.integration.conftest import free_port
+
 pytestmark = pytest.mark.timeout(300)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_demo_detects_anomalies_and_drift_and_leaves_nothing_running():
-    port = _free_port()
+    port = free_port()
     before = {p.pid for p in psutil.process_iter()}
     proc = subprocess.run(
         [sys.executable, "-m", "streams.cli", "demo", "--duration", "55", "--metrics-port", str(port)],

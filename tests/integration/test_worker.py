@@ -7,7 +7,6 @@ go in through kafka-python, results are read back without a consumer group
 
 from __future__ import annotations
 
-import socket
 import time
 import urllib.request
 
@@ -18,15 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from streams.runtime import stop_process_group
 from streams.samples import BROKEN_LINES, sample_lines, valid_ids
-from tests.integration.conftest import read_topic, start_worker, worker_env, worker_topics
+from tests.integration.conftest import free_port, read_topic, start_worker, worker_env, worker_topics
 
 pytestmark = pytest.mark.timeout(400)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def produce_lines(bootstrap: str, topic: str, lines: list[bytes]) -> None:
@@ -54,7 +47,7 @@ def test_worker_scores_every_event_and_dead_letters_broken_ones(broker, tmp_path
     produce_lines(bootstrap, topics["events"], lines)
     expected = valid_ids(lines)
 
-    port = _free_port()
+    port = free_port()
     worker, log = start_worker(worker_env(bootstrap, topics, NWATCH_METRICS__PORT=str(port)), tmp_path / "worker.log")
     try:
         deadline = time.monotonic() + 300
