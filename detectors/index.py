@@ -36,6 +36,18 @@ Metric = Literal["l2", "cosine"]
 DEFAULT_EXACT_MAX = 16_384
 
 
+# Candidates beyond k whose distances are recomputed exactly (see ReferenceIndex._query_exact).
+_SPARE_CANDIDATES = 8
+
+
+def _order(dist: np.ndarray, slots: np.ndarray) -> np.ndarray:
+    """Per row, positions by increasing distance, ties by slot: the same whatever order argpartition left."""
+    n, c = dist.shape
+    rows = np.repeat(np.arange(n), c)
+    flat = np.lexsort((slots.ravel(), dist.ravel(), rows))
+    return (flat - rows * c).reshape(n, c)
+
+
 class ReferenceIndex:
     """First-in first-out reference of at most ``capacity`` vectors with their ids.
 
@@ -201,6 +213,13 @@ class ReferenceIndex:
         return dist.astype(np.float32), labels.astype(np.int64)
 
     def _query_exact(self, X: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """A matrix product picks candidates; their distances are then computed pair by pair.
+
+        ``|x|^2 + |v|^2 - 2 x.v`` in float32 cancels badly for close pairs, and
+        BLAS rounds it differently for batches of different shapes: the
+        recomputed distance is exact to float32 and the same however the
+        queries were batched. A few spare candidates keep near ties right.
+        """
         m = self.size
         V = self._vecs[:m]
         G = X @ V.T
@@ -209,13 +228,18 @@ class ReferenceIndex:
         else:
             D = self._sqnorm[:m][None, :] - 2.0 * G
             D += np.einsum("ij,ij->i", X, X)[:, None]
-        if k < m:
-            part = np.argpartition(D, k - 1, axis=1)[:, :k]
-            dpart = np.take_along_axis(D, part, axis=1)
+        c = min(m, k + _SPARE_CANDIDATES)
+        if c < m:
+            part = np.argpartition(D, c - 1, axis=1)[:, :c]
         else:
             part = np.broadcast_to(np.arange(m), D.shape).copy()
-            dpart = D
-        order = np.argsort(dpart, axis=1, kind="stable")
+        cand = V[part]  # (n, c, dim)
+        if self.metric == "cosine":
+            dpart = 1.0 - (cand * X[:, None, :]).sum(axis=2)
+        else:
+            diff = cand - X[:, None, :]
+            dpart = (diff * diff).sum(axis=2)
+        order = _order(dpart, part)[:, :k]
         slots = np.take_along_axis(part, order, axis=1)
         dist = np.take_along_axis(dpart, order, axis=1)
         dist = np.maximum(dist, 0.0)

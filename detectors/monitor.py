@@ -123,7 +123,28 @@ class SourceMonitor:
         """Score, decide and learn one batch of this source's vectors, in order.
 
         ``drift_X`` is what the drift monitor sees instead of ``X`` (the same rows
-        without seasonal dimensions, say).
+        without seasonal dimensions, say). The same as :meth:`score` then
+        :meth:`commit` on the whole batch.
+        """
+        X = np.asarray(X, dtype=np.float32)
+        s = self.score(X)
+        alarms = self.commit(X, ids, s.scores, s.is_anomaly, s.learned, drift_X=drift_X)
+        return Decisions(
+            scores=s.scores,
+            p_values=s.p_values,
+            is_anomaly=s.is_anomaly,
+            learned=s.learned,
+            warming_up=s.warming_up,
+            distances=s.distances,
+            neighbour_ids=s.neighbour_ids,
+            drift_alarms=alarms,
+        )
+
+    def score(self, X: np.ndarray) -> Decisions:
+        """Steps 1 and 2 alone: score and decide without learning anything (reads only).
+
+        ``learned`` says what :meth:`commit` should add to the reference; the
+        returned ``drift_alarms`` is always empty.
         """
         X = np.asarray(X, dtype=np.float32)
         n = len(X)
@@ -139,10 +160,35 @@ class SourceMonitor:
             # The reference is guarded more strictly than the alarm: unflagged
             # anomalies would otherwise become neighbours of the next ones.
             keep = p >= max(self.alpha, self.learn_alpha)
+        return Decisions(
+            scores=result.scores,
+            p_values=p,
+            is_anomaly=flagged,
+            learned=keep,
+            warming_up=np.full(n, warming),
+            distances=result.distances,
+            neighbour_ids=result.neighbour_ids,
+            drift_alarms=[],
+        )
+
+    def commit(
+        self,
+        X: np.ndarray,
+        ids: list[str],
+        scores: np.ndarray,
+        is_anomaly: np.ndarray,
+        keep: np.ndarray,
+        *,
+        drift_X: np.ndarray | None = None,
+    ) -> list[DriftAlarm]:
+        """Steps 3 to 5 for events scored by :meth:`score` since the last commit: learn, watch for drift."""
+        X = np.asarray(X, dtype=np.float32)
+        keep = np.asarray(keep, dtype=bool)
+        n = len(X)
         # Scores against a reference smaller than min_reference are inflated
         # and would make the calibration too lenient for long after.
         if self.detector.size >= self.min_reference:
-            self.thresholder.learn(result.scores)
+            self.thresholder.learn(np.asarray(scores))
         if keep.any():
             self.detector.learn(X[keep], [i for i, k in zip(ids, keep) if k])
         alarms: list[DriftAlarm] = []
@@ -152,17 +198,8 @@ class SourceMonitor:
             if alarms and self.drift_policy == "adopt":
                 self._adopt_recent()
         self.events_seen += n
-        self.anomalies += int(flagged.sum())
-        return Decisions(
-            scores=result.scores,
-            p_values=p,
-            is_anomaly=flagged,
-            learned=keep,
-            warming_up=np.full(n, warming),
-            distances=result.distances,
-            neighbour_ids=result.neighbour_ids,
-            drift_alarms=alarms,
-        )
+        self.anomalies += int(np.count_nonzero(is_anomaly))
+        return alarms
 
     def _adopt_recent(self) -> None:
         """The new normal: learn the recent window (flagged events too) and recalibrate."""

@@ -76,6 +76,24 @@ class BadTimestamp(InvalidEvent):
     reason = "bad_timestamp"
 
 
+class FutureTimestamp(InvalidEvent):
+    """Event time further ahead of arrival than clock skew explains (``Limits.max_future_seconds``)."""
+
+    reason = "future_timestamp"
+
+
+class LateEvent(InvalidEvent):
+    """Event time further behind its source's newest event time than the source allows (``max_lateness``)."""
+
+    reason = "late_event"
+
+
+class DuplicateId(InvalidEvent):
+    """An id the source has already seen (within its de-duplication window)."""
+
+    reason = "duplicate_id"
+
+
 class StateMismatch(NeighbourwatchError):
     """Saved state that does not fit the object asked to load it (other encoder version, dimension...)."""
 
@@ -83,6 +101,9 @@ class StateMismatch(NeighbourwatchError):
 __all__ = [
     "BadEncoding",
     "BadTimestamp",
+    "DuplicateId",
+    "FutureTimestamp",
+    "LateEvent",
     "EmptyPayload",
     "InvalidEvent",
     "MissingField",

@@ -58,6 +58,10 @@ class Limits:
     max_mfcc_coeffs: int = 128
     max_samples: int = 48_000 * 30  # 30 s at 48 kHz
     max_id_chars: int = 512
+    # Event time may run ahead of arrival by clock skew, not by an hour: an
+    # event from the future would hold its source's lateness watermark hostage.
+    # (Checked by the pipeline, which knows the arrival time.)
+    max_future_seconds: float = 3600.0
 
 
 DEFAULT_LIMITS = Limits()
@@ -178,6 +182,33 @@ def event_from_dict(obj: Any, *, arrival_ts: float, limits: Limits = DEFAULT_LIM
         payload=payload,
         label=label,
         has_ts=raw_ts is not None,
+    )
+
+
+def event_to_state(e: Event) -> dict[str, Any]:
+    """An event as plain JSON values and arrays (see ``models.base.State``), for saved state."""
+    payload = e.payload
+    if e.kind == "audio":
+        payload = list(payload)
+    return {
+        "id": e.id, "kind": e.kind, "source": e.source, "ts": e.ts,
+        "payload": payload, "label": e.label, "has_ts": e.has_ts,
+    }
+
+
+def event_from_state(d: dict[str, Any]) -> Event:
+    """The inverse of :func:`event_to_state` (state comes from our own snapshots, already validated)."""
+    payload = d["payload"]
+    kind = d["kind"]
+    if kind == "audio":
+        payload = (payload[0], np.asarray(payload[1], np.float32), *payload[2:])
+    elif kind == "vector":
+        payload = np.asarray(payload, np.float32)
+    elif kind == "transaction":
+        payload = dict(payload)
+    return Event(
+        id=d["id"], kind=kind, source=d["source"], ts=float(d["ts"]), payload=payload,
+        label=d["label"], has_ts=bool(d["has_ts"]),
     )
 
 

@@ -46,9 +46,18 @@ class SourceSettings(_Frozen):
     drift_alpha: float = Field(0.001, gt=0, lt=1)
     drift_policy: Literal["adopt", "keep"] = "adopt"
     drift_cooldown: int = Field(500, ge=0)
+    # The pipeline's own settings (not the monitor's): the reference and the
+    # encoder statistics learn every learn_block events of the source, so a
+    # result depends on the event sequence alone, never on how it was batched.
+    learn_block: int = Field(32, ge=1, le=4096)
+    dedup_window: int = Field(10_000, ge=0)  # the last N ids of the source refuse a repeat
+    max_lateness: float | None = Field(86_400.0, gt=0)  # seconds behind the source's newest event time
 
     def monitor_kwargs(self) -> dict[str, Any]:
-        return self.model_dump(exclude={"kind", "metric"})
+        return self.model_dump(exclude={"kind", "metric", *PIPELINE_FIELDS})
+
+
+PIPELINE_FIELDS = frozenset({"learn_block", "dedup_window", "max_lateness"})
 
 
 class KafkaSettings(_Frozen):
@@ -100,6 +109,15 @@ class ModelSettings(_Frozen):
     preload: bool = False
 
 
+class StateSettings(_Frozen):
+    """Durable detector state: per input partition, a snapshot of its sources and the offset it covers."""
+
+    # Relative paths are taken from the working directory. None: no snapshots;
+    # a restarted worker then starts its sources afresh from the committed offsets.
+    dir: str | None = "nwatch-state"
+    snapshot_interval: float = Field(30.0, gt=0)  # seconds between snapshots of a partition
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="NWATCH_", env_nested_delimiter="__", frozen=True, extra="forbid"
@@ -109,6 +127,7 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = MetricsSettings()
     alerts: AlertsSettings = AlertsSettings()
     models: ModelSettings = ModelSettings()
+    state: StateSettings = StateSettings()
     defaults: SourceSettings = SourceSettings()
     sources: dict[str, SourceSettings] = {}
     batch_size: int = Field(256, ge=1)

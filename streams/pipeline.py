@@ -1,15 +1,26 @@
 """The detection pipeline shared by ``nwatch replay`` and the Kafka worker.
 
 Raw messages in, score records, drift records and rejects out. Per source it
-keeps an encoder and a :class:`detectors.monitor.SourceMonitor`. Within a
-batch, events of one source are processed in arrival order: scored against the
-reference as it stood before the batch, then learnt.
+keeps an encoder and a :class:`detectors.monitor.SourceMonitor`.
+
+Learning goes by blocks of the source's own events (``learn_block``), not by
+batches: an event is scored as soon as it arrives, against the reference and
+the encoder statistics as they stood at the start of its block; at the end of
+the block the reference, the calibration, the drift monitor and the encoder
+learn the block. A result therefore depends only on the sequence of a
+source's events, never on how a consumer happened to batch them: ``nwatch
+replay`` of a file gives the Kafka worker's results, and a worker restored
+from a snapshot gives what an uninterrupted one would have given.
+
+A source's state (:meth:`SourceState.get_state`) is plain JSON plus arrays and
+includes the block in progress, its de-duplication window and its event-time
+watermark.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,12 +28,34 @@ import numpy as np
 
 from detectors.monitor import SourceMonitor
 from detectors.records import DriftRecord, Neighbour, ScoreRecord
-from models.base import Encoder, Learner, Seasonal, encoder_tag
-from models.errors import InvalidEvent, NonFinite, WrongDimension, WrongType
-from models.events import DEFAULT_LIMITS, Event, Limits, decode_event, format_ts
+from collections import OrderedDict
+
+from models.base import Encoder, Learner, Seasonal, State, Stateful, encoder_tag
+from models.errors import (
+    DuplicateId,
+    FutureTimestamp,
+    InvalidEvent,
+    LateEvent,
+    NonFinite,
+    StateMismatch,
+    WrongDimension,
+    WrongType,
+)
+from models.events import (
+    DEFAULT_LIMITS,
+    Event,
+    Limits,
+    decode_event,
+    event_from_state,
+    event_to_state,
+    format_ts,
+)
 from models.registry import make_encoder
 from models.text import TextBackend, shared_backend
-from streams.config import Settings
+from streams.config import Settings, SourceSettings
+
+# Saved source state carries this; a snapshot of another layout is refused.
+STATE_FORMAT = 1
 
 # Normal events carry their nearest few neighbours; anomalies carry all k,
 # which is what an analyst opens first.
@@ -47,18 +80,129 @@ class BatchResult:
 
 
 @dataclass
+class Pending:
+    """The block in progress: events scored since the last learning step, with what scoring found."""
+
+    events: list[Event] = field(default_factory=list)
+    vectors: list[np.ndarray] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    flags: list[bool] = field(default_factory=list)
+    keep: list[bool] = field(default_factory=list)
+    warming: bool = True  # the monitor's state at the start of the block
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    def clear(self) -> None:
+        self.events.clear()
+        self.vectors.clear()
+        self.scores.clear()
+        self.flags.clear()
+        self.keep.clear()
+
+
+@dataclass
 class SourceState:
     name: str
     kind: str
     encoder: Encoder
     monitor: SourceMonitor
     tag: str
+    conf: SourceSettings = field(default_factory=SourceSettings)
+    pending: Pending = field(default_factory=Pending)
+    seen: OrderedDict[str, None] = field(default_factory=OrderedDict)  # recent ids, oldest first
+    watermark: float | None = None  # newest event time seen (events with their own ts only)
+    home: tuple[str, int] | None = None  # the input partition its events arrive on (set by the worker)
 
     def drift_view(self, X: np.ndarray) -> np.ndarray | None:
         """``X`` without the encoder's seasonal dimensions, for the drift test (None: all of X)."""
         if not isinstance(self.encoder, Seasonal) or not self.encoder.seasonal_dims:
             return None
         return np.delete(X, list(self.encoder.seasonal_dims), axis=1)
+
+    def admit(self, e: Event, *, now: float, max_future: float) -> None:
+        """Refuse a repeated id, or an event time too far ahead of ``now`` or too far behind the
+        source's newest event time; else remember the event."""
+        window = self.conf.dedup_window
+        if window:
+            if e.id in self.seen:
+                raise DuplicateId(f"id {e.id[:80]!r} was already seen in source {self.name[:40]!r}", field="id")
+        if e.has_ts:
+            if e.ts > now + max_future:
+                raise FutureTimestamp(
+                    f"event time {format_ts(e.ts)} is {e.ts - now:.0f} s ahead of arrival "
+                    f"(at most {max_future:.0f} s)",
+                    field="ts",
+                )
+            lateness = self.conf.max_lateness
+            if lateness is not None and self.watermark is not None and e.ts < self.watermark - lateness:
+                raise LateEvent(
+                    f"event time {format_ts(e.ts)} is {self.watermark - e.ts:.0f} s behind the newest of "
+                    f"source {self.name[:40]!r} (at most {lateness:.0f} s)",
+                    field="ts",
+                )
+            if self.watermark is None or e.ts > self.watermark:
+                self.watermark = e.ts
+        if window:
+            self.seen[e.id] = None
+            while len(self.seen) > window:
+                self.seen.popitem(last=False)
+
+    def get_state(self) -> State:
+        p = self.pending
+        width = self.encoder.dim or (len(p.vectors[0]) if p.vectors else 0)
+        return {
+            "format": STATE_FORMAT,
+            "name": self.name,
+            "kind": self.kind,
+            "encoder_tag": self.tag,
+            "settings": self.conf.model_dump(mode="json", exclude={"kind", "metric"}),
+            "encoder": self.encoder.get_state() if isinstance(self.encoder, Stateful) else None,
+            "monitor": self.monitor.get_state(),
+            "pending": {
+                "events": [event_to_state(e) for e in p.events],
+                "vectors": np.stack(p.vectors) if p.vectors else np.zeros((0, width), np.float32),
+                "scores": np.asarray(p.scores, np.float64),
+                "flags": np.asarray(p.flags, bool),
+                "keep": np.asarray(p.keep, bool),
+                "warming": p.warming,
+            },
+            "seen": list(self.seen),
+            "watermark": self.watermark,
+            "home": None if self.home is None else list(self.home),
+        }
+
+    def set_state(self, state: State) -> None:
+        """Load saved state; :class:`StateMismatch` (nothing changed) if it was written by another
+        encoder version, for other settings, or in another layout: never mixed in."""
+        if state.get("format") != STATE_FORMAT:
+            raise StateMismatch(f"source {self.name!r}: saved state format {state.get('format')!r}, expected {STATE_FORMAT}")
+        if state["kind"] != self.kind or state["encoder_tag"] != self.tag:
+            raise StateMismatch(
+                f"source {self.name!r}: saved by encoder {state['encoder_tag']} ({state['kind']}), "
+                f"this worker runs {self.tag} ({self.kind}); the saved state is not used"
+            )
+        mine = self.conf.model_dump(mode="json", exclude={"kind", "metric"})
+        changed = sorted(k for k in mine if state["settings"].get(k) != mine[k])
+        if changed:
+            raise StateMismatch(
+                f"source {self.name!r}: saved with other settings ({', '.join(changed)}); the saved state is not used"
+            )
+        if isinstance(self.encoder, Stateful) and state["encoder"] is not None:
+            self.encoder.set_state(state["encoder"])
+        self.monitor.set_state(state["monitor"])
+        p = state["pending"]
+        self.pending = Pending(
+            events=[event_from_state(e) for e in p["events"]],
+            vectors=[np.asarray(v, np.float32) for v in p["vectors"]],
+            scores=[float(x) for x in p["scores"]],
+            flags=[bool(x) for x in p["flags"]],
+            keep=[bool(x) for x in p["keep"]],
+            warming=bool(p["warming"]),
+        )
+        self.seen = OrderedDict.fromkeys(state["seen"])
+        self.watermark = None if state["watermark"] is None else float(state["watermark"])
+        self.home = None if state["home"] is None else (str(state["home"][0]), int(state["home"][1]))
 
 
 class Pipeline:
@@ -92,22 +236,51 @@ class Pipeline:
                     field="kind",
                 )
             return state
-        conf = self.settings.source(event.source, event.kind)
-        if conf.kind is not None and conf.kind != event.kind:
+        state = self.new_source(event.source, event.kind)
+        self.sources[event.source] = state
+        return state
+
+    def new_source(self, name: str, kind: str) -> SourceState:
+        """A fresh source of this kind with its effective settings (not yet registered)."""
+        conf = self.settings.source(name, kind)
+        if conf.kind is not None and conf.kind != kind:
             raise WrongType(
-                f"source {event.source[:40]!r} is configured for {conf.kind} events, not {event.kind}",
+                f"source {name[:40]!r} is configured for {conf.kind} events, not {kind}",
                 field="kind",
             )
         encoder = make_encoder(
-            event.kind,
+            kind,
             text_backend=self._text_backend,
             metric=conf.metric,
             text_cache_size=self.settings.models.text_cache_size,
         )
         monitor = SourceMonitor(metric=encoder.metric, **conf.monitor_kwargs())  # type: ignore[arg-type]
-        state = SourceState(event.source, event.kind, encoder, monitor, encoder_tag(encoder))
-        self.sources[event.source] = state
-        return state
+        return SourceState(name, kind, encoder, monitor, encoder_tag(encoder), conf=conf)
+
+    def source_states(self, names: Iterable[str]) -> list[State]:
+        """Saved state of the named sources (those that exist)."""
+        return [self.sources[n].get_state() for n in names if n in self.sources]
+
+    def restore_sources(self, states: Iterable[State]) -> list[str]:
+        """Load saved sources, replacing any of the same name. Returns the refusals, in words:
+        a source whose state does not fit (another encoder version, other settings) is left
+        out whole, never mixed in, and starts afresh when its next event comes."""
+        refused: list[str] = []
+        for st in states:
+            name = str(st.get("name"))
+            try:
+                fresh = self.new_source(name, str(st.get("kind")))
+                fresh.set_state(st)
+            except (StateMismatch, InvalidEvent, KeyError, ValueError, TypeError) as err:
+                refused.append(f"{type(err).__name__}: {err}")
+                self.sources.pop(name, None)
+                continue
+            self.sources[name] = fresh
+        return refused
+
+    def drop_sources(self, names: Iterable[str]) -> None:
+        for n in list(names):
+            self.sources.pop(n, None)
 
     # -- processing -------------------------------------------------------------
     def decode(self, raws: Sequence[bytes | str]) -> tuple[list[tuple[int, Event]], list[Reject]]:
@@ -142,9 +315,12 @@ class Pipeline:
     def _process_source(self, group: list[tuple[int, Event]], result: BatchResult) -> None:
         accepted: list[tuple[int, Event]] = []
         state: SourceState | None = None
+        now = self.clock()
+        max_future = self.limits.max_future_seconds
         for i, e in group:
             try:
                 state = self._source(e)
+                state.admit(e, now=now, max_future=max_future)
             except InvalidEvent as err:
                 result.rejects.append(Reject(i, err.reason, str(err)))
                 continue
@@ -152,30 +328,35 @@ class Pipeline:
         if not accepted or state is None:
             return
         t0 = time.perf_counter()
-        accepted, X = self._encode(state.encoder, accepted, result)
-        learner = isinstance(state.encoder, Learner)
-        warming = state.monitor.is_warming_up
-        if warming and learner and accepted:
-            # While warming up nothing is judged, so the encoder may learn a batch
-            # before encoding it: a fresh encoder has no field slots and no scale
-            # yet, and its first vectors would enter the reference as near-zeros.
-            state.encoder.learn([e for _, e in accepted])
-            X = state.encoder.encode([e for _, e in accepted])
+        block = state.conf.learn_block
+        while accepted:
+            room = block - len(state.pending)
+            segment, accepted = accepted[:room], accepted[room:]
+            self._score(state, segment, result)
+            if len(state.pending) >= block:
+                self._learn(state, result)
         result.encode_seconds[state.name] = time.perf_counter() - t0
-        if not accepted:
+
+    def _score(self, state: SourceState, items: list[tuple[int, Event]], result: BatchResult) -> None:
+        """Score events of the block in progress; they join the block, nothing learns yet."""
+        items, X = self._encode(state.encoder, items, result)
+        if not items:
             return
-        ids = [e.id for _, e in accepted]
-        d = state.monitor.process(X, ids, drift_X=state.drift_view(X))
-        if learner and not warming:
-            normal = [e for (_, e), k in zip(accepted, d.learned) if k]
-            if normal:
-                state.encoder.learn(normal)
+        d = state.monitor.score(X)
+        p = state.pending
+        if not p:
+            p.warming = bool(state.monitor.is_warming_up)
+        p.events.extend(e for _, e in items)
+        p.vectors.extend(X)
+        p.scores.extend(d.scores.tolist())
+        flags = d.is_anomaly.tolist()
+        p.flags.extend(flags)
+        p.keep.extend(d.learned.tolist())
         scores = d.scores.tolist()
         pvals = d.p_values.tolist()
-        flags = d.is_anomaly.tolist()
         warm = d.warming_up.tolist()
         dists = d.distances.tolist()
-        for j, (i, e) in enumerate(accepted):
+        for j, (i, e) in enumerate(items):
             m = len(dists[j]) if flags[j] else min(NEIGHBOURS_FOR_NORMAL, len(dists[j]))
             neighbours = tuple(
                 Neighbour(nid, dist) for nid, dist in zip(d.neighbour_ids[j][:m], dists[j][:m])
@@ -198,8 +379,41 @@ class Pipeline:
                     ),
                 )
             )
-        by_id = {e.id: e for _, e in accepted}
-        for alarm in d.drift_alarms:
+
+    def _learn(self, state: SourceState, result: BatchResult) -> None:
+        """End of a block: the encoder, the reference, the calibration and the drift monitor learn it."""
+        p = state.pending
+        if not p:
+            return
+        events = list(p.events)
+        X = np.stack(p.vectors)
+        keep = np.asarray(p.keep, bool)
+        learner = isinstance(state.encoder, Learner)
+        if learner and p.warming:
+            # While warming up nothing is judged, so the encoder learns the block
+            # first and the reference gets the block encoded with what it learnt:
+            # a fresh encoder has no field slots and no scale yet, and its first
+            # vectors would enter the reference as near-zeros.
+            state.encoder.learn(events)
+            try:
+                again = state.encoder.encode(events)
+                if again.shape == X.shape and np.isfinite(again).all():
+                    X = again
+            except InvalidEvent:
+                pass
+        elif learner:
+            normal = [e for e, k in zip(events, keep) if k]
+            if normal:
+                state.encoder.learn(normal)
+        ids = [e.id for e in events]
+        alarms = state.monitor.commit(
+            X, ids, np.asarray(p.scores), np.asarray(p.flags, bool), keep, drift_X=state.drift_view(X)
+        )
+        p.clear()
+        if not alarms:
+            return
+        by_id = {e.id: e for e in events}
+        for alarm in alarms:
             at = by_id.get(alarm.detected_at)
             result.drifts.append(
                 DriftRecord(
@@ -210,6 +424,13 @@ class Pipeline:
                     **alarm.to_dict(),
                 )
             )
+
+    def flush(self) -> BatchResult:
+        """Learn every source's incomplete block now (the end of a replay: no more events come)."""
+        result = BatchResult()
+        for state in self.sources.values():
+            self._learn(state, result)
+        return result
 
     def _encode(
         self, encoder: Encoder, items: list[tuple[int, Event]], result: BatchResult

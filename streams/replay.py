@@ -134,6 +134,12 @@ def replay(
                 f"{summary.drifts} drifts  {summary.rejects:,} rejected  {rate:,.0f} ev/s"
             )
             progress.flush()
+    # The end of the input: the last incomplete blocks learn too, so a drift
+    # completed by the final events is still reported.
+    for d in pipeline.flush().drifts:
+        summary.drifts += 1
+        if drift_out is not None:
+            drift_out.write(orjson.dumps(d.to_dict()) + b"\n")
     summary.seconds = time.perf_counter() - t0
     if progress is not None and summary.seconds >= progress_every:
         progress.write("\n")

@@ -1,0 +1,199 @@
+"""Durable state: results independent of batching, snapshots that restore exactly, refusals."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import numpy as np
+import orjson
+import pytest
+
+from models.text import HashingTextBackend
+from streams.config import Settings, SourceSettings
+from streams.pipeline import Pipeline
+from streams.samples import sample_lines
+from streams.snapshots import SnapshotError, SnapshotStore, pack, unpack
+
+NOW = 1.9e9  # later than every sample event
+
+
+def _pipeline(settings: Settings | None = None) -> Pipeline:
+    backend = HashingTextBackend(dim=64)
+    return Pipeline(settings=settings or Settings(), text_backend=lambda: backend, clock=lambda: NOW)
+
+
+@pytest.fixture(scope="module")
+def lines() -> list[bytes]:
+    return list(sample_lines(events=3000, seed=11, broken=12))
+
+
+def _records(result) -> tuple[list[dict], list[dict], list[tuple[str, str]]]:
+    scores = [rec.to_dict() for _, rec in result.scores]
+    drifts = [d.to_dict() for d in result.drifts]
+    return scores, drifts, [(r.reason, r.message) for r in result.rejects]
+
+
+def _run(pipe: Pipeline, lines: list[bytes], sizes) -> tuple[list[dict], list[dict], list]:
+    scores, drifts, rejects = [], [], []
+    i = 0
+    for n in sizes:
+        if i >= len(lines):
+            break
+        s, d, r = _records(pipe.process_raw(lines[i : i + n]))
+        scores += s
+        drifts += d
+        rejects += r
+        i += n
+    assert i >= len(lines)
+    return scores, drifts, rejects
+
+
+def same(a, b, path="result") -> None:
+    """Equal results: floats to 1e-5 (BLAS may round a distance differently in a batch of
+    another shape, and MiniLM pads by batch), everything else exactly."""
+    if isinstance(a, float) or isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-7), path
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), path
+        for k in a:
+            same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), (path, len(a), len(b))
+        for i, (x, y) in enumerate(zip(a, b)):
+            same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, (path, a, b)
+
+
+def _random_sizes(seed: int, hi: int) -> list[int]:
+    return np.random.default_rng(seed).integers(1, hi, size=100_000).tolist()
+
+
+def test_results_depend_on_the_event_sequence_not_on_batching(lines):
+    reference = _run(_pipeline(), lines, [256] * 100)
+    for seed, hi in ((1, 5), (2, 97), (3, 700)):
+        same(_run(_pipeline(), lines, _random_sizes(seed, hi)), reference, f"sizes<{hi}")
+    scores = reference[0]
+    assert len(scores) == 3000 and sum(s["is_anomaly"] for s in scores) > 0
+
+
+def test_restored_pipeline_continues_like_an_uninterrupted_one(lines, tmp_path):
+    whole = _run(_pipeline(), lines, [200] * 100)
+    cut = 1237  # mid-block for every source
+    first = _pipeline()
+    head = _run(first, lines[:cut], [200] * 100)
+    store = SnapshotStore(tmp_path / "state")
+    store.save("nwatch.events", 0, offset=cut, sources=first.source_states(first.sources))
+    snap = store.load("nwatch.events", 0)
+    assert snap is not None and snap.offset == cut
+    second = _pipeline()
+    assert second.restore_sources(snap.sources) == []
+    tail = _run(second, lines[cut:], [57] * 100)
+    assert len(head[0]) + len(tail[0]) == len(whole[0])
+    same(head[0] + tail[0], whole[0])
+    same(head[1] + tail[1], whole[1])
+    # and the state itself is the same as the uninterrupted run's
+    a = _pipeline()
+    _run(a, lines, [200] * 100)
+    for name in a.sources:
+        ma, mb = a.sources[name].monitor, second.sources[name].monitor
+        assert ma.events_seen == mb.events_seen and ma.detector.size == mb.detector.size
+
+
+def test_snapshot_of_another_encoder_version_or_settings_is_refused_not_mixed(lines, tmp_path):
+    first = _pipeline()
+    _run(first, lines[:1500], [300] * 10)
+    states = first.source_states(first.sources)
+    cards = next(s for s in states if s["name"] == "cards")
+    old = dict(cards, encoder_tag="transaction@0")
+    second = _pipeline()
+    refused = second.restore_sources([old])
+    assert len(refused) == 1 and "transaction@0" in refused[0] and "not used" in refused[0]
+    assert "cards" not in second.sources  # starts afresh on its next event
+    third = _pipeline(Settings(sources={"cards": SourceSettings(k=5)}))
+    refused = third.restore_sources([cards])
+    assert len(refused) == 1 and "other settings (k)" in refused[0]
+    assert "cards" not in third.sources
+
+
+def test_snapshot_files_are_owner_only_data_never_code(lines, tmp_path):
+    pipe = _pipeline()
+    _run(pipe, lines[:600], [600])
+    store = SnapshotStore(tmp_path / "state")
+    path = store.save("nwatch.events", 3, offset=600, sources=pipe.source_states(pipe.sources))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(store.root.stat().st_mode) == 0o700
+    assert not [p for p in store.root.iterdir() if p.name.endswith(".tmp")]
+    assert store.load("nwatch.events", 4) is None
+    os.chmod(path, 0o666)
+    with pytest.raises(SnapshotError, match="writable by others"):
+        store.load("nwatch.events", 3)
+    os.chmod(path, 0o600)
+    path.write_bytes(path.read_bytes()[:100])  # truncated by a crash of the disk, say
+    with pytest.raises(SnapshotError, match="unreadable"):
+        store.load("nwatch.events", 3)
+    # an archive with a pickled object inside is refused, and the pickle never runs
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    with open(path, "wb") as f:
+        np.savez(f, __meta__=np.frombuffer(b'{"format": 1}', np.uint8), a0=np.array([Evil()], dtype=object))
+    with pytest.raises(SnapshotError):
+        store.load("nwatch.events", 3)
+    assert not marker.exists()  # loading never unpickled it
+
+
+def test_pack_round_trip_and_refusals():
+    state = {"a": np.arange(3, dtype=np.float32), "b": [1, 2.5, "x", None, True], "c": {"d": np.zeros((0, 4))},
+             "e": np.int64(7), "f": float("nan")}
+    meta, arrays = pack(state)
+    back = unpack(meta, arrays)
+    np.testing.assert_array_equal(back["a"], state["a"])
+    assert back["b"] == state["b"] and back["c"]["d"].shape == (0, 4) and back["e"] == 7
+    assert np.isnan(back["f"])
+    with pytest.raises(TypeError):
+        pack({"x": object()})
+    with pytest.raises(TypeError):
+        pack({"x": np.array([object()], dtype=object)})
+
+
+def _event(i, *, source="cards", ts=None, eid=None) -> bytes:
+    e = {"id": eid or f"e{i}", "source": source, "kind": "transaction", "fields": {"amount": float(i % 17)}}
+    if ts is not None:
+        e["ts"] = ts
+    return orjson.dumps(e)
+
+
+def test_duplicate_late_and_future_events_are_rejected_with_their_reason():
+    pipe = _pipeline(Settings(defaults=SourceSettings(max_lateness=3600.0)))
+    base = NOW - 86_400
+    raws = [_event(i, ts=base + i) for i in range(50)]
+    raws += [
+        _event(50, eid="e3", ts=base + 50),          # a repeated id
+        _event(51, ts=base - 7200),                  # two hours behind the newest event time
+        _event(52, ts=NOW + 7200),                   # two hours ahead of arrival
+        _event(53, ts=base + 40),                    # a little late: fine
+        _event(54),                                  # no event time: arrival time, never late
+        _event(3, source="other", ts=base),          # the same id in another source: fine
+    ]
+    result = pipe.process_raw(raws)
+    rejects = {r.index: r.reason for r in result.rejects}
+    assert rejects == {50: "duplicate_id", 51: "late_event", 52: "future_timestamp"}
+    assert len(result.scores) == len(raws) - 3
+    messages = {r.reason: r.message for r in result.rejects}
+    assert "'e3'" in messages["duplicate_id"] and "7249 s behind" in messages["late_event"]
+
+
+def test_dedup_window_is_bounded_and_part_of_the_state():
+    pipe = _pipeline(Settings(defaults=SourceSettings(dedup_window=100)))
+    pipe.process_raw([_event(i) for i in range(1000)])
+    state = pipe.sources["cards"]
+    assert len(state.seen) == 100 and next(iter(state.seen)) == "e900"
+    r = pipe.process_raw([_event(950), _event(5)])  # in the window: refused; long gone: accepted
+    assert [x.reason for x in r.rejects] == ["duplicate_id"] and len(r.scores) == 1
+    saved = pipe.source_states(["cards"])[0]
+    assert len(saved["seen"]) == 100
