@@ -21,6 +21,13 @@ rejected per event) goes whole to the dead-letter topic with reason
 
 A separate notifier agent reads ``nwatch.alerts`` and delivers to the hooks,
 so a slow or dead endpoint never slows detection.
+
+Detector state is durable (``streams.durable``): the first time a batch brings
+events of an input partition, its snapshot is loaded and the events between
+the snapshot and the committed offset are replayed from Kafka (no outputs)
+before the batch is processed; snapshots are written every
+``state.snapshot_interval`` seconds between batches, when partitions are taken
+away, and at shutdown.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import asyncio
 import logging
 import ssl
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -36,9 +44,13 @@ from typing import Any
 import faust
 import orjson
 
+from pathlib import Path
+
 from streams.alerts import Alert
 from streams.config import KafkaSettings, Settings
+from streams.durable import TP, DurableState
 from streams.pipeline import BatchResult, Pipeline
+from streams.snapshots import SnapshotStore
 
 log = logging.getLogger("neighbourwatch.worker")
 
@@ -122,6 +134,17 @@ class Worker:
         self._executor: ThreadPoolExecutor | None = None
         self._lag_partitions: set[Any] = set()
         self.app: faust.App | None = None
+        store = None
+        if settings.state.dir is not None:
+            from streams.metrics import VERSION
+
+            store = SnapshotStore(
+                Path(settings.state.dir) / "snapshots" / settings.kafka.group_id,
+                writer=f"neighbourwatch {VERSION}",
+            )
+        self.durable = DurableState(
+            self.pipeline, store, interval=settings.state.snapshot_interval, metrics=metrics
+        )
 
     # -- the faust app ------------------------------------------------------------------
     def build(self) -> faust.App:
@@ -136,6 +159,9 @@ class Worker:
             # prometheus_client on NWATCH_METRICS__HOST (loopback by default).
             web_enabled=False,
             consumer_auto_offset_reset="earliest",
+            # faust's own files (none with the memory store, but it makes the
+            # directory) go with the state, not into the working directory.
+            datadir=_faust_dir(self.settings),
             # Batches run in a worker thread, so heartbeats go on during a slow
             # one. A short session timeout also makes the group join fast: on
             # Tansu the join waited ~23 s with 45 s and ~5 s with 10 s.
@@ -174,6 +200,12 @@ class Worker:
                 async for events in stream.take_events(100, within=1.0):
                     await self.redeliver(events)
 
+        @app.on_partitions_revoked.connect
+        async def revoked(_app: Any, revoked: set[Any], **_: Any) -> None:
+            # faust has waited for the agents to finish their batches: the state is consistent
+            tps = [(tp.topic, tp.partition) for tp in revoked]
+            await asyncio.get_running_loop().run_in_executor(self._pipeline_executor(), self.durable.release, tps)
+
         @app.task
         async def started() -> None:
             log.info("neighbourwatch worker consuming %s", ", ".join(k.input_topics))
@@ -189,13 +221,26 @@ class Worker:
     async def handle(self, events: Sequence[Any]) -> None:
         """Process one batch; never raises (see the module docstring)."""
         t0 = time.perf_counter()
-        raws = [e.message.value if e.message.value is not None else b"" for e in events]
         loop = asyncio.get_running_loop()
+        firsts: dict[TP, int] = {}
+        for e in events:
+            tp = (e.message.topic, e.message.partition)
+            if not self.durable.is_ready(tp) and tp not in firsts:
+                firsts[tp] = e.message.offset
+        for tp, first in firsts.items():
+            await self._take_over(tp, first)
+        skip = self.durable.skip_below
+        events = [e for e in events if e.message.offset >= skip[(e.message.topic, e.message.partition)]]
+        if not events:
+            return  # already in the restored state, outputs produced before the snapshot
+        raws = [e.message.value if e.message.value is not None else b"" for e in events]
+        self.durable.begin()
         try:
             result = await loop.run_in_executor(self._pipeline_executor(), self.pipeline.process_raw, raws)
         except Exception as err:  # a bug, not bad data: keep the batch, keep the stream
             log.exception("pipeline failed on a batch of %d events; sent to the dead-letter topic", len(raws))
             await self._dead_letter_all(events, err)
+            self.durable.in_flight = False  # state and outputs agree again (the batch is in the DLQ)
             return
         try:
             outputs = self._outputs(result, events)
@@ -204,6 +249,11 @@ class Worker:
             await self._dead_letter_all(events, err)
             return
         await self._send(outputs)
+        self.durable.done(
+            [(e.message.topic, e.message.partition) for e in events], [e.message.offset for e in events], result, raws
+        )
+        if self.durable.due():
+            await loop.run_in_executor(self._pipeline_executor(), self.durable.snapshot)
         self.batches += 1
         self.events += len(events)
         if self.metrics is not None:
@@ -217,6 +267,103 @@ class Worker:
                 log.exception("metrics failed")
         if self.on_batch is not None:
             self.on_batch(result)
+
+    async def _take_over(self, tp: TP, first_offset: int) -> None:
+        """First events of a partition: load its snapshot, replay what the snapshot lacks."""
+        loop = asyncio.get_running_loop()
+        ex = self._pipeline_executor()
+        delay = 0.5
+        while True:
+            try:
+                snapshot = await loop.run_in_executor(ex, self.durable.load, tp)
+                if snapshot is not None and snapshot.anchor is not None:
+                    value = await self._fetch(tp, snapshot.anchor[0])
+                    if value is None or zlib.crc32(value) != snapshot.anchor[1]:
+                        self.durable.refuse(tp, snapshot, f"its last event (offset {snapshot.anchor[0]}) is "
+                                            f"{'gone' if value is None else 'another message'} on the broker: "
+                                            "the topic was recreated since")
+                        snapshot = None
+                span = await loop.run_in_executor(ex, self.durable.take_over, tp, first_offset, snapshot)
+                if span is not None:
+                    n = await self._replay(tp, *span)
+                    log.warning("partition %s[%d]: replayed %d events [%d, %d) into the restored state",
+                                tp[0], tp[1], n, span[0], span[1])
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # The broker away mid-replay, say: start the take-over again from the snapshot.
+                log.exception("taking over %s[%d] failed; retrying in %.1f s", tp[0], tp[1], delay)
+                await loop.run_in_executor(ex, self.durable.forget, tp)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    def _plain_consumer(self) -> Any:
+        from aiokafka import AIOKafkaConsumer
+
+        from streams.broker import aiokafka_client_config
+
+        return AIOKafkaConsumer(
+            group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
+            **aiokafka_client_config(self.settings.kafka),
+        )
+
+    async def _fetch(self, tp: TP, offset: int) -> bytes | None:
+        """The value of one message (None if the broker does not hold it)."""
+        from aiokafka import TopicPartition
+
+        consumer = self._plain_consumer()
+        await consumer.start()
+        try:
+            part = TopicPartition(*tp)
+            consumer.assign([part])
+            consumer.seek(part, offset)
+            for _ in range(5):
+                batch = await consumer.getmany(part, timeout_ms=1000, max_records=1)
+                for r in batch.get(part, []):
+                    return (r.value or b"") if r.offset == offset else None
+            return None
+        finally:
+            await consumer.stop()
+
+    async def _replay(self, tp: TP, start: int, end: int) -> int:
+        """Feed ``[start, end)`` of a partition through the pipeline, discarding the outputs.
+
+        A plain consumer without a group reads it, so the group's offsets are untouched.
+        Events the broker no longer holds (retention) are logged and skipped.
+        """
+        from aiokafka import TopicPartition
+
+        loop = asyncio.get_running_loop()
+        ex = self._pipeline_executor()
+        consumer = self._plain_consumer()
+        await consumer.start()
+        done = 0
+        try:
+            part = TopicPartition(*tp)
+            consumer.assign([part])
+            consumer.seek(part, start)
+            position, idle = start, 0
+            while position < end and idle < 10:
+                batch = await consumer.getmany(part, timeout_ms=1000, max_records=self.settings.batch_size)
+                records = [r for r in batch.get(part, []) if r.offset < end]
+                if not records:
+                    idle += 1
+                    continue
+                idle = 0
+                if records[0].offset > position:
+                    log.error("partition %s[%d]: offsets [%d, %d) are gone from the broker; not replayed",
+                              tp[0], tp[1], position, records[0].offset)
+                raws = [r.value if r.value is not None else b"" for r in records]
+                result = await loop.run_in_executor(ex, self.pipeline.process_raw, raws)
+                self.durable.replayed(tp, result, len(raws), (records[-1].offset, raws[-1]))
+                done += len(raws)
+                position = records[-1].offset + 1
+            if position < end:
+                log.error("partition %s[%d]: replay stopped at %d of [%d, %d)", tp[0], tp[1], position, start, end)
+        finally:
+            await consumer.stop()
+        return done
 
     def _outputs(self, result: BatchResult, events: Sequence[Any]) -> list[tuple[Any, bytes | None, bytes, list | None]]:
         """Every record a batch produces, as ``(topic, key, value, headers)``."""
@@ -357,8 +504,23 @@ class Worker:
         await self._send([(self.alerts_dlq_topic, a.fingerprint.encode(), _bytes(a.to_json()), headers) for a in alerts])
 
     def close(self) -> None:
+        """After the app stopped: finish the batch in hand, then save every partition's state."""
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+        try:
+            n = self.durable.snapshot()
+            if n:
+                log.warning("saved the state of %d partitions", n)
+        except Exception:
+            log.exception("saving the state at shutdown failed")
+
+
+def _faust_dir(settings: Settings) -> str:
+    if settings.state.dir is not None:
+        return str(Path(settings.state.dir) / "faust")
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="nwatch-faust-")
 
 
 def _text(value: str | bytes | None) -> str:

@@ -15,9 +15,11 @@ the broker; nothing is left running.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -51,7 +53,9 @@ def _generator(bootstrap: str, topic: str, rate: float, events: int, seed: int, 
 
     # The change comes after 6,000 events (20 s at the default rate), once every
     # source's drift reference is established, so a short demo shows it too.
-    lines = sample_lines(events=events, seed=seed, broken=max(5, events // 1000), drift_at=min(6000, events // 2))
+    # Event times run ~2 s apart and end now: in the past, never "from the future".
+    lines = sample_lines(events=events, seed=seed, broken=max(5, events // 1000), drift_at=min(6000, events // 2),
+                         start=time.time() - 2.0 * events - 10)
     producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, acks=1)
     t0 = time.monotonic()
     try:
@@ -150,6 +154,7 @@ def run_demo(settings: Settings, *, duration: float | None, rate: float, events:
     old_term = signal.signal(signal.SIGTERM, on_signal)
     broker = EmbeddedBroker()
     worker: subprocess.Popen | None = None
+    state_dir: str | None = None
     threads: list[threading.Thread] = []
     try:
         broker.start()
@@ -162,6 +167,9 @@ def run_demo(settings: Settings, *, duration: float | None, rate: float, events:
         port = metrics_port if metrics_port is not None else settings.metrics.port
         env["NWATCH_METRICS__PORT"] = str(port)
         env["NWATCH_KAFKA__GROUP_ID"] = f"nwatch-demo-{os.getpid()}"
+        # The embedded broker keeps nothing after the demo; neither does the worker's state.
+        state_dir = tempfile.mkdtemp(prefix="nwatch-demo-state-")
+        env["NWATCH_STATE__DIR"] = state_dir
         env.setdefault("NWATCH_MODELS__PRELOAD", "true")  # text and log events come from the start
         worker = subprocess.Popen(
             [sys.executable, "-m", "streams.cli", "run"], env=env, start_new_session=True,
@@ -195,6 +203,8 @@ def run_demo(settings: Settings, *, duration: float | None, rate: float, events:
         if worker is not None:
             stop_process_group(worker)
         broker.stop()
+        if state_dir is not None:
+            shutil.rmtree(state_dir, ignore_errors=True)
         signal.signal(signal.SIGINT, old_int)
         signal.signal(signal.SIGTERM, old_term)
     elapsed = time.monotonic() - t0

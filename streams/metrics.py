@@ -349,6 +349,20 @@ class Metrics:
         self.alerts_suppressed = Counter(
             "alerts_suppressed", "Alerts not sent (grouped or rate-limited).", ("source",), **common
         )
+        self.snapshots = Counter(
+            "snapshots", "Partition state snapshots, by outcome (written, failed).", ("outcome",), **common
+        )
+        self.snapshot_age = Gauge(
+            "snapshot_age_seconds", "Seconds since the newest snapshot of a partition was written.",
+            ("topic", "partition"), **common,
+        )
+        self.restores = Counter(
+            "restored_sources", "Sources loaded from a snapshot on taking a partition over, by outcome "
+            "(restored, refused).", ("outcome",), **common,
+        )
+        self.replayed = Counter(
+            "replayed_events", "Events replayed from Kafka after a snapshot to rebuild state (no outputs).", **common
+        )
         self.build = Info(
             "build", "Version of neighbourwatch and of each kind's encoder.", **common
         )
@@ -531,6 +545,23 @@ class Metrics:
         """Count ``n`` alert deliveries; ``hook`` and ``outcome`` must come from small fixed sets
         (e.g. ``webhook``/``alertmanager`` and ``delivered``/``retried``/``failed``)."""
         self.alert_deliveries.labels(hook, outcome).inc(n)
+
+    def observe_snapshot(self, outcome: str, n: int = 1) -> None:
+        self.snapshots.labels(outcome).inc(n)
+
+    def observe_snapshot_time(self, topic: str, partition: int, written_at: float) -> None:
+        self.snapshot_age.labels(topic, str(partition)).set_function(lambda: max(0.0, time.time() - written_at))
+
+    def forget_snapshot(self, topic: str, partition: int) -> None:
+        try:
+            self.snapshot_age.remove(topic, str(partition))
+        except KeyError:
+            pass
+
+    def observe_restore(self, restored: int, refused: int, replayed: int) -> None:
+        self.restores.labels("restored").inc(restored)
+        self.restores.labels("refused").inc(refused)
+        self.replayed.inc(replayed)
 
     def observe_suppressed(self, source: str, n: int = 1) -> None:
         """Count ``n`` suppressed alerts of ``source`` (capped like every source label)."""

@@ -88,8 +88,10 @@ class SampleStream:
     """Deterministic generator of sample events (dicts) for a seed."""
 
     def __init__(
-        self, *, events: int = 20_000, seed: int = 0, kinds: list[str] | None = None, drift_at: int | None = None
+        self, *, events: int = 20_000, seed: int = 0, kinds: list[str] | None = None, drift_at: int | None = None,
+        start: float = START,
     ) -> None:
+        self.start = start  # event time of the first event; each next one ~2 s later
         self.events = events
         self.seed = seed
         self.kinds = kinds or list(KIND_WEIGHTS)
@@ -104,7 +106,7 @@ class SampleStream:
         drift_at = self.drift_at if self.drift_at is not None else int(self.events * DRIFT_AT)
         counters: dict[str, int] = {}
         for i, kind in enumerate(kinds):
-            ts = START + i * 2.0 + float(rng.uniform(0, 1))
+            ts = self.start + i * 2.0 + float(rng.uniform(0, 1))
             anomaly = bool(rng.random() < ANOMALY_RATE)
             drifted = i >= drift_at
             source = SOURCES[kind]
@@ -212,13 +214,13 @@ BROKEN_LINES: list[tuple[bytes, str]] = [
 
 def sample_lines(
     *, events: int = 20_000, seed: int = 0, broken: int = 20, kinds: list[str] | None = None,
-    drift_at: int | None = None,
+    drift_at: int | None = None, start: float = START,
 ) -> Iterator[bytes]:
     """The sample stream as JSONL lines, generated lazily, with ``broken`` invalid lines spread through it."""
     rng = np.random.default_rng(seed + 7)
     at = set(rng.choice(np.arange(300, max(301, events)), size=min(broken, max(0, events - 300)), replace=False).tolist())
     written = 0
-    for i, event in enumerate(SampleStream(events=events, seed=seed, kinds=kinds, drift_at=drift_at)):
+    for i, event in enumerate(SampleStream(events=events, seed=seed, kinds=kinds, drift_at=drift_at, start=start)):
         if i in at:
             raw, _ = BROKEN_LINES[written % len(BROKEN_LINES)]
             yield raw.replace(b'"b', f'"broken{i}-b'.encode(), 1)

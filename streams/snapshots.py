@@ -47,6 +47,10 @@ class Snapshot:
     sources: list[State]
     written_at: float
     writer: str  # the neighbourwatch version that wrote it
+    # (offset, CRC-32 of the message value) of the last event in the state: a
+    # snapshot of an earlier incarnation of the topic (deleted and recreated,
+    # an embedded broker restarted) does not match it and is refused.
+    anchor: tuple[int, int] | None = None
 
 
 def pack(state: Any) -> tuple[bytes, dict[str, np.ndarray]]:
@@ -101,7 +105,9 @@ class SnapshotStore:
     def path(self, topic: str, partition: int) -> Path:
         return self.root / f"{quote(topic, safe='')}-{int(partition)}.npz"
 
-    def save(self, topic: str, partition: int, *, offset: int, sources: list[State]) -> Path:
+    def save(
+        self, topic: str, partition: int, *, offset: int, sources: list[State], anchor: tuple[int, int] | None = None
+    ) -> Path:
         meta, arrays = pack(
             {
                 "format": SNAPSHOT_FORMAT,
@@ -110,6 +116,7 @@ class SnapshotStore:
                 "offset": int(offset),
                 "written_at": time.time(),
                 "writer": self.writer,
+                "anchor": None if anchor is None else [int(anchor[0]), int(anchor[1])],
                 "sources": sources,
             }
         )
@@ -160,4 +167,5 @@ class SnapshotStore:
             sources=list(state["sources"]),
             written_at=float(state["written_at"]),
             writer=str(state.get("writer", "")),
+            anchor=None if state.get("anchor") is None else (int(state["anchor"][0]), int(state["anchor"][1])),
         )

@@ -135,6 +135,7 @@ def free_port() -> int:
 def worker_env(bootstrap: str, topics: dict[str, str], **extra: str) -> dict[str, str]:
     """The environment of ``nwatch run`` on these topics (``extra``: more NWATCH_* variables)."""
     import os
+    import tempfile
 
     env = dict(os.environ)
     env.update({
@@ -146,6 +147,8 @@ def worker_env(bootstrap: str, topics: dict[str, str], **extra: str) -> dict[str
         "NWATCH_KAFKA__ALERTS_TOPIC": topics["alerts"],
         "NWATCH_KAFKA__DLQ_TOPIC": topics["dlq"],
         "NWATCH_KAFKA__GROUP_ID": f"g-{topics['events']}",
+        # one state directory per worker environment (tests share no snapshots)
+        "NWATCH_STATE__DIR": tempfile.mkdtemp(prefix=f"nwatch-state-{topics['events']}-"),
     })
     env.update(extra)
     return env
