@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 from streams.config import Settings
 
@@ -34,7 +35,9 @@ def run_worker(settings: Settings, *, loglevel: str = "warning") -> int:
             on_suppressed=lambda source, alerts: metrics.observe_suppressed(source, n=len(alerts)),
         )
     app = worker.build()
-    runner = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+    # Logs to stderr, line by line: stdout is block-buffered in a pipe, and a
+    # worker that is killed would take its last (most telling) lines with it.
+    runner = faust.Worker(app, loglevel=loglevel, logfile=sys.stderr, quiet=True, redirect_stdouts=False)
     try:
         runner.execute_from_commandline()
     except SystemExit as exit_:

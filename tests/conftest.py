@@ -48,6 +48,23 @@ def assert_state_equal(a, b, path="state"):
         assert a == b, f"{path}: {a!r} != {b!r}"
 
 
+def assert_same_results(a, b, path="result"):
+    """Equal results: floats to 1e-5 (BLAS may round a distance differently in a batch of
+    another shape, and MiniLM pads by batch), everything else exactly."""
+    if isinstance(a, float) or isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-7), path
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), path
+        for k in a:
+            assert_same_results(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), (path, len(a), len(b))
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_results(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, (path, a, b)
+
+
 def assert_plain_state(state, path="state"):
     """A saved state holds JSON values and numeric arrays only: nothing that needs unpickling."""
     if isinstance(state, np.ndarray):

@@ -14,6 +14,7 @@ from streams.config import Settings, SourceSettings
 from streams.pipeline import Pipeline
 from streams.samples import sample_lines
 from streams.snapshots import SnapshotError, SnapshotStore, pack, unpack
+from tests.conftest import assert_same_results
 
 NOW = 1.9e9  # later than every sample event
 
@@ -49,23 +50,6 @@ def _run(pipe: Pipeline, lines: list[bytes], sizes) -> tuple[list[dict], list[di
     return scores, drifts, rejects
 
 
-def same(a, b, path="result") -> None:
-    """Equal results: floats to 1e-5 (BLAS may round a distance differently in a batch of
-    another shape, and MiniLM pads by batch), everything else exactly."""
-    if isinstance(a, float) or isinstance(b, float):
-        assert a == pytest.approx(b, rel=1e-5, abs=1e-7), path
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), path
-        for k in a:
-            same(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), (path, len(a), len(b))
-        for i, (x, y) in enumerate(zip(a, b)):
-            same(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, (path, a, b)
-
-
 def _random_sizes(seed: int, hi: int) -> list[int]:
     return np.random.default_rng(seed).integers(1, hi, size=100_000).tolist()
 
@@ -73,7 +57,7 @@ def _random_sizes(seed: int, hi: int) -> list[int]:
 def test_results_depend_on_the_event_sequence_not_on_batching(lines):
     reference = _run(_pipeline(), lines, [256] * 100)
     for seed, hi in ((1, 5), (2, 97), (3, 700)):
-        same(_run(_pipeline(), lines, _random_sizes(seed, hi)), reference, f"sizes<{hi}")
+        assert_same_results(_run(_pipeline(), lines, _random_sizes(seed, hi)), reference, f"sizes<{hi}")
     scores = reference[0]
     assert len(scores) == 3000 and sum(s["is_anomaly"] for s in scores) > 0
 
@@ -91,8 +75,8 @@ def test_restored_pipeline_continues_like_an_uninterrupted_one(lines, tmp_path):
     assert second.restore_sources(snap.sources) == []
     tail = _run(second, lines[cut:], [57] * 100)
     assert len(head[0]) + len(tail[0]) == len(whole[0])
-    same(head[0] + tail[0], whole[0])
-    same(head[1] + tail[1], whole[1])
+    assert_same_results(head[0] + tail[0], whole[0])
+    assert_same_results(head[1] + tail[1], whole[1])
     # and the state itself is the same as the uninterrupted run's
     a = _pipeline()
     _run(a, lines, [200] * 100)
