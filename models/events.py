@@ -112,14 +112,22 @@ def decode_event(
 
 
 def _raise_json_error(raw: str, err: Exception) -> None:
-    # orjson refuses NaN and Infinity literals; say so instead of "not JSON".
+    # orjson refuses NaN and Infinity literals and numbers too large for a
+    # double (1e999); say so instead of "not JSON".
     try:
-        json.loads(raw, parse_constant=_refuse_constant)
+        json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
     except NonFinite:
         raise
     except ValueError:
         pass
     raise NotJSON(f"not valid JSON: {err}") from None
+
+
+def _finite_float(text: str) -> float:
+    x = float(text)
+    if not math.isfinite(x):
+        raise NonFinite(f"{text[:40]} is not a finite double")
+    return x
 
 
 def _refuse_constant(name: str) -> float:

@@ -33,6 +33,7 @@ away, and at shutdown.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import ssl
 import time
@@ -96,6 +97,24 @@ def dlq_headers(reason: str, message: str, topic: str, partition: int, offset: i
         ("nwatch-source-partition", str(partition).encode()),
         ("nwatch-source-offset", str(offset).encode()),
     ]
+
+
+def dead_letter(msg: Any, reason: str, message: str, max_bytes: int) -> tuple[bytes | None, bytes, list]:
+    """``(key, value, headers)`` of the dead letter of one input message.
+
+    The value is the original bytes, cut to ``max_bytes`` if longer; a cut one
+    says so in ``nwatch-truncated-from`` (the original size) and
+    ``nwatch-original-sha256``, and the original stays on its input topic.
+    """
+    value = msg.value if msg.value is not None else b""
+    headers = dlq_headers(reason, message, msg.topic, msg.partition, msg.offset)
+    if len(value) > max_bytes:
+        headers += [
+            ("nwatch-truncated-from", str(len(value)).encode()),
+            ("nwatch-original-sha256", hashlib.sha256(value).hexdigest().encode()),
+        ]
+        value = value[:max_bytes]
+    return msg.key, value, headers
 
 
 class Worker:
@@ -384,10 +403,10 @@ class Worker:
             out.append((self.drift_topic, drift.source.encode(), orjson.dumps(d), None))
             alert = Alert.from_drift(d)
             out.append((self.alerts_topic, alert.fingerprint.encode(), _bytes(alert.to_json()), None))
+        cap = self.settings.kafka.dlq_max_value_bytes
         for reject in result.rejects:
-            msg = events[reject.index].message
-            headers = dlq_headers(reject.reason, reject.message, msg.topic, msg.partition, msg.offset)
-            out.append((self.dlq_topic, msg.key, msg.value if msg.value is not None else b"", headers))
+            key, value, headers = dead_letter(events[reject.index].message, reject.reason, reject.message, cap)
+            out.append((self.dlq_topic, key, value, headers))
         return out
 
     def _pipeline_executor(self) -> ThreadPoolExecutor:
@@ -421,10 +440,10 @@ class Worker:
         if self.metrics is not None:
             self.metrics.observe_rejected(INTERNAL_ERROR, topic=events[0].message.topic, n=len(events))
         outputs = []
+        cap = self.settings.kafka.dlq_max_value_bytes
         for e in events:
-            msg = e.message
-            headers = dlq_headers(INTERNAL_ERROR, f"{type(err).__name__}: {err}", msg.topic, msg.partition, msg.offset)
-            outputs.append((self.dlq_topic, msg.key, msg.value if msg.value is not None else b"", headers))
+            key, value, headers = dead_letter(e.message, INTERNAL_ERROR, f"{type(err).__name__}: {err}", cap)
+            outputs.append((self.dlq_topic, key, value, headers))
         await self._send(outputs)
 
     async def observe_lag(self) -> None:

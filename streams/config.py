@@ -69,6 +69,11 @@ class KafkaSettings(_Frozen):
     alerts_topic: str = "nwatch.alerts"
     dlq_topic: str = "nwatch.dlq"
     publish_scores: bool = True
+    # A dead letter larger than this carries the first dlq_max_value_bytes of the
+    # original (headers give its size and SHA-256; the whole message stays on its
+    # input topic at the offset the headers name): a 2 MB poison message must
+    # not become a record the DLQ topic refuses, which would stop the stream.
+    dlq_max_value_bytes: int = Field(900_000, ge=1024)
     group_id: str = "neighbourwatch"
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None

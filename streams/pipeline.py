@@ -339,7 +339,14 @@ class Pipeline:
 
     def _score(self, state: SourceState, items: list[tuple[int, Event]], result: BatchResult) -> None:
         """Score events of the block in progress; they join the block, nothing learns yet."""
-        items, X = self._encode(state.encoder, items, result)
+        good, X = self._encode(state.encoder, items, result)
+        if len(good) < len(items):
+            # An event the encoder refused may come again corrected, with its id.
+            kept = {i for i, _ in good}
+            for i, e in items:
+                if i not in kept:
+                    state.seen.pop(e.id, None)
+        items = good
         if not items:
             return
         d = state.monitor.score(X)

@@ -13,6 +13,7 @@ runs the full tier: ten kills of each at random points.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import re
@@ -202,3 +203,47 @@ def test_killed_worker_loses_nothing_and_restores_its_state(broker, tmp_path, si
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
 def test_ten_kills_lose_nothing_and_restore_state(broker, tmp_path, sig):
     _check(_chaos_run(broker, tmp_path, sig, kills=10, seed=31 + sig), sig)
+
+
+def test_poison_input_goes_to_the_dlq_with_its_reason_and_the_worker_keeps_running(broker, tmp_path):
+    from tests.poison import poison_lines
+
+    bootstrap = broker.bootstrap_servers
+    topics = _topics(bootstrap, partitions=1)
+    valid = list(sample_lines(events=1200, seed=41, broken=0, kinds=["vector", "transaction"]))
+    dim = len(next(orjson.loads(x)["vector"] for x in valid if b'"kind":"vector"' in x))
+    poison = poison_lines(now=time.time(), vector_dim=dim)
+    lines = valid[:800] + [raw for raw, _ in poison] + valid[800:]
+    done = threading.Event()
+    _produce(bootstrap, topics["events"], lines, rate=1e9, done=done)
+    log_path = tmp_path / "worker.log"
+    proc, log = start_worker(worker_env(bootstrap, topics, NWATCH_METRICS__PORT="0"), log_path)
+    try:
+        deadline = time.monotonic() + 240
+        ids: set[str] = set()
+        dlq: list = []
+        while time.monotonic() < deadline:
+            ids = {orjson.loads(r.value)["id"] for r in read_topic(bootstrap, topics["scores"])}
+            dlq = read_topic(bootstrap, topics["dlq"])
+            if len(ids) >= len(valid) and len(dlq) >= len(poison):
+                break
+            assert proc.poll() is None, log_path.read_text(errors="replace")[-3000:]  # never restarted
+            time.sleep(1)
+        assert proc.poll() is None
+        assert ids == {orjson.loads(x)["id"] for x in valid}
+        got = []
+        for r in dlq:
+            h = dict(r.headers)
+            value = r.value
+            if "nwatch-truncated-from" in h:  # the 2 MB one: its first 900,000 bytes, and what it was
+                original = next(raw for raw, _ in poison if len(raw) == int(h["nwatch-truncated-from"]))
+                assert value == original[: len(value)] and len(value) == 900_000
+                assert h["nwatch-original-sha256"].decode() == hashlib.sha256(original).hexdigest()
+                value = original
+            got.append((value, h["nwatch-error-reason"].decode()))
+        assert sorted(got) == sorted(poison)  # each one, byte for byte, with its reason
+        text = log_path.read_text(errors="replace")
+        assert "Traceback" not in text and "internal_error" not in text
+    finally:
+        assert stop_process_group(proc, timeout=60) in (0, -15)
+        log.close()

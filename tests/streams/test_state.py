@@ -181,3 +181,48 @@ def test_dedup_window_is_bounded_and_part_of_the_state():
     assert [x.reason for x in r.rejects] == ["duplicate_id"] and len(r.scores) == 1
     saved = pipe.source_states(["cards"])[0]
     assert len(saved["seen"]) == 100
+
+
+def test_poison_leaves_no_trace_in_the_state_and_the_index_stays_exact(lines):
+    """Every hostile input is rejected with its reason; the reference (an HNSW graph here) ends
+    exactly as without the poison, and answers like an exact search."""
+
+    from detectors.index import ReferenceIndex
+    from tests.conftest import assert_state_equal
+    from tests.poison import poison_lines
+
+    settings = Settings(defaults=SourceSettings(index_backend="hnsw"))
+    vectors = [x for x in lines if b'"kind":"vector"' in x]
+    dim = len(orjson.loads(vectors[0])["vector"])
+    poison = poison_lines(now=NOW, vector_dim=dim)
+    clean, dirty = _pipeline(settings), _pipeline(settings)
+    _run(clean, vectors, [64] * 1000)
+    mixed: list[bytes] = []
+    expected: dict[int, str] = {}
+    for j, x in enumerate(vectors):
+        mixed.append(x)
+        if j >= 10 and j % 7 == 0 and j // 7 - 2 < len(poison):
+            raw, reason = poison[j // 7 - 2]
+            expected[len(mixed)] = reason
+            mixed.append(raw)
+    assert len(expected) == len(poison)
+    got: dict[int, str] = {}
+    for i in range(0, len(mixed), 64):
+        for r in dirty.process_raw(mixed[i : i + 64]).rejects:
+            got[i + r.index] = r.reason
+    assert got == expected
+    a, b = clean.sources["embeddings"], dirty.sources["embeddings"]
+    assert_state_equal(a.monitor.get_state(), b.monitor.get_state())
+    index = b.monitor.detector.index
+    assert not index.is_exact
+    exact = ReferenceIndex(dim=dim, capacity=index.capacity, metric=index.metric, backend="exact")
+    V = index.vectors()
+    exact.add(V, [str(i) for i in range(len(V))])
+    queries = np.asarray(V[::7] + 0.01, np.float32)
+    _, got_slots = index.query(queries, 10)
+    _, true_slots = exact.query(queries, 10)
+    got_sets = [set(index.ids_of(got_slots[i : i + 1])[0]) for i in range(len(queries))]
+    ids = index.ids_of(np.arange(len(V))[None, :])[0]
+    true_sets = [{ids[s] for s in row} for row in true_slots.tolist()]
+    recall = np.mean([len(g & t) / 10 for g, t in zip(got_sets, true_sets)])
+    assert recall >= 0.95, recall
