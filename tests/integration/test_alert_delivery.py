@@ -171,3 +171,107 @@ def test_receiver_down_then_back_gets_every_alert(broker, tmp_path):
         log.close()
         if receiver is not None:
             receiver.close()
+
+
+class ModalReceiver(RecordingReceiver):
+    """A receiver that answers ``status`` (500, 429 with Retry-After...) until told to accept."""
+
+    def __init__(self, port: int) -> None:
+        import http.server
+
+        self.status = 200
+        self.answers: dict[int, int] = {}
+        received = self.fingerprints = set()
+        self.calls = 0
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                status = outer.status
+                outer.answers[status] = outer.answers.get(status, 0) + 1
+                if status == 200:
+                    for alert in orjson.loads(body).get("alerts", []):
+                        received.add(alert["fingerprint"])
+                self.send_response(status)
+                if status == 429:
+                    self.send_header("Retry-After", "1")
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        http.server.ThreadingHTTPServer.allow_reuse_address = True
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+
+@pytest.mark.chaos
+def test_receiver_down_a_minute_then_failing_then_back_gets_every_alert_and_detection_keeps_pace(broker, tmp_path):
+    """Down (connections refused) for 60 s, then 500s, then 429s with Retry-After, then fine:
+    scoring keeps the produce rate throughout, and every alert arrives in the end."""
+    bootstrap = broker.bootstrap_servers
+    t = worker_topics(bootstrap, "m")
+    port = free_port()
+    env = worker_env(
+        bootstrap, t, NWATCH_METRICS__PORT="0",
+        NWATCH_ALERTS__WEBHOOK_URL=f"http://127.0.0.1:{port}/hook",
+        NWATCH_ALERTS__TIMEOUT="2", NWATCH_ALERTS__REDELIVERY_DELAY="5",
+        NWATCH_ALERTS__RATE_LIMIT_PER_SOURCE="100000",
+    )
+    rate, seconds = 150.0, 110
+    lines = list(sample_lines(events=int(rate * seconds), seed=23, broken=0, kinds=["transaction", "vector"]))
+    worker, log = start_worker(env, tmp_path / "worker.log")
+    receiver = None
+    stop = threading.Event()
+
+    def produce() -> None:
+        producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+        t0 = time.monotonic()
+        for i, line in enumerate(lines):
+            if stop.is_set():
+                break
+            wait = t0 + i / rate - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            producer.send(t["events"], key=orjson.loads(line)["source"].encode(), value=line)
+        producer.flush()
+        producer.close()
+
+    thread = threading.Thread(target=produce, daemon=True)
+    try:
+        deadline = time.monotonic() + 90
+        thread.start()
+        while _count(bootstrap, t["scores"]) == 0 and time.monotonic() < deadline:
+            time.sleep(1)
+        time.sleep(10)  # warm: scoring keeps pace with the producer
+        down_from, scored_from = time.monotonic(), _count(bootstrap, t["scores"])
+        time.sleep(50)  # the endpoint has been down for a minute since the start
+        down_rate = (_count(bootstrap, t["scores"]) - scored_from) / (time.monotonic() - down_from)
+        assert _count(bootstrap, t["alerts_dlq"]) > 0  # undeliverable alerts kept, not dropped
+        assert down_rate >= 0.8 * rate, (down_rate, rate)  # detection kept pace meanwhile
+        receiver = ModalReceiver(port)
+        receiver.status = 500
+        time.sleep(10)
+        receiver.status = 429
+        time.sleep(10)
+        receiver.status = 200
+        thread.join(timeout=seconds + 60)
+        deadline = time.monotonic() + 200
+        while time.monotonic() < deadline and _count(bootstrap, t["scores"]) < len(lines):
+            time.sleep(2)
+        expected = {r.key.decode() for r in read_topic(bootstrap, t["alerts"])}
+        while time.monotonic() < deadline and not expected <= receiver.fingerprints:
+            assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
+            time.sleep(2)
+        print(f"\nscoring while down: {down_rate:.0f}/s at {rate:.0f}/s produced; answers {receiver.answers}; "
+              f"{len(expected)} alerts, {len(expected & receiver.fingerprints)} delivered")
+        assert receiver.answers.get(500) and receiver.answers.get(429)
+        assert expected and expected <= receiver.fingerprints, f"missing {len(expected - receiver.fingerprints)}"
+    finally:
+        stop.set()
+        stop_process_group(worker, timeout=30)
+        log.close()
+        if receiver is not None:
+            receiver.close()

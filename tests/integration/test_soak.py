@@ -1,0 +1,124 @@
+"""Soak: the worker at a steady rate for 20 minutes (``-m soak``; NWATCH_SOAK_SECONDS to change).
+
+Every kind of the sample stream, the real text model, one worker on the loopback
+broker. Sampled every 10 s: the worker's resident memory, events produced and
+scored, the reference sizes from /metrics. After a warm-up (the first quarter),
+resident memory must stay flat (the fitted slope is reported), every reference
+within its bound, and the backlog (produced - scored) bounded. The figures go to
+``soak.json`` in the test's directory (or NWATCH_SOAK_REPORT) and stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import orjson
+import psutil
+import pytest
+from kafka import KafkaProducer
+from prometheus_client.parser import text_string_to_metric_families
+
+from streams.runtime import stop_process_group
+from streams.samples import sample_lines
+from tests.integration.conftest import free_port, read_topic, start_worker, worker_env, worker_topics
+
+SECONDS = float(os.environ.get("NWATCH_SOAK_SECONDS", "1200"))
+RATE = float(os.environ.get("NWATCH_SOAK_RATE", "200"))
+REFERENCE_SIZE = 2000  # the default per-source bound
+
+pytestmark = [pytest.mark.soak, pytest.mark.model, pytest.mark.timeout(SECONDS + 900)]
+
+
+def _metrics(port: int) -> dict:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(body) for s in fam.samples
+    }
+
+
+def test_steady_rate_soak_memory_flat_index_bounded_backlog_bounded(broker, tmp_path):
+    bootstrap = broker.bootstrap_servers
+    t = worker_topics(bootstrap, "soak")
+    port = free_port()
+    env = worker_env(bootstrap, t, NWATCH_METRICS__PORT=str(port), NWATCH_MODELS__PRELOAD="true",
+                     NWATCH_KAFKA__PUBLISH_SCORES="true")
+    n = int(RATE * SECONDS)
+    produced = [0]
+    stop = threading.Event()
+
+    def produce() -> None:
+        producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20)
+        t0 = time.monotonic()
+        for i, line in enumerate(sample_lines(events=n, seed=77, broken=n // 2000, start=time.time() - 2.0 * n)):
+            if stop.is_set():
+                break
+            wait = t0 + i / RATE - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            try:
+                key = orjson.loads(line).get("source", "").encode() or None
+            except Exception:
+                key = None
+            producer.send(t["events"], key=key, value=line)
+            produced[0] += 1
+        producer.flush()
+        producer.close()
+
+    worker, log = start_worker(env, tmp_path / "worker.log")
+    proc = psutil.Process(worker.pid)
+    samples: list[dict] = []
+    thread = threading.Thread(target=produce, daemon=True)
+    try:
+        time.sleep(3)
+        thread.start()
+        t0 = time.monotonic()
+        while thread.is_alive():
+            time.sleep(10)
+            assert worker.poll() is None, (tmp_path / "worker.log").read_text(errors="replace")[-3000:]
+            m = _metrics(port)
+            scored = sum(v for (name, _), v in m.items() if name == "nwatch_events_total")
+            rejected = sum(v for (name, _), v in m.items() if name == "nwatch_rejected_total")
+            refs = {dict(lbl)["source"]: v for (name, lbl), v in m.items() if name == "nwatch_reference_size"}
+            samples.append({
+                "t": time.monotonic() - t0, "rss_mb": proc.memory_info().rss / 2**20, "produced": produced[0],
+                "handled": scored + rejected, "references": refs,
+            })
+        elapsed = time.monotonic() - t0
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and samples[-1]["handled"] < produced[0]:
+            time.sleep(5)
+            m = _metrics(port)
+            samples[-1]["handled"] = sum(v for (name, _), v in m.items()
+                                         if name in ("nwatch_events_total", "nwatch_rejected_total"))
+    finally:
+        stop.set()
+        stop_process_group(worker, timeout=60)
+        log.close()
+    warm = [s for s in samples if s["t"] >= elapsed / 4]
+    ts = np.array([s["t"] for s in warm]) / 60.0
+    rss = np.array([s["rss_mb"] for s in warm])
+    slope = float(np.polyfit(ts, rss, 1)[0])  # MB per minute after warm-up
+    backlog = max(s["produced"] - s["handled"] for s in samples)
+    biggest_ref = max(max(s["references"].values(), default=0) for s in samples)
+    report = {
+        "seconds": round(elapsed), "rate": RATE, "events": produced[0], "handled": samples[-1]["handled"],
+        "rss_mb_after_warmup": [round(float(rss.min()), 1), round(float(rss.max()), 1)],
+        "rss_slope_mb_per_min": round(slope, 3), "max_backlog": int(backlog),
+        "max_reference_size": biggest_ref, "samples": samples,
+    }
+    path = os.environ.get("NWATCH_SOAK_REPORT", str(tmp_path / "soak.json"))
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"\nsoak: {json.dumps({k: v for k, v in report.items() if k != 'samples'})} -> {path}")
+    assert samples[-1]["handled"] >= produced[0]  # every event scored or dead-lettered
+    assert biggest_ref <= REFERENCE_SIZE
+    assert backlog <= RATE * 30, backlog  # never more than 30 s behind
+    # Flat: what is left of the slope over the warm run is within 2% of the memory in use.
+    assert slope * ts.ptp() <= 0.02 * float(rss.mean()), report
+    assert read_topic(bootstrap, t["dlq"])  # the broken lines went to the DLQ
