@@ -31,7 +31,7 @@ from streams.pipeline import Pipeline
 from streams.runtime import stop_process_group
 from streams.samples import sample_lines
 from tests.conftest import assert_same_results
-from tests.integration.conftest import read_topic, start_worker, worker_env
+from tests.integration.conftest import free_port, read_topic, start_worker, worker_env
 
 pytestmark = pytest.mark.timeout(1800)
 
@@ -227,7 +227,16 @@ def test_poison_input_goes_to_the_dlq_with_its_reason_and_the_worker_keeps_runni
     done = threading.Event()
     _produce(bootstrap, topics["events"], lines, rate=1e9, done=done)
     log_path = tmp_path / "worker.log"
-    proc, log = start_worker(worker_env(bootstrap, topics, NWATCH_METRICS__PORT="0"), log_path)
+    # Secrets in the environment, and a webhook that refuses connections (its
+    # failures are logged): none of the secrets may appear in the log.
+    secrets = {"url": "hunter2-in-url", "signing": "whsec-not-to-be-logged", "sasl": "sasl-pw-not-to-be-logged"}
+    env = worker_env(
+        bootstrap, topics, NWATCH_METRICS__PORT="0",
+        NWATCH_ALERTS__WEBHOOK_URL=f"http://nwuser:{secrets['url']}@127.0.0.1:{free_port()}/hook",
+        NWATCH_ALERTS__WEBHOOK_SECRET=secrets["signing"], NWATCH_ALERTS__TIMEOUT="1",
+        NWATCH_KAFKA__SASL_PASSWORD=secrets["sasl"],
+    )
+    proc, log = start_worker(env, log_path)
     try:
         deadline = time.monotonic() + 240
         ids: set[str] = set()
@@ -254,6 +263,9 @@ def test_poison_input_goes_to_the_dlq_with_its_reason_and_the_worker_keeps_runni
         assert sorted(got) == sorted(poison)  # each one, byte for byte, with its reason
         text = log_path.read_text(errors="replace")
         assert "Traceback" not in text and "internal_error" not in text
+        assert "127.0.0.1" in text  # the failing webhook was logged ...
+        for secret in secrets.values():
+            assert secret not in text  # ... with its credentials masked
     finally:
         assert stop_process_group(proc, timeout=60) in (0, -15)
         log.close()
