@@ -510,15 +510,16 @@ def _read_string(buf: bytes, off: int) -> tuple[str | None, int]:
 
 
 def default_topics(kafka_settings: KafkaSettings) -> list[str]:
-    """The topics the app reads and writes: input topics, outputs, alerts, dead letters.
+    """The topics the app reads and writes: input topics, outputs, alerts, dead letters,
+    and the alerts waiting for re-delivery.
 
     >>> default_topics(KafkaSettings())  # doctest: +NORMALIZE_WHITESPACE
     ['nwatch.events', 'nwatch.scores', 'nwatch.anomalies', 'nwatch.drift',
-     'nwatch.alerts', 'nwatch.dlq']
+     'nwatch.alerts', 'nwatch.dlq', 'nwatch.alerts.dlq']
     """
     s = kafka_settings
     names = [*s.input_topics, s.scores_topic, s.anomalies_topic, s.drift_topic]
-    names += [s.alerts_topic, s.dlq_topic]
+    names += [s.alerts_topic, s.dlq_topic, s.alerts_dlq_topic]
     return list(dict.fromkeys(names))  # in order, once each (settings may repeat a name)
 
 

@@ -202,7 +202,7 @@ def test_ensure_topics_creates_the_app_topics(broker: EmbeddedBroker, unique_top
 def test_default_topics_are_the_documented_names() -> None:
     assert default_topics(KafkaSettings()) == [
         "nwatch.events", "nwatch.scores", "nwatch.anomalies",
-        "nwatch.drift", "nwatch.alerts", "nwatch.dlq",
+        "nwatch.drift", "nwatch.alerts", "nwatch.dlq", "nwatch.alerts.dlq",
     ]  # fmt: skip
     dup = KafkaSettings(input_topics=("x", "x"), scores_topic="x")
     assert default_topics(dup).count("x") == 1
