@@ -269,3 +269,47 @@ def test_poison_input_goes_to_the_dlq_with_its_reason_and_the_worker_keeps_runni
     finally:
         assert stop_process_group(proc, timeout=60) in (0, -15)
         log.close()
+
+
+@pytest.mark.chaos
+def test_broker_away_and_back_the_worker_waits_and_loses_nothing(tmp_path):
+    """The broker frozen (SIGSTOP: every request times out) for 30 s mid-stream, then back
+    (its in-memory log survives, unlike a restart): the worker rides it out and scores
+    every event, with no restart."""
+    from streams.broker import EmbeddedBroker
+
+    with EmbeddedBroker() as own:
+        bootstrap = own.bootstrap_servers
+        topics = _topics(bootstrap, partitions=1)
+        lines = list(sample_lines(events=int(RATE * 40), seed=61, broken=0, kinds=KINDS))
+        ids = {orjson.loads(x)["id"] for x in lines}
+        log_path = tmp_path / "worker.log"
+        proc, log = start_worker(worker_env(bootstrap, topics, NWATCH_METRICS__PORT="0"), log_path)
+        done = threading.Event()
+        producer = threading.Thread(target=_produce, args=(bootstrap, topics["events"], lines[: len(lines) // 2],
+                                                           RATE, done), daemon=True)
+        try:
+            producer.start()
+            _wait_for_progress(bootstrap, topics["scores"], proc, log_path, 0)
+            done.wait(timeout=120)
+            os.kill(own.pid, signal.SIGSTOP)
+            time.sleep(30)
+            assert proc.poll() is None, log_path.read_text(errors="replace")[-3000:]
+            os.kill(own.pid, signal.SIGCONT)
+            done2 = threading.Event()
+            _produce(bootstrap, topics["events"], lines[len(lines) // 2 :], RATE, done2)
+            deadline = time.monotonic() + 240
+            scored: set[str] = set()
+            while time.monotonic() < deadline and scored < ids:
+                scored = {orjson.loads(r.value)["id"] for r in read_topic(bootstrap, topics["scores"])}
+                assert proc.poll() is None, log_path.read_text(errors="replace")[-3000:]
+                time.sleep(2)
+            print(f"\nbroker away 30 s: {len(scored)} of {len(ids)} scored, worker pid {proc.pid} still up")
+            assert scored == ids
+        finally:
+            try:
+                os.kill(own.pid, signal.SIGCONT)
+            except (ProcessLookupError, TypeError):
+                pass
+            stop_process_group(proc, timeout=60)
+            log.close()
