@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -121,6 +122,44 @@ def worker_topics(bootstrap: str, prefix: str) -> dict[str, str]:
     names["alerts_dlq"] = f"{names['alerts']}.dlq"  # as KafkaSettings.alerts_dlq_topic derives it
     ensure_topics(bootstrap, list(names.values()))
     return names
+
+
+def source_key(line: bytes) -> bytes | None:
+    """The Kafka key of an input line: its source (None for a line that is not an event)."""
+    import orjson
+
+    try:
+        return orjson.loads(line).get("source", "").encode() or None
+    except Exception:
+        return None
+
+
+def produce_paced(
+    bootstrap: str, topic: str, lines, rate: float = float("inf"), *,
+    stop: threading.Event | None = None, done: threading.Event | None = None, counter: list[int] | None = None,
+) -> None:
+    """Publish ``lines`` keyed by source at ``rate`` per second (in order: one request in flight),
+    until ``stop`` is set; sets ``done`` at the end and counts in ``counter[0]``."""
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks="all",
+                             max_in_flight_requests_per_connection=1, max_request_size=4 << 20)
+    t0 = time.monotonic()
+    try:
+        for i, line in enumerate(lines):
+            if stop is not None and stop.is_set():
+                break
+            wait = t0 + i / rate - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            producer.send(topic, key=source_key(line), value=line)
+            if counter is not None:
+                counter[0] += 1
+        producer.flush()
+    finally:
+        producer.close()
+        if done is not None:
+            done.set()
 
 
 def free_port() -> int:

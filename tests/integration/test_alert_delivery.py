@@ -12,7 +12,14 @@ from kafka import KafkaProducer
 
 from streams.runtime import stop_process_group
 from streams.samples import sample_lines
-from tests.integration.conftest import free_port, read_topic, start_worker, worker_env, worker_topics
+from tests.integration.conftest import (
+    free_port,
+    produce_paced,
+    read_topic,
+    start_worker,
+    worker_env,
+    worker_topics,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -100,22 +107,33 @@ def test_hung_receiver_does_not_hold_up_detection(broker, tmp_path):
 
 
 class RecordingReceiver:
-    """A webhook receiver (http.server in a thread) that records the fingerprints it was sent."""
+    """A webhook receiver (http.server in a thread) that records the fingerprints it accepted.
+
+    It answers ``status`` (200 unless a test sets 500, or 429 with ``Retry-After: 1``)
+    and counts its answers by status.
+    """
 
     def __init__(self, port: int) -> None:
         import http.server
 
         received = self.fingerprints = set()
         self.calls = 0
+        self.status = 200
+        self.answers: dict[int, int] = {}
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                for alert in orjson.loads(body).get("alerts", []):
-                    received.add(alert["fingerprint"])
+                status = outer.status
+                outer.answers[status] = outer.answers.get(status, 0) + 1
+                if status == 200:
+                    for alert in orjson.loads(body).get("alerts", []):
+                        received.add(alert["fingerprint"])
                 outer.calls += 1
-                self.send_response(200)
+                self.send_response(status)
+                if status == 429:
+                    self.send_header("Retry-After", "1")
                 self.end_headers()
 
             def log_message(self, *args) -> None:
@@ -173,40 +191,6 @@ def test_receiver_down_then_back_gets_every_alert(broker, tmp_path):
             receiver.close()
 
 
-class ModalReceiver(RecordingReceiver):
-    """A receiver that answers ``status`` (500, 429 with Retry-After...) until told to accept."""
-
-    def __init__(self, port: int) -> None:
-        import http.server
-
-        self.status = 200
-        self.answers: dict[int, int] = {}
-        received = self.fingerprints = set()
-        self.calls = 0
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                status = outer.status
-                outer.answers[status] = outer.answers.get(status, 0) + 1
-                if status == 200:
-                    for alert in orjson.loads(body).get("alerts", []):
-                        received.add(alert["fingerprint"])
-                self.send_response(status)
-                if status == 429:
-                    self.send_header("Retry-After", "1")
-                self.end_headers()
-
-            def log_message(self, *args) -> None:
-                pass
-
-        http.server.ThreadingHTTPServer.allow_reuse_address = True
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self._thread.start()
-
-
 @pytest.mark.chaos
 def test_receiver_down_a_minute_then_failing_then_back_gets_every_alert_and_detection_keeps_pace(broker, tmp_path):
     """Down (connections refused) for 60 s, then 500s, then 429s with Retry-After, then fine:
@@ -226,20 +210,8 @@ def test_receiver_down_a_minute_then_failing_then_back_gets_every_alert_and_dete
     receiver = None
     stop = threading.Event()
 
-    def produce() -> None:
-        producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
-        t0 = time.monotonic()
-        for i, line in enumerate(lines):
-            if stop.is_set():
-                break
-            wait = t0 + i / rate - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)
-            producer.send(t["events"], key=orjson.loads(line)["source"].encode(), value=line)
-        producer.flush()
-        producer.close()
-
-    thread = threading.Thread(target=produce, daemon=True)
+    thread = threading.Thread(target=produce_paced, args=(bootstrap, t["events"], lines, rate),
+                              kwargs={"stop": stop}, daemon=True)
     try:
         deadline = time.monotonic() + 90
         thread.start()
@@ -251,7 +223,7 @@ def test_receiver_down_a_minute_then_failing_then_back_gets_every_alert_and_dete
         down_rate = (_count(bootstrap, t["scores"]) - scored_from) / (time.monotonic() - down_from)
         assert _count(bootstrap, t["alerts_dlq"]) > 0  # undeliverable alerts kept, not dropped
         assert down_rate >= 0.8 * rate, (down_rate, rate)  # detection kept pace meanwhile
-        receiver = ModalReceiver(port)
+        receiver = RecordingReceiver(port)
         receiver.status = 500
         time.sleep(10)
         receiver.status = 429

@@ -23,7 +23,6 @@ import time
 
 import orjson
 import pytest
-from kafka import KafkaProducer
 
 from streams.broker import ensure_topics
 from streams.config import Settings
@@ -31,7 +30,7 @@ from streams.pipeline import Pipeline
 from streams.runtime import stop_process_group
 from streams.samples import sample_lines
 from tests.conftest import assert_same_results
-from tests.integration.conftest import free_port, read_topic, start_worker, worker_env
+from tests.integration.conftest import free_port, produce_paced, read_topic, start_worker, worker_env
 
 pytestmark = pytest.mark.timeout(1800)
 
@@ -52,25 +51,7 @@ def _topics(bootstrap: str, partitions: int = 3) -> dict[str, str]:
 
 def _produce(bootstrap: str, topic: str, lines: list[bytes], rate: float, done: threading.Event,
              stop: threading.Event | None = None) -> None:
-    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks="all",
-                             max_in_flight_requests_per_connection=1, max_request_size=4 << 20)
-    t0 = time.monotonic()
-    try:
-        for i, line in enumerate(lines):
-            if stop is not None and stop.is_set():
-                break
-            wait = t0 + i / rate - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)
-            try:
-                key = orjson.loads(line).get("source", "").encode() or None
-            except Exception:
-                key = None
-            producer.send(topic, key=key, value=line)
-        producer.flush()
-    finally:
-        producer.close()
-        done.set()
+    produce_paced(bootstrap, topic, lines, rate, stop=stop, done=done)
 
 
 def _read_all(bootstrap: str, topic: str) -> list:

@@ -17,15 +17,20 @@ import time
 import urllib.request
 
 import numpy as np
-import orjson
 import psutil
 import pytest
-from kafka import KafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 
 from streams.runtime import stop_process_group
 from streams.samples import sample_lines
-from tests.integration.conftest import free_port, read_topic, start_worker, worker_env, worker_topics
+from tests.integration.conftest import (
+    free_port,
+    produce_paced,
+    read_topic,
+    start_worker,
+    worker_env,
+    worker_topics,
+)
 
 SECONDS = float(os.environ.get("NWATCH_SOAK_SECONDS", "1200"))
 RATE = float(os.environ.get("NWATCH_SOAK_RATE", "200"))
@@ -52,23 +57,10 @@ def test_steady_rate_soak_memory_flat_index_bounded_backlog_bounded(broker, tmp_
     produced = [0]
     stop = threading.Event()
 
+    lines = list(sample_lines(events=n, seed=77, broken=n // 2000, start=time.time() - 2.0 * n))
+
     def produce() -> None:
-        producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20)
-        t0 = time.monotonic()
-        for i, line in enumerate(sample_lines(events=n, seed=77, broken=n // 2000, start=time.time() - 2.0 * n)):
-            if stop.is_set():
-                break
-            wait = t0 + i / RATE - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)
-            try:
-                key = orjson.loads(line).get("source", "").encode() or None
-            except Exception:
-                key = None
-            producer.send(t["events"], key=key, value=line)
-            produced[0] += 1
-        producer.flush()
-        producer.close()
+        produce_paced(bootstrap, t["events"], lines, RATE, stop=stop, counter=produced)
 
     worker, log = start_worker(env, tmp_path / "worker.log")
     proc = psutil.Process(worker.pid)

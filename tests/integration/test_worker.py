@@ -12,26 +12,24 @@ import urllib.request
 
 import orjson
 import pytest
-from kafka import KafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 
 from streams.runtime import stop_process_group
 from streams.samples import BROKEN_LINES, sample_lines, valid_ids
-from tests.integration.conftest import free_port, read_topic, start_worker, worker_env, worker_topics
+from tests.integration.conftest import (
+    free_port,
+    produce_paced,
+    read_topic,
+    start_worker,
+    worker_env,
+    worker_topics,
+)
 
 pytestmark = pytest.mark.timeout(400)
 
 
 def produce_lines(bootstrap: str, topic: str, lines: list[bytes]) -> None:
-    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=10)
-    for line in lines:
-        try:
-            key = orjson.loads(line).get("source", "").encode() or None
-        except Exception:
-            key = None
-        producer.send(topic, key=key, value=line)
-    producer.flush()
-    producer.close()
+    produce_paced(bootstrap, topic, lines)
 
 
 def test_worker_scores_every_event_and_dead_letters_broken_ones(broker, tmp_path):
