@@ -68,6 +68,7 @@ class DurableState:
         self.positions: dict[TP, int] = {}  # next offset not yet in the state
         self.sources_of: dict[TP, set[str]] = {}
         self.anchors: dict[TP, tuple[int, int]] = {}  # (offset, crc32 of the value) of the last event in the state
+        self.saved: dict[TP, int] = {}  # the position of each partition's newest snapshot
         self.in_flight = False  # a batch is in the state whose outputs are not yet acknowledged
         self._last_snapshot = clock()
         self._strays: set[str] = set()
@@ -118,6 +119,7 @@ class DurableState:
             "partition %s[%d]: restored %d sources from the snapshot at offset %d (consumption starts at %d)",
             tp[0], tp[1], len(restored), s, first_offset,
         )
+        self.saved[tp] = s
         if s > first_offset:
             self.skip_below[tp] = s
             self.positions[tp] = s
@@ -187,8 +189,8 @@ class DurableState:
             return 0
         written = 0
         for tp in list(self.skip_below if tps is None else tps):
-            if tp not in self.positions:
-                continue
+            if tp not in self.positions or self.saved.get(tp) == self.positions[tp]:
+                continue  # nothing new since its last snapshot
             names = sorted(self.sources_of.get(tp, ()))
             try:
                 self.store.save(
@@ -201,6 +203,7 @@ class DurableState:
                     self.metrics.observe_snapshot("failed")
                 continue
             written += 1
+            self.saved[tp] = self.positions[tp]
             if self.metrics is not None:
                 self.metrics.observe_snapshot("written")
                 self.metrics.observe_snapshot_time(tp[0], tp[1], time.time())
@@ -213,6 +216,7 @@ class DurableState:
         self.skip_below.pop(tp, None)
         self.positions.pop(tp, None)
         self.anchors.pop(tp, None)
+        self.saved.pop(tp, None)
 
     def release(self, tps: Iterable[TP]) -> None:
         """Partitions taken away: save them one last time, then forget their sources."""
