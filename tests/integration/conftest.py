@@ -105,11 +105,25 @@ def read_topic(bootstrap: str, topic: str) -> list:
     tp = TopicPartition(topic, 0)
     consumer.assign([tp])
     consumer.seek_to_beginning(tp)
+    out = drain(consumer)
+    consumer.close()
+    return out
+
+
+def drain(consumer, quiet_polls: int = 3) -> list:
+    """Poll a kafka-python consumer until ``quiet_polls`` polls in a row bring nothing.
+
+    (Tansu's end offsets cannot say where a partition ends; one empty poll is
+    not enough either: on a busy machine a fetch of a large topic can miss a
+    poll's timeout while more records are on their way.)
+    """
     out: list = []
-    while batch := consumer.poll(timeout_ms=1000, max_records=5000):
+    quiet = 0
+    while quiet < quiet_polls:
+        batch = consumer.poll(timeout_ms=1000, max_records=5000)
+        quiet = 0 if batch else quiet + 1
         for records in batch.values():
             out.extend(records)
-    consumer.close()
     return out
 
 

@@ -30,7 +30,7 @@ from streams.pipeline import Pipeline
 from streams.runtime import stop_process_group
 from streams.samples import sample_lines
 from tests.conftest import assert_same_results
-from tests.integration.conftest import free_port, produce_paced, read_topic, start_worker, worker_env
+from tests.integration.conftest import drain, free_port, produce_paced, read_topic, start_worker, worker_env
 
 pytestmark = pytest.mark.timeout(1800)
 
@@ -63,29 +63,31 @@ def _read_all(bootstrap: str, topic: str) -> list:
     tps = [TopicPartition(topic, p) for p in sorted(parts)]
     consumer.assign(tps)
     consumer.seek_to_beginning(*tps)
-    out: list = []
-    while batch := consumer.poll(timeout_ms=1500, max_records=5000):
-        for records in batch.values():
-            out.extend(records)
+    out = drain(consumer)
     consumer.close()
     return sorted(out, key=lambda r: (r.partition, r.offset))
 
 
-def _scored_count(bootstrap: str, topic: str) -> int:
-    return len(read_topic(bootstrap, topic))
+def _worker_scored(port: int) -> float:
+    """``nwatch_events_total`` of one worker process (0 until it serves /metrics)."""
+    import urllib.request
+
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    except OSError:
+        return 0.0
+    return sum(float(x.rsplit(" ", 1)[1]) for x in body.splitlines() if x.startswith("nwatch_events_total{"))
 
 
-def _wait_for_progress(bootstrap: str, topic: str, proc, log_path, beyond: int, timeout: float = 90.0) -> int:
-    """Wait until the scores topic holds more than ``beyond`` records (the worker is consuming)."""
+def _wait_for_progress(port: int, proc, log_path, timeout: float = 90.0) -> None:
+    """Wait until this worker process has scored events (it is consuming)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        n = _scored_count(bootstrap, topic)
-        if n > beyond:
-            return n
+        if _worker_scored(port) > 0:
+            return
         assert proc.poll() is None, log_path.read_text(errors="replace")[-3000:]
         time.sleep(0.5)
-    raise AssertionError(f"no progress beyond {beyond} scores in {timeout} s:\n"
-                         + log_path.read_text(errors="replace")[-3000:])
+    raise AssertionError(f"worker scored nothing in {timeout} s:\n" + log_path.read_text(errors="replace")[-3000:])
 
 
 def _expected(bootstrap: str, topics: dict[str, str]) -> dict[str, dict]:
@@ -108,20 +110,20 @@ def _chaos_run(broker, tmp_path, sig: int, kills: int, seed: int) -> dict:
     # dead member's session); production stops 5 s after the last restart.
     n_events = int(RATE * (15 + 30 * kills))
     lines = list(sample_lines(events=n_events, seed=seed, broken=0, kinds=KINDS))
-    env = worker_env(bootstrap, topics, NWATCH_STATE__SNAPSHOT_INTERVAL="2", NWATCH_METRICS__PORT="0")
+    env = worker_env(bootstrap, topics, NWATCH_STATE__SNAPSHOT_INTERVAL="2")
     done, stop = threading.Event(), threading.Event()
     producer = threading.Thread(target=_produce, args=(bootstrap, topics["events"], lines, RATE, done, stop),
                                 daemon=True)
     producer.start()
     restarts = 0
-    seen = 0
     logs = []
     try:
         for k in range(kills):
             log_path = tmp_path / f"worker-{k}.log"
-            proc, log = start_worker(env, log_path)
+            port = free_port()
+            proc, log = start_worker({**env, "NWATCH_METRICS__PORT": str(port)}, log_path)
             logs.append(log)
-            seen = _wait_for_progress(bootstrap, topics["scores"], proc, log_path, seen)
+            _wait_for_progress(port, proc, log_path)
             time.sleep(rng.uniform(0.5, 4.0))  # a random point of the stream
             if sig == signal.SIGKILL:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -130,9 +132,10 @@ def _chaos_run(broker, tmp_path, sig: int, kills: int, seed: int) -> dict:
                 assert stop_process_group(proc, timeout=60) in (0, -15)
             restarts += 1
         log_path = tmp_path / "worker-final.log"
-        proc, log = start_worker(env, log_path)
+        port = free_port()
+        proc, log = start_worker({**env, "NWATCH_METRICS__PORT": str(port)}, log_path)
         logs.append(log)
-        _wait_for_progress(bootstrap, topics["scores"], proc, log_path, seen)
+        _wait_for_progress(port, proc, log_path)
         time.sleep(5)
         stop.set()
         done.wait(timeout=n_events / RATE + 120)
@@ -265,13 +268,14 @@ def test_broker_away_and_back_the_worker_waits_and_loses_nothing(tmp_path):
         lines = list(sample_lines(events=int(RATE * 40), seed=61, broken=0, kinds=KINDS))
         ids = {orjson.loads(x)["id"] for x in lines}
         log_path = tmp_path / "worker.log"
-        proc, log = start_worker(worker_env(bootstrap, topics, NWATCH_METRICS__PORT="0"), log_path)
+        port = free_port()
+        proc, log = start_worker(worker_env(bootstrap, topics, NWATCH_METRICS__PORT=str(port)), log_path)
         done = threading.Event()
         producer = threading.Thread(target=_produce, args=(bootstrap, topics["events"], lines[: len(lines) // 2],
                                                            RATE, done), daemon=True)
         try:
             producer.start()
-            _wait_for_progress(bootstrap, topics["scores"], proc, log_path, 0)
+            _wait_for_progress(port, proc, log_path)
             done.wait(timeout=120)
             os.kill(own.pid, signal.SIGSTOP)
             time.sleep(30)
