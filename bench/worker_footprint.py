@@ -7,7 +7,7 @@ samples the worker's resident memory and its ``nwatch_events_total`` every
 second until every event is scored. Prints peak RSS, RSS at the end, and
 events/s in steady state (from the first scored event to the last).
 
-    python bench/worker_footprint.py [--events 20000]
+    python bench/worker_footprint.py [--events 20000] [--kinds transaction log audio vector]
 """
 
 from __future__ import annotations
@@ -43,11 +43,12 @@ def scored(port: int) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--kinds", nargs="+", help="only these kinds (default all five)")
     args = parser.parse_args()
     from kafka import KafkaProducer
     import orjson
 
-    lines = list(sample_lines(events=args.events, seed=0, broken=0))
+    lines = list(sample_lines(events=args.events, seed=0, broken=0, kinds=args.kinds))
     with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp:
         bootstrap = broker.bootstrap_servers
         topics = ["nwatch.events", "nwatch.scores", "nwatch.anomalies", "nwatch.drift",
