@@ -181,7 +181,13 @@ def test_drift_rule_fires_through_alertmanager_to_a_webhook(broker, tmp_path):
         assert [d["source"] for d in drifts] and {d["source"] for d in drifts} == {"embeddings"}
         firing = query(prom, 'ALERTS{alertname="NeighbourwatchDriftAlarm", alertstate="firing"}')
         assert [a["metric"]["source"] for a in firing] == ["embeddings"]
-        stat = query(prom, 'sum(nwatch_drift_alarms_total{job="neighbourwatch"})')
+        deadline = time.monotonic() + 15  # the next scrapes catch up with the topic
+        while True:
+            drifts = [orjson.loads(r.value) for r in read_topic(bootstrap, topics["drift"])]
+            stat = query(prom, 'sum(nwatch_drift_alarms_total{job="neighbourwatch"})')
+            if float(stat[0]["value"][1]) == len(drifts) or time.monotonic() > deadline:
+                break
+            time.sleep(1)
         assert float(stat[0]["value"][1]) == len(drifts)
 
         # Every dashboard query runs on this Prometheus, and the main panels have data.
