@@ -175,3 +175,9 @@ def test_the_settings_check_catches_a_misspelt_variable(monkeypatch):
         settings_from_env({"NWATCH_KAFKA__BOOTSTRAP_SERVER": "x:9092"}, monkeypatch)
     with pytest.raises(ValidationError):
         settings_from_env({"NWATCH_KAFKA__SECURITY_PROTOCOL": "SASL"}, monkeypatch)
+
+
+def test_prometheusrule_is_a_copy_of_the_rules():
+    rule = k8s_docs()["PrometheusRule/neighbourwatch"]
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "rules.yml").read_text())
+    assert rule["spec"]["groups"] == rules["groups"]
