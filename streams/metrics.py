@@ -541,6 +541,19 @@ class Metrics:
         except KeyError:
             pass
 
+    def init_deliveries(self, hooks: Iterable[str], outcomes: Iterable[str]) -> None:
+        """Export ``nwatch_alert_deliveries_total`` at 0 for every hook and outcome.
+
+        Why: a counter series that appears at 1 has no earlier sample, so
+        Prometheus' ``increase()`` misses that first failure; the alert-delivery
+        rule in deploy/prometheus/rules.yml would wait for a second one. Called
+        once at start-up with the configured hooks (``streams.alerts.OUTCOMES``).
+        """
+        outcomes = list(outcomes)
+        for hook in hooks:
+            for outcome in outcomes:
+                self.alert_deliveries.labels(hook, outcome)
+
     def observe_delivery(self, hook: str, outcome: str, n: int = 1) -> None:
         """Count ``n`` alert deliveries; ``hook`` and ``outcome`` must come from small fixed sets
         (e.g. ``webhook``/``alertmanager`` and ``delivered``/``retried``/``failed``)."""

@@ -12,7 +12,7 @@ def run_worker(settings: Settings, *, loglevel: str = "warning") -> int:
     pipeline = _pipeline(settings)
     import faust
 
-    from streams.alerts import Deliverer, hooks_from_settings
+    from streams.alerts import OUTCOMES, Deliverer, hooks_from_settings
     from streams.app import Worker
     from streams.metrics import Metrics, start_http_server
 
@@ -27,6 +27,7 @@ def run_worker(settings: Settings, *, loglevel: str = "warning") -> int:
     worker = Worker(settings=settings, pipeline=pipeline, metrics=metrics)
     hooks = hooks_from_settings(settings.alerts, timeout=settings.alerts.timeout)
     if hooks:
+        metrics.init_deliveries([hook.name for hook in hooks], OUTCOMES)
         worker.deliverer = Deliverer(
             hooks=hooks,
             rate_limit_per_source=settings.alerts.rate_limit_per_source,

@@ -275,6 +275,19 @@ def test_lag_deliveries_and_rejects_outside_batches():
     assert _value(m, "nwatch_rejected_total", {"reason": "not_json", "topic": "in2"}) == 0
 
 
+def test_delivery_outcomes_start_at_zero_for_configured_hooks():
+    # A failure counted from a series already at 0 is seen by increase() (rules.yml).
+    m = Metrics()
+    assert _value(m, "nwatch_alert_deliveries_total", {"hook": "webhook", "outcome": "failed"}) is None
+    m.init_deliveries(["webhook", "alertmanager"], ["delivered", "failed"])
+    for hook in ("webhook", "alertmanager"):
+        for outcome in ("delivered", "failed"):
+            assert _value(m, "nwatch_alert_deliveries_total", {"hook": hook, "outcome": outcome}) == 0
+    m.observe_delivery("webhook", "failed", n=2)
+    assert _value(m, "nwatch_alert_deliveries_total", {"hook": "webhook", "outcome": "failed"}) == 2
+    assert _value(m, "nwatch_alert_deliveries_total", {"hook": "alertmanager", "outcome": "failed"}) == 0
+
+
 EXPECTED = {
     "nwatch_events": "counter", "nwatch_anomalies": "counter", "nwatch_drift_alarms": "counter",
     "nwatch_rejected": "counter", "nwatch_alert_deliveries": "counter",
