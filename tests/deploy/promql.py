@@ -123,6 +123,9 @@ def exported_series() -> dict[str, tuple[str, set[str]]]:
     metrics.observe_lag("nwatch.events", 0, 3)
     metrics.init_deliveries(["webhook"], ["delivered", "failed"])
     metrics.observe_suppressed("cards")
+    metrics.observe_snapshot("written")
+    metrics.observe_snapshot_time("nwatch.events", 0, 0.0)
+    metrics.observe_restore(1, 0, 10)
 
     out: dict[str, tuple[str, set[str]]] = {}
     for family in metrics.registry.collect():
