@@ -121,6 +121,7 @@ class Worker:
         self.events = 0
         self._executor: ThreadPoolExecutor | None = None
         self._lag_partitions: set[Any] = set()
+        self._declared: set[str] = set()  # output topics declared for the direct produce path
         self.app: faust.App | None = None
 
     # -- the faust app ------------------------------------------------------------------
@@ -260,7 +261,10 @@ class Worker:
         delay = 0.5
         while True:
             try:
-                futures = [await t.send(key=k, value=v, headers=h) for t, k, v, h in outputs]
+                if self.settings.kafka.output_path == "faust":
+                    futures = [await t.send(key=k, value=v, headers=h) for t, k, v, h in outputs]
+                else:
+                    futures = await self._produce_direct(outputs)
                 await asyncio.gather(*futures)
                 return
             except asyncio.CancelledError:
@@ -269,6 +273,32 @@ class Worker:
                 log.warning("producing %d records failed (%s); retrying in %.1f s", len(outputs), err, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
+
+    async def _produce_direct(self, outputs: list[tuple[Any, bytes | None, bytes, list | None]]) -> list[Any]:
+        """Hand every record to the aiokafka producer under faust's own; returns the ack futures.
+
+        faust's ``topic.send`` builds a message object, runs sensors and
+        signals and resolves the topic per record: most of the cost of a
+        worker that writes one score per event. aiokafka's ``send`` only
+        appends the record to its accumulator (partitioned by key with the
+        same default partitioner, so a source's records still share a
+        partition and keep their order); the records go out in the
+        accumulator's batches, and each future resolves on the broker's ack.
+        The producer is faust's (same settings, acks=all, credentials), so the
+        app still owns its start and stop.
+        """
+        assert self.app is not None
+        producer = self.app.producer._ensure_producer()  # faust's AIOKafkaProducer
+        send = producer.send
+        for t in {id(t): t for t, _, _, _ in outputs}.values():
+            name = t.get_topic_name()
+            if name not in self._declared:  # as faust's topic.send would (topic_allow_declare)
+                await t.maybe_declare()
+                self._declared.add(name)
+        futures = []
+        for t, k, v, h in outputs:
+            futures.append(await send(t.get_topic_name(), v, key=k, headers=h))
+        return futures
 
     async def _dead_letter_all(self, events: Sequence[Any], err: Exception) -> None:
         if self.metrics is not None:

@@ -60,6 +60,11 @@ class KafkaSettings(_Frozen):
     alerts_topic: str = "nwatch.alerts"
     dlq_topic: str = "nwatch.dlq"
     publish_scores: bool = True
+    # How a batch's outputs are produced: "aiokafka" hands them to faust's own
+    # aiokafka producer in one go (no per-record faust bookkeeping); "faust" is
+    # one ``topic.send`` per record. Both await every ack before the inputs are
+    # acknowledged; `nwatch bench speed --kafka` measures the two.
+    output_path: Literal["aiokafka", "faust"] = "aiokafka"
     group_id: str = "neighbourwatch"
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
