@@ -65,6 +65,15 @@ class KafkaSettings(_Frozen):
     # one ``topic.send`` per record. Both await every ack before the inputs are
     # acknowledged; `nwatch bench speed --kafka` measures the two.
     output_path: Literal["aiokafka", "faust"] = "aiokafka"
+    # How the detection input is read: "faust" is an agent over faust's stream
+    # (per-event faust bookkeeping on the event loop: what limits a worker to
+    # about a fifth of the in-process rate); "aiokafka" is a task of the faust
+    # app with its own aiokafka consumer in the same group id, reading batches
+    # with getmany and committing a batch's offsets after its outputs are
+    # acknowledged. The faust app (alerts agents, timers, lifecycle) stays.
+    # Switching between the two in a running group: the input offsets are the
+    # group's either way, but stop the old workers first.
+    input_path: Literal["faust", "aiokafka"] = "faust"
     group_id: str = "neighbourwatch"
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
