@@ -271,31 +271,43 @@ def bench_text(data_dir: Path, *, events: int, held_out: int) -> list[Row]:
     return rows
 
 
-def bench_index_memory(*, n: int = 50_000, dim: int = 64) -> list[dict[str, Any]]:
-    """Resident memory of a full reference index vs the raw vectors plus hnswlib's level-0 graph.
-
-    Measured as the growth of the resident set while the index is built, so
-    hnswlib's C allocations are counted too.
-    """
+def index_memory(backend: str, n: int, dim: int) -> dict[str, Any]:
+    """Resident growth of building one full index of ``n`` random vectors, in this process."""
     from detectors.index import ReferenceIndex
 
-    out = []
     rng = np.random.default_rng(0)
     X = rng.normal(size=(n, dim)).astype(np.float32)
     ids = [f"v{i}" for i in range(n)]
-    for backend in ("exact", "hnsw"):
-        gc.collect()
-        before = rss_mb()
-        idx = ReferenceIndex(dim=dim, capacity=n, backend=backend)
-        for i in range(0, n, 4096):
-            idx.add(X[i : i + 4096], ids[i : i + 4096])
-        grown = (rss_mb() - before) * 2**20
-        raw = n * dim * 4
-        graph = 0 if backend == "exact" else n * (2 * idx.M + 1) * 4
-        out.append({"backend": backend, "vectors": n, "dim": dim, "rss_growth_bytes": grown,
-                    "raw_vectors_bytes": raw, "graph_bytes": graph,
-                    "ratio": grown / (raw + graph), "nbytes_reported": idx.nbytes})
-        del idx
+    gc.collect()
+    before = rss_mb()
+    idx = ReferenceIndex(dim=dim, capacity=n, backend=backend)  # type: ignore[arg-type]
+    for i in range(0, n, 4096):
+        idx.add(X[i : i + 4096], ids[i : i + 4096])
+    grown = (rss_mb() - before) * 2**20
+    raw = n * dim * 4
+    graph = 0 if backend == "exact" else n * (2 * idx.M + 1) * 4  # hnswlib level 0: 2M links + count
+    return {"backend": backend, "vectors": n, "dim": dim, "rss_growth_bytes": grown,
+            "raw_vectors_bytes": raw, "graph_bytes": graph, "ratio": grown / (raw + graph),
+            "nbytes_reported": idx.nbytes}
+
+
+def bench_index_memory(*, n: int = 100_000, dims: Sequence[int] = (64, 384)) -> list[dict[str, Any]]:
+    """Resident memory of a full reference index vs the raw vectors plus hnswlib's level-0 graph.
+
+    Each index is built in a fresh interpreter and measured as the growth of
+    its resident set, so hnswlib's C allocations count and memory freed by
+    earlier workloads (which the allocator reuses) does not hide anything.
+    The ids (Python strings, ~60 bytes each) are outside both sides.
+    """
+    import subprocess
+
+    out = []
+    for dim in dims:
+        for backend in ("exact", "hnsw"):
+            code = ("import json, sys; from streams.bench_speed import index_memory; "
+                    f"print(json.dumps(index_memory({backend!r}, {n}, {dim})))")
+            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            out.append(json.loads(done.stdout.strip().splitlines()[-1]))
     return out
 
 
