@@ -248,10 +248,6 @@ def bench_text(data_dir: Path, *, events: int, held_out: int) -> list[Row]:
     rng = np.random.default_rng(0)
     texts = [texts[i] for i in rng.permutation(len(texts))[:events]]
     rows = []
-    t0 = time.perf_counter()
-    from sentence_transformers import SentenceTransformer  # noqa: F401  (import time is start-up)
-
-    import_s = time.perf_counter() - t0
     import torch
 
     plain = SentenceTransformerBackend(batch_size=32)
@@ -265,7 +261,7 @@ def bench_text(data_dir: Path, *, events: int, held_out: int) -> list[Row]:
         plain._model.encode(texts, batch_size=32, convert_to_numpy=True, show_progress_bar=False)
         s = time.perf_counter() - t0
         rows.append(Row(f"VADER {len(texts)} texts (text)", f"sentence-transformers fp32, {threads} thread(s)",
-                        len(texts), s, rss_mb(), note="batch 32, encode only", extra={"import_seconds": import_s}))
+                        len(texts), s, rss_mb(), note="batch 32, encode only"))
     p = make_pipeline()
     p.preload()
     lines = text_lines(texts)

@@ -15,8 +15,8 @@ from streams.bench_kafka import percentiles, saturation_rate
 from streams.bench_speed import (
     Row,
     feature_dicts,
+    bench_index_memory,
     format_table,
-    index_memory,
     log_lines,
     make_pipeline,
     pairwise_rank_correlation,
@@ -107,10 +107,14 @@ def test_table_shows_our_rate_over_each_baseline():
     assert not any(t.endswith("x") for t in lines[1].split()[2:])  # no ratio on our own row
 
 
-def test_index_memory_counts_the_vectors():
-    m = index_memory("exact", 20_000, 32)
-    assert m["raw_vectors_bytes"] == 20_000 * 32 * 4 and m["graph_bytes"] == 0
-    assert m["rss_growth_bytes"] > 0.5 * m["raw_vectors_bytes"]
+def test_index_memory_is_measured_in_a_fresh_interpreter_per_index():
+    # in this process, memory freed by earlier tests would be reused and hide the growth
+    exact, graph = bench_index_memory(n=20_000, dims=(32,))
+    assert exact["backend"] == "exact" and graph["backend"] == "hnsw"
+    assert exact["raw_vectors_bytes"] == graph["raw_vectors_bytes"] == 20_000 * 32 * 4
+    assert exact["graph_bytes"] == 0 and graph["graph_bytes"] == 20_000 * 33 * 4
+    assert exact["rss_growth_bytes"] > 0.5 * exact["raw_vectors_bytes"]
+    assert graph["rss_growth_bytes"] > exact["rss_growth_bytes"]
 
 
 def test_bench_speed_is_a_bench_choice():
