@@ -34,6 +34,11 @@ Metric = Literal["l2", "cosine"]
 # search wins at every size up to 16k. hnswlib serves larger references, where
 # a linear scan per query grows past the insert cost.
 DEFAULT_EXACT_MAX = 16_384
+# Batches of at least this many rows are searched once per distinct row when
+# at most this share of their rows is distinct (np.unique costs ~0.1 ms per
+# 256 rows; below that share the saving pays for it).
+_DEDUP_MIN_ROWS = 8
+_DEDUP_MAX_SHARE = 0.8
 
 
 # Candidates beyond k whose distances are recomputed exactly (see ReferenceIndex._query_exact).
@@ -204,6 +209,19 @@ class ReferenceIndex:
         n = len(X)
         if k == 0 or n == 0:
             return np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64)
+        if n >= _DEDUP_MIN_ROWS:
+            # Streams repeat themselves: a batch of log lines holds a few
+            # templates, texts and records recur. Each distinct row is searched
+            # once (a row's answer does not depend on the other rows), which
+            # took BGL log batches from ~10 distinct of 256 rows to ~10 searches.
+            U, inverse = np.unique(X, axis=0, return_inverse=True)
+            if len(U) <= _DEDUP_MAX_SHARE * n:
+                dist, slots = self._search(U, k)
+                inverse = inverse.reshape(-1)
+                return dist[inverse], slots[inverse]
+        return self._search(X, k)
+
+    def _search(self, X: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self.is_exact:
             return self._query_exact(X, k)
         self._hnsw.set_ef(max(self.ef_search, k))

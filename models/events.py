@@ -15,6 +15,7 @@ import json
 import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -240,8 +241,14 @@ def parse_ts(value: Any) -> float:
     raise BadTimestamp("'ts' must be an RFC 3339 string or epoch seconds", field="ts")
 
 
+@lru_cache(maxsize=4096)
 def format_ts(ts: float) -> str:
-    """Epoch seconds as RFC 3339 UTC with milliseconds."""
+    """Epoch seconds as RFC 3339 UTC with milliseconds.
+
+    Cached: events of a batch without their own time share its arrival time,
+    and events that carry one repeat it within a millisecond-resolution
+    stream; the datetime round trip was ~4% of the tabular pipeline's time.
+    """
     return (
         datetime.fromtimestamp(ts, tz=timezone.utc)
         .isoformat(timespec="milliseconds")
@@ -298,6 +305,11 @@ def _parse_transaction(obj: dict, limits: Limits) -> dict[str, float | str]:
         raise EmptyPayload("'fields' is empty", field="fields")
     if len(fields) > limits.max_fields:
         raise Oversized(f"'fields' has more than {limits.max_fields} entries", field="fields")
+    values = fields.values()
+    if all(type(v) is float for v in values) and all(map(math.isfinite, values)):
+        # The common record of numbers only: what the loop below would build,
+        # without a type dispatch per field (a fifth of decoding a 36-field record).
+        return dict(fields)
     out: dict[str, float | str] = {}
     for name, value in fields.items():
         if value is None:

@@ -36,7 +36,8 @@ class SentenceTransformerBackend:
     """all-MiniLM-L6-v2 through sentence-transformers, on the CPU, loaded on first use.
 
     ``threads`` sets torch's intra-op thread count explicitly: the default (all
-    cores) fights the Kafka client and the event loop for a 2-core machine.
+    cores) fights the Kafka client and the event loop for a 2-core machine
+    (see ``ModelSettings.threads`` for the measurement behind 1).
     One instance is shared by every source of a process; calls are serialised
     by a lock because a SentenceTransformer is not safe to call concurrently.
     """
@@ -45,7 +46,7 @@ class SentenceTransformerBackend:
     dim = 384
 
     def __init__(
-        self, *, model_path: str | None = None, threads: int = 2, batch_size: int = 64
+        self, *, model_path: str | None = None, threads: int = 1, batch_size: int = 64
     ) -> None:
         self.model_path = model_path
         self.threads = threads
@@ -186,7 +187,7 @@ _shared: dict[tuple, SentenceTransformerBackend] = {}
 _shared_lock = threading.Lock()
 
 
-def shared_backend(*, model_path: str | None = None, threads: int = 2) -> SentenceTransformerBackend:
+def shared_backend(*, model_path: str | None = None, threads: int = 1) -> SentenceTransformerBackend:
     """One model per process, whatever the number of text and log sources."""
     key = (model_path, threads)
     with _shared_lock:

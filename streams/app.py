@@ -38,6 +38,7 @@ import logging
 import ssl
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -59,6 +60,15 @@ log = logging.getLogger("neighbourwatch.worker")
 # spend waiting for company when traffic is light.
 BATCH_WAIT_SECONDS = 0.05
 INTERNAL_ERROR = "internal_error"
+# faust creates its consumer with fetch_max_wait_ms=1500, and a broker may hold
+# a fetch that long while events trickle in (Tansu does: a record produced
+# during the wait is returned only when it ends), adding up to 1.5 s to an
+# event's latency at moderate rates. `nwatch bench speed --kafka` measured
+# p50 1.6 s at a quarter of saturation with 1500 ms.
+FETCH_MAX_WAIT_MS = 50
+# The aiokafka input path hands a batch to the pipeline while the one before
+# waits for its acks; at most this many batches are between fetch and commit.
+MAX_BATCHES_IN_FLIGHT = 2
 # Consumer lag is read this often: cheap (cached high-water marks) and fine
 # enough for a dashboard that scrapes every 15 s.
 LAG_INTERVAL_SECONDS = 5.0
@@ -86,6 +96,22 @@ def broker_credentials(k: KafkaSettings) -> Any:
     if ctx is not None:
         return faust.SSLCredentials(ctx)
     return None
+
+
+def shorten_fetch_wait(app: faust.App, ms: int) -> bool:
+    """Set the input consumer's fetch wait to ``ms``; False when faust's internals differ.
+
+    faust passes no setting through to aiokafka's ``fetch_max_wait_ms``; the
+    fetcher reads the value for every fetch request it builds, so setting it
+    once the consumer runs (partitions assigned) takes effect on the next fetch.
+    """
+    try:
+        fetcher = app.consumer._thread._consumer._fetcher
+        fetcher._fetch_max_wait_ms = int(ms)
+        return True
+    except AttributeError:
+        log.warning("could not shorten the consumer's fetch wait (faust internals changed)")
+        return False
 
 
 def dlq_headers(reason: str, message: str, topic: str, partition: int, offset: int) -> list[tuple[str, bytes]]:
@@ -152,6 +178,10 @@ class Worker:
         self.events = 0
         self._executor: ThreadPoolExecutor | None = None
         self._lag_partitions: set[Any] = set()
+        self._declared: set[str] = set()
+        self._taking: dict[TP, asyncio.Future] = {}  # partition take-overs under way
+        self._input_consumer: Any = None  # the aiokafka input path's consumer, while it runs
+        self._issue_lock = asyncio.Lock()  # output topics declared for the direct produce path
         self.app: faust.App | None = None
         store = None
         if settings.state.dir is not None:
@@ -169,7 +199,10 @@ class Worker:
     def build(self) -> faust.App:
         k = self.settings.kafka
         app = faust.App(
-            k.group_id,
+            # With the aiokafka input path the group id belongs to the input
+            # consumer (whose assignor differs from faust's: one group cannot
+            # hold both); faust's own consumer (alerts agents) takes another.
+            k.group_id if k.input_path == "faust" else f"{k.group_id}.app",
             broker=[f"kafka://{hp.strip()}" for hp in k.bootstrap_servers.split(",")],
             broker_credentials=broker_credentials(k),
             store="memory://",
@@ -202,10 +235,18 @@ class Worker:
         self.dlq_topic = app.topic(k.dlq_topic, **raw)
         self.alerts_dlq_topic = app.topic(k.alerts_dlq_topic, **raw)
 
-        @app.agent(self.inputs, name="nwatch-detect")
-        async def detect(stream: Any) -> None:
-            async for events in stream.take_events(self.settings.batch_size, within=BATCH_WAIT_SECONDS):
-                await self.handle(events)
+        if k.input_path == "aiokafka":
+
+            @app.task
+            async def detect_batches() -> None:
+                await self.consume_batches()
+
+        else:
+
+            @app.agent(self.inputs, name="nwatch-detect")
+            async def detect(stream: Any) -> None:
+                async for events in stream.take_events(self.settings.batch_size, within=BATCH_WAIT_SECONDS):
+                    await self.handle(events)
 
         if self.deliverer is not None:
 
@@ -224,6 +265,10 @@ class Worker:
             # faust has waited for the agents to finish their batches: the state is consistent
             tps = [(tp.topic, tp.partition) for tp in revoked]
             await asyncio.get_running_loop().run_in_executor(self._pipeline_executor(), self.durable.release, tps)
+
+        @app.on_partitions_assigned.connect
+        async def fetch_wait(sender: Any, assigned: Any = None, **_: Any) -> None:
+            shorten_fetch_wait(app, FETCH_MAX_WAIT_MS)
 
         @app.task
         async def started() -> None:
@@ -247,7 +292,14 @@ class Worker:
             if not self.durable.is_ready(tp) and tp not in firsts:
                 firsts[tp] = e.message.offset
         for tp, first in firsts.items():
-            await self._take_over(tp, first)
+            # One take-over per partition, even with several batches in flight.
+            if tp not in self._taking:
+                self._taking[tp] = asyncio.ensure_future(self._take_over(tp, first))
+            try:
+                await asyncio.shield(self._taking[tp])
+            finally:
+                if self._taking.get(tp) is not None and self._taking[tp].done():
+                    del self._taking[tp]
         skip = self.durable.skip_below
         events = [e for e in events if e.message.offset >= skip[(e.message.topic, e.message.partition)]]
         if not events:
@@ -259,7 +311,7 @@ class Worker:
         except Exception as err:  # a bug, not bad data: keep the batch, keep the stream
             log.exception("pipeline failed on a batch of %d events; sent to the dead-letter topic", len(raws))
             await self._dead_letter_all(events, err)
-            self.durable.in_flight = False  # state and outputs agree again (the batch is in the DLQ)
+            self.durable.abandon()
             return
         try:
             outputs = self._outputs(result, events)
@@ -271,7 +323,7 @@ class Worker:
         self.durable.done(
             [(e.message.topic, e.message.partition) for e in events], [e.message.offset for e in events], result, raws
         )
-        if self.durable.due():
+        if self.durable.due() and not self.durable.in_flight:
             await loop.run_in_executor(self._pipeline_executor(), self.durable.snapshot)
         self.batches += 1
         self.events += len(events)
@@ -426,7 +478,10 @@ class Worker:
         delay = 0.5
         while True:
             try:
-                futures = [await t.send(key=k, value=v, headers=h) for t, k, v, h in outputs]
+                if self.settings.kafka.output_path == "faust":
+                    futures = [await t.send(key=k, value=v, headers=h) for t, k, v, h in outputs]
+                else:
+                    futures = await self._produce_direct(outputs)
                 await asyncio.gather(*futures)
                 return
             except asyncio.CancelledError:
@@ -435,6 +490,37 @@ class Worker:
                 log.warning("producing %d records failed (%s); retrying in %.1f s", len(outputs), err, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
+
+    async def _produce_direct(self, outputs: list[tuple[Any, bytes | None, bytes, list | None]]) -> list[Any]:
+        """Hand every record to the aiokafka producer under faust's own; returns the ack futures.
+
+        faust's ``topic.send`` builds a message object, runs sensors and
+        signals and resolves the topic per record: most of the cost of a
+        worker that writes one score per event. aiokafka's ``send`` only
+        appends the record to its accumulator (partitioned by key with the
+        same default partitioner, so a source's records still share a
+        partition and keep their order); the records go out in the
+        accumulator's batches, and each future resolves on the broker's ack.
+        The producer is faust's (same settings, acks=all, credentials), so the
+        app still owns its start and stop.
+        """
+        assert self.app is not None
+        producer = self.app.producer._ensure_producer()  # faust's AIOKafkaProducer
+        send = producer.send
+        # One batch's records are all issued before the next batch's: batches
+        # reach this point in pipeline order (one pipeline thread, first in
+        # first out), and the lock keeps a later batch out while an earlier one
+        # is suspended here (declaring a topic, or a full accumulator).
+        async with self._issue_lock:
+            for t in {id(t): t for t, _, _, _ in outputs}.values():
+                name = t.get_topic_name()
+                if name not in self._declared:  # as faust's topic.send would (topic_allow_declare)
+                    await t.maybe_declare()
+                    self._declared.add(name)
+            futures = []
+            for t, k, v, h in outputs:
+                futures.append(await send(t.get_topic_name(), v, key=k, headers=h))
+        return futures
 
     async def _dead_letter_all(self, events: Sequence[Any], err: Exception) -> None:
         if self.metrics is not None:
@@ -446,6 +532,90 @@ class Worker:
             outputs.append((self.dlq_topic, key, value, headers))
         await self._send(outputs)
 
+    async def consume_batches(self) -> None:
+        """The aiokafka input path: batches by ``getmany``, offsets committed after the outputs' acks.
+
+        Same order of work as the faust agent (``handle`` produces and awaits
+        every output first), so a batch's offsets are committed only once its
+        results are on the broker: at least once. A commit refused because the
+        group rebalanced meanwhile is logged; the new owner of the partition
+        reprocesses from the last committed offset.
+        """
+        from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
+        from aiokafka.errors import CommitFailedError, KafkaError
+
+        from streams.broker import aiokafka_client_config
+
+        k = self.settings.kafka
+        consumer = AIOKafkaConsumer(
+            **aiokafka_client_config(k),
+            group_id=k.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+            session_timeout_ms=10_000,  # as the faust app's: a fast group join on Tansu
+            heartbeat_interval_ms=3_000,
+            max_poll_records=self.settings.batch_size,
+        )
+        inflight: deque[tuple[asyncio.Future, dict]] = deque()
+        worker = self
+
+        class Rebalance(ConsumerRebalanceListener):
+            async def on_partitions_revoked(self, revoked: Any) -> None:
+                # Finish and commit what is in flight, then save and drop the partitions' state.
+                while inflight:
+                    await finish_oldest()
+                tps = [(tp.topic, tp.partition) for tp in revoked]
+                await asyncio.get_running_loop().run_in_executor(
+                    worker._pipeline_executor(), worker.durable.release, tps
+                )
+
+            async def on_partitions_assigned(self, assigned: Any) -> None:
+                pass
+
+        consumer.subscribe(list(k.input_topics), listener=Rebalance())
+        await consumer.start()
+        self._input_consumer = consumer
+        log.info("neighbourwatch worker consuming %s in batches", ", ".join(k.input_topics))
+
+        async def finish_oldest() -> None:
+            task, offsets = inflight.popleft()
+            await task  # handle() never raises; its outputs are acknowledged when it returns
+            try:
+                await consumer.commit(offsets)
+            except (CommitFailedError, KafkaError) as err:
+                log.warning("committing input offsets failed (%s); the batch may be processed again", err)
+
+        try:
+            while True:
+                batches = await consumer.getmany(
+                    timeout_ms=int(BATCH_WAIT_SECONDS * 1000), max_records=self.settings.batch_size
+                )
+                while inflight and inflight[0][0].done():
+                    await finish_oldest()
+                if self.durable.due():
+                    # A consistent state needs every batch acknowledged: drain, then save.
+                    while inflight:
+                        await finish_oldest()
+                    await asyncio.get_running_loop().run_in_executor(self._pipeline_executor(), self.durable.snapshot)
+                records = [InputRecord(r) for recs in batches.values() for r in recs]
+                if not records:
+                    continue
+                offsets = {tp: recs[-1].offset + 1 for tp, recs in batches.items() if recs}
+                # The next batch is handed over while the previous one waits for
+                # its acks: the pipeline thread does not idle through the round
+                # trips. Batches run through the one pipeline thread in order,
+                # their outputs are issued in order (``_produce_direct``), and
+                # offsets are committed in order, each after its batch's acks.
+                inflight.append((asyncio.ensure_future(self.handle(records)), offsets))
+                while len(inflight) >= MAX_BATCHES_IN_FLIGHT:
+                    await finish_oldest()
+        finally:
+            for task, _ in inflight:
+                task.cancel()  # not committed: processed again after a restart (at least once)
+            self._input_consumer = None
+            await consumer.stop()
+
     async def observe_lag(self) -> None:
         """``nwatch_consumer_lag``: high-water mark minus position, per assigned input partition.
 
@@ -455,7 +625,7 @@ class Worker:
         if self.metrics is None or self.app is None:
             return
         inputs = set(self.settings.kafka.input_topics)
-        consumer = self.app.consumer
+        consumer = self._input_consumer or self.app.consumer
         try:
             assigned = {tp for tp in consumer.assignment() if tp.topic in inputs}
         except Exception:  # not yet started or rebalancing
@@ -527,7 +697,7 @@ class Worker:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
         try:
-            n = self.durable.snapshot()
+            n = self.durable.snapshot(final=True)
             if n:
                 log.warning("saved the state of %d partitions", n)
         except Exception:
@@ -540,6 +710,29 @@ def _faust_dir(settings: Settings) -> str:
     import tempfile
 
     return tempfile.mkdtemp(prefix="nwatch-faust-")
+
+
+class InputRecord:
+    """An aiokafka record seen through the attributes ``handle`` reads of a faust event.
+
+    ``record.message`` is the record itself; ``timestamp`` is in seconds, as
+    faust's (aiokafka's is in milliseconds).
+    """
+
+    __slots__ = ("key", "value", "topic", "partition", "offset", "timestamp", "headers")
+
+    def __init__(self, record: Any) -> None:
+        self.key = record.key
+        self.value = record.value
+        self.topic = record.topic
+        self.partition = record.partition
+        self.offset = record.offset
+        self.timestamp = record.timestamp / 1000.0 if record.timestamp is not None else None
+        self.headers = record.headers
+
+    @property
+    def message(self) -> InputRecord:
+        return self
 
 
 def _text(value: str | bytes | None) -> str:

@@ -128,6 +128,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
             data_dir=args.data_dir or settings.data_dir, seeds=args.seeds,
             max_events=args.max_events, json_out=args.json, only=args.only,
         )
+    if args.what == "speed":
+        from streams.bench_speed import main as bench_speed
+
+        settings = _settings(args)
+        return bench_speed(
+            data_dir=args.data_dir or settings.data_dir, json_out=args.json, only=args.only,
+            events=args.events, log_passes=args.log_passes, text_events=args.text_events,
+            ilof_seconds=args.ilof_seconds, long_events=args.long_events, kafka=args.kafka,
+            kafka_events=args.kafka_events,
+        )
     raise AssertionError(args.what)
 
 
@@ -215,14 +225,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks")
     p.add_argument(
-        "what", choices=["index", "quality"],
-        help="index: exact scan vs hnswlib per event; quality: ROC-AUC and alarms on the labelled data",
+        "what", choices=["index", "quality", "speed"],
+        help="index: exact scan vs hnswlib per event; quality: ROC-AUC and alarms on the labelled data; "
+        "speed: events/s and memory per kind against river and plain sentence-transformers",
     )
     p.add_argument("--json", help="also write the results as JSON here")
     p.add_argument("--data-dir", help="labelled data (default: settings data_dir, ../shared/data)")
     p.add_argument("--seeds", type=int, default=3, help="shuffles per tabular set (quality)")
     p.add_argument("--max-events", type=int, default=50_000, help="events per stream at most (quality)")
-    p.add_argument("--only", nargs="+", help="only streams whose name contains one of these (quality)")
+    p.add_argument("--only", nargs="+", help="only streams whose name contains one of these (quality); "
+                   "speed: only these parts (tabular vector logs text memory kafka)")
+    p.add_argument("--events", type=int, default=30_000, help="tabular/vector events per stream (speed)")
+    p.add_argument("--log-passes", type=int, default=10, help="times each 2k-line log sample is replayed (speed)")
+    p.add_argument("--text-events", type=int, default=2_000, help="texts encoded (speed)")
+    p.add_argument("--ilof-seconds", type=float, default=10.0, help="time budget of river's LOF per stream (speed)")
+    p.add_argument("--long-events", type=int, default=0,
+                   help="speed: also run this many tabular events and report the resident-memory slope")
+    p.add_argument("--kafka", action="store_true", help="speed: also measure end to end through the embedded broker")
+    p.add_argument("--kafka-events", type=int, default=20_000, help="events of the saturation run (speed --kafka)")
     p.add_argument("--config", help="TOML config file")
     p.set_defaults(func=cmd_bench)
     return parser

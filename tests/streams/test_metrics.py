@@ -298,6 +298,10 @@ EXPECTED = {
     "nwatch_drift_statistic": "gauge", "nwatch_drift_threshold": "gauge",
     "nwatch_reference_size": "gauge", "nwatch_warming_up": "gauge", "nwatch_sources": "gauge",
     "nwatch_consumer_lag": "gauge", "nwatch_build": "info",
+    "nwatch_snapshots": "counter",
+    "nwatch_snapshot_age_seconds": "gauge",
+    "nwatch_restored_sources": "counter",
+    "nwatch_replayed_events": "counter",
 }
 SUFFIXES = {
     "counter": ("_total", "_created"),
@@ -312,6 +316,9 @@ def test_names_and_labels_follow_the_prometheus_rules(run: Run):
     m.observe_lag("nwatch.events", 0, 1)
     m.observe_delivery("webhook", "delivered")
     m.observe_suppressed("cards")
+    m.observe_snapshot("written")
+    m.observe_snapshot_time("nwatch.events", 0, 0.0)
+    m.observe_restore(1, 0, 5)
     families = {f.name: f for f in m.registry.collect()}
     assert {n: f.type for n, f in families.items()} == EXPECTED
     for name, family in families.items():

@@ -1,0 +1,244 @@
+"""End to end through Kafka for ``nwatch bench speed --kafka``: saturation, latency, start-up.
+
+An embedded Tansu broker on loopback, ``nwatch run`` as a child process
+(exactly as deployed), tabular events of a real data set (ADBench shuttle, as
+``transaction`` events of one source), and results read back from the scores
+topic by this process without a consumer group. For each output path of the
+worker (``NWATCH_KAFKA__OUTPUT_PATH``: faust's per-record ``topic.send``, and
+the batch hand-off to faust's aiokafka producer):
+
+- saturation: a backlog of events is produced first, then the worker starts;
+  events per second from the worker's own produce timestamps of the score
+  records (after the first ``WARMUP`` events), set against the in-process
+  pipeline on the same events in this process;
+- start-up: from spawning the worker to its first score record;
+- latency: a fresh worker, warmed up, then events produced at half the
+  measured saturation rate for ``latency_seconds``; produce-to-result latency
+  is the time from handing an event to the producer to reading its score
+  record back (p50, p95, p99).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from streams.bench_speed import WARMUP, load_tabular, make_pipeline, run_pipeline, tabular_lines
+
+# (input path, output path) of the worker: faust's per-event stream and
+# per-record topic.send; faust's stream with the batch hand-off of outputs;
+# aiokafka batches in and out, inside the faust app.
+DESIGNS = (("faust", "faust"), ("faust", "aiokafka"), ("aiokafka", "aiokafka"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    """p50/p95/p99 and max in milliseconds of latencies given in seconds."""
+    if not values:
+        return {"p50_ms": float("nan"), "p95_ms": float("nan"), "p99_ms": float("nan"), "max_ms": float("nan")}
+    a = np.asarray(values) * 1000.0
+    p50, p95, p99 = np.percentile(a, [50, 95, 99])
+    return {"p50_ms": float(p50), "p95_ms": float(p95), "p99_ms": float(p99), "max_ms": float(a.max())}
+
+
+def saturation_rate(create_ms: list[int], *, skip: int) -> float:
+    """Events per second from the produce timestamps of the results, the first ``skip`` excluded."""
+    ts = sorted(create_ms)
+    if len(ts) <= skip + 1:
+        return float("nan")
+    span = (ts[-1] - ts[skip]) / 1000.0
+    return (len(ts) - 1 - skip) / span if span > 0 else float("inf")
+
+
+class _Run:
+    """One worker on fresh topics of the broker."""
+
+    def __init__(self, bootstrap: str, design: tuple[str, str], log_dir: Path) -> None:
+        self.bootstrap = bootstrap
+        self.input_path, self.output_path = design
+        suffix = uuid.uuid4().hex[:8]
+        self.topics = {n: f"bench.{suffix}.{n}" for n in ("events", "scores", "anomalies", "drift", "alerts", "dlq")}
+        from streams.broker import ensure_topics
+
+        ensure_topics(bootstrap, [*self.topics.values(), f"{self.topics['alerts']}.dlq"])
+        self.log_path = log_dir / f"worker-{self.input_path}-{self.output_path}-{suffix}.log"
+        self.proc: subprocess.Popen | None = None
+        self.spawned_at = 0.0
+
+    def start(self) -> None:
+        env = dict(os.environ)
+        t = self.topics
+        env.update({
+            "NWATCH_KAFKA__BOOTSTRAP_SERVERS": self.bootstrap,
+            "NWATCH_KAFKA__INPUT_TOPICS": f'["{t["events"]}"]',
+            "NWATCH_KAFKA__SCORES_TOPIC": t["scores"],
+            "NWATCH_KAFKA__ANOMALIES_TOPIC": t["anomalies"],
+            "NWATCH_KAFKA__DRIFT_TOPIC": t["drift"],
+            "NWATCH_KAFKA__ALERTS_TOPIC": t["alerts"],
+            "NWATCH_KAFKA__DLQ_TOPIC": t["dlq"],
+            "NWATCH_KAFKA__GROUP_ID": f"g-{t['events']}",
+            "NWATCH_KAFKA__OUTPUT_PATH": self.output_path,
+            "NWATCH_KAFKA__INPUT_PATH": self.input_path,
+            "NWATCH_METRICS__PORT": str(_free_port()),
+            "HF_HUB_OFFLINE": "1",
+        })
+        log = open(self.log_path, "wb")
+        self.spawned_at = time.time()
+        self.proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "run"], env=env, stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+
+    def stop(self) -> None:
+        from streams.runtime import stop_process_group
+
+        if self.proc is not None:
+            stop_process_group(self.proc, timeout=20)
+
+
+async def _producer(bootstrap: str, *, linger_ms: int) -> Any:
+    from aiokafka import AIOKafkaProducer
+
+    p = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=linger_ms, max_batch_size=1 << 20, acks=1)
+    await p.start()
+    return p
+
+
+async def _reader(bootstrap: str, topic: str) -> Any:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest",
+                         fetch_max_wait_ms=20)
+    await c.start()
+    await c.topics()
+    tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or {0})]
+    c.assign(tps)
+    await c.seek_to_beginning(*tps)
+    return c
+
+
+async def _read_until(consumer: Any, count: int, timeout: float, seen: dict[str, tuple[float, int]], proc: Any) -> None:
+    """Read score records into ``seen`` (id -> (receive time, produce timestamp ms)) until ``count`` ids."""
+    deadline = time.monotonic() + timeout
+    while len(seen) < count and time.monotonic() < deadline:
+        batch = await consumer.getmany(timeout_ms=100, max_records=10_000)
+        now = time.perf_counter()
+        for recs in batch.values():
+            for r in recs:
+                i = orjson.loads(r.value)["id"]
+                if i not in seen:
+                    seen[i] = (now, r.timestamp)
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the worker exited with {proc.returncode}")
+
+
+async def _saturation(bootstrap: str, design: tuple[str, str], lines: list[bytes], log_dir: Path, timeout: float) -> dict[str, Any]:
+    run = _Run(bootstrap, design, log_dir)
+    p = await _producer(bootstrap, linger_ms=20)
+    futs = [await p.send(run.topics["events"], line, key=b"tab") for line in lines]
+    await asyncio.gather(*futs)
+    await p.stop()
+    consumer = await _reader(bootstrap, run.topics["scores"])
+    seen: dict[str, tuple[float, int]] = {}
+    run.start()
+    try:
+        await _read_until(consumer, len(lines), timeout, seen, run.proc)
+    finally:
+        run.stop()
+        await consumer.stop()
+    stamps = [ts for _, ts in seen.values()]
+    first = min(stamps) / 1000.0 if stamps else float("nan")
+    return {
+        "design": design_name(design), "events": len(lines), "scored": len(seen),
+        "events_per_second": saturation_rate(stamps, skip=WARMUP),
+        "startup_seconds": first - run.spawned_at,
+    }
+
+
+async def _latency(bootstrap: str, design: tuple[str, str], warm: list[bytes], rate: float, seconds: float,
+                   log_dir: Path) -> dict[str, Any]:
+    run = _Run(bootstrap, design, log_dir)
+    consumer = await _reader(bootstrap, run.topics["scores"])
+    p = await _producer(bootstrap, linger_ms=0)
+    seen: dict[str, tuple[float, int]] = {}
+    run.start()
+    try:
+        futs = [await p.send(run.topics["events"], line, key=b"tab") for line in warm]
+        await asyncio.gather(*futs)
+        await _read_until(consumer, len(warm), 120.0, seen, run.proc)  # warmed up: the reference is full
+        sent: dict[str, float] = {}
+        reader = asyncio.create_task(_read_until(consumer, len(warm) + int(rate * seconds), seconds + 30.0, seen, run.proc))
+        t0 = time.perf_counter()
+        n = 0
+        src = warm
+        while (elapsed := time.perf_counter() - t0) < seconds:
+            due = int(rate * elapsed)
+            while n < due:
+                line = src[n % len(src)]
+                i = f"lat{n}"
+                line = line.replace(b'"id":"', f'"id":"{i}-'.encode(), 1)
+                i = orjson.loads(line)["id"]
+                sent[i] = time.perf_counter()
+                await p.send(run.topics["events"], line, key=b"tab")
+                n += 1
+            await asyncio.sleep(0.005)
+        await p.flush()
+        await reader
+    finally:
+        run.stop()
+        await p.stop()
+        await consumer.stop()
+    lat = [seen[i][0] - t for i, t in sent.items() if i in seen]
+    out = {"design": design_name(design), "rate": rate, "seconds": seconds, "sent": len(sent), "scored": len(lat)}
+    out.update(percentiles(lat))
+    return out
+
+
+def design_name(design: tuple[str, str]) -> str:
+    return f"in {design[0]} / out {design[1]}"
+
+
+def bench_kafka(data_dir: Path, *, events: int = 20_000, latency_seconds: float = 15.0,
+                designs: tuple[tuple[str, str], ...] = DESIGNS) -> dict[str, Any]:
+    """Both output paths through the embedded broker, with the in-process pipeline on the same events."""
+    from streams.broker import EmbeddedBroker
+
+    X, _ = load_tabular(data_dir, "32_shuttle", limit=events)
+    lines = tabular_lines(X, kind="transaction", prefix="k")
+    n, s, _ = run_pipeline(make_pipeline(), lines)
+    in_process = n / s
+    print(f"kafka: in-process pipeline on the same {len(lines):,} shuttle events: {in_process:,.0f} events/s", flush=True)
+    result: dict[str, Any] = {"in_process_events_per_second": in_process, "designs": {}}
+    log_dir = Path(tempfile.mkdtemp(prefix="nwatch-bench-"))
+    with EmbeddedBroker() as broker:
+        result["broker_startup_seconds"] = broker.startup_seconds
+        for design in designs:
+            name = design_name(design)
+            sat = asyncio.run(_saturation(broker.bootstrap_servers, design, lines, log_dir, timeout=300.0))
+            rate = sat["events_per_second"]
+            lat = asyncio.run(_latency(broker.bootstrap_servers, design, lines[:WARMUP + 500], rate / 2,
+                                       latency_seconds, log_dir)) if rate == rate else {}
+            sat["ratio_to_in_process"] = rate / in_process
+            result["designs"][name] = {"saturation": sat, "latency": lat}
+            print(f"kafka [{name:>24}] saturation {rate:,.0f} events/s ({rate / in_process:.0%} of in-process), "
+                  f"start-up to first result {sat['startup_seconds']:.1f} s; at {lat.get('rate', 0):,.0f} events/s: "
+                  f"p50 {lat.get('p50_ms', float('nan')):.0f} ms, p95 {lat.get('p95_ms', float('nan')):.0f} ms, "
+                  f"p99 {lat.get('p99_ms', float('nan')):.0f} ms ({lat.get('scored', 0):,} of {lat.get('sent', 0):,} back)",
+                  flush=True)
+    result["worker_logs"] = str(log_dir)
+    return result
