@@ -126,7 +126,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         settings = _settings(args)
         return bench_quality(
             data_dir=args.data_dir or settings.data_dir, seeds=args.seeds,
-            max_events=args.max_events, json_out=args.json, only=args.only,
+            max_events=args.max_events, json_out=args.json, only=args.only, out=args.out,
+            baselines=not args.no_baselines, settings=settings,
         )
     raise AssertionError(args.what)
 
@@ -222,7 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="labelled data (default: settings data_dir, ../shared/data)")
     p.add_argument("--seeds", type=int, default=3, help="shuffles per tabular set (quality)")
     p.add_argument("--max-events", type=int, default=50_000, help="events per stream at most (quality)")
-    p.add_argument("--only", nargs="+", help="only streams whose name contains one of these (quality)")
+    p.add_argument("--only", nargs="+", help="only these groups (tabular, vectors, logs, drift, audio) "
+                   "or streams whose name contains one of these (quality)")
+    p.add_argument("--out", help="write DIR/quality.md, its PNG plots and quality.json under DIR/quality/ (quality)")
+    p.add_argument("--no-baselines", action="store_true",
+                   help="skip river HalfSpaceTrees and PyOD KNN/IForest (quality)")
     p.add_argument("--config", help="TOML config file")
     p.set_defaults(func=cmd_bench)
     return parser
