@@ -44,26 +44,32 @@ def targets(results: dict, alpha: float) -> list[dict]:
     def add(name: str, measured: float | str, target: str, met: bool) -> None:
         out.append({"target": name, "measured": measured, "wanted": target, "met": bool(met)})
 
+    # Tabular targets are checked on judged events (after warm-up), the streaming
+    # counterpart of ADBench's held-out 30 %: events scored against a reference of
+    # a few dozen rows are reported (ROC-AUC over all events) but are not what a
+    # warmed-up source does. HST is measured on the same judged events.
     tab = {n: r for n, r in results.items() if r["group"] == "tabular"}
     for n, r in tab.items():
         knn = r["published"].get("KNN_roc")
         if knn is not None:
-            add(f"{n} ROC-AUC >= ADBench KNN", round(r["nwatch"]["roc_auc"], 3), f">= {knn:.3f}",
-                r["nwatch"]["roc_auc"] >= knn)
+            v = r["nwatch"]["roc_auc_judged"]
+            add(f"{n} judged ROC-AUC >= ADBench KNN", round(v, 3), f">= {knn:.3f}", v >= knn)
     if len(tab) == 7:
-        ours = float(np.mean([r["nwatch"]["roc_auc"] for r in tab.values()]))
+        ours = float(np.mean([r["nwatch"]["roc_auc_judged"] for r in tab.values()]))
         iforest = float(np.mean([r["published"].get("IForest_roc", np.nan) for r in tab.values()]))
-        add("tabular mean ROC-AUC >= ADBench IForest mean", round(ours, 3), f">= {iforest:.3f}", ours >= iforest)
+        add("tabular mean judged ROC-AUC >= ADBench IForest mean", round(ours, 3), f">= {iforest:.3f}",
+            ours >= iforest)
         if all("HST" in r["baselines"] for r in tab.values()):
-            hst = float(np.mean([r["baselines"]["HST"]["roc_auc"] for r in tab.values()]))
-            add("tabular mean ROC-AUC > HST mean (same streams)", round(ours, 3), f"> {hst:.3f}", ours > hst)
+            hst = float(np.mean([r["baselines"]["HST"]["roc_auc_judged"] for r in tab.values()]))
+            add("tabular mean judged ROC-AUC > HST mean (same events)", round(ours, 3), f"> {hst:.3f}",
+                ours > hst)
     for n, r in results.items():
         far = r.get("nwatch", {}).get("false_alarm_rate")
         if far is not None and not math.isnan(far):
             add(f"{n} FAR <= 2 alpha", round(far, 4), f"<= {2 * alpha:g}", far <= 2 * alpha)
     if "20news_3_bert" in results:
-        v = results["20news_3_bert"]["nwatch"]["roc_auc"]
-        add("20news ROC-AUC >= 0.75", round(v, 3), ">= 0.75", v >= TWENTY_NEWS_TARGET)
+        v = results["20news_3_bert"]["nwatch"]["roc_auc_judged"]
+        add("20news judged ROC-AUC >= 0.75", round(v, 3), ">= 0.75", v >= TWENTY_NEWS_TARGET)
     if "HDFS_sessions" in results:
         f1 = results["HDFS_sessions"]["nwatch"]["f1"]
         add("HDFS sessions F1 > 0.915", round(f1, 3), "> 0.915", f1 > HDFS_PUBLISHED_F1)
@@ -102,14 +108,14 @@ def _f(v: Any, digits: int = 3) -> str:
 def print_summary(results: dict, settings: Settings) -> None:
     alpha = settings.defaults.alpha
     print(f"\n{'stream':<24} {'ROC-AUC':>7} {'judged':>7} {'PR-AUC':>7} {'FAR@a':>7} {'recall':>7} {'F1':>6}"
-          f" {'HST':>6} {'KNN':>6} {'IForest':>7} {'ADB KNN':>7}")
+          f" {'HST(j)':>6} {'KNN':>6} {'IForest':>7} {'ADB KNN':>7}")
     for n, r in results.items():
         if r["group"] == "drift":
             continue
         m, b, p = r["nwatch"], r.get("baselines", {}), r.get("published", {})
         print(f"{n:<24} {_f(m['roc_auc']):>7} {_f(m['roc_auc_judged']):>7} {_f(m['pr_auc']):>7} "
               f"{_f(m['false_alarm_rate'], 4):>7} {_f(m['recall']):>7} {_f(m['f1']):>6} "
-              f"{_f(b.get('HST', {}).get('roc_auc')):>6} {_f(b.get('PyOD KNN', {}).get('roc_auc')):>6} "
+              f"{_f(b.get('HST', {}).get('roc_auc_judged')):>6} {_f(b.get('PyOD KNN', {}).get('roc_auc')):>6} "
               f"{_f(b.get('PyOD IForest', {}).get('roc_auc')):>7} {_f(p.get('KNN_roc')):>7}")
     for n, r in results.items():
         if r["group"] == "drift":
@@ -269,7 +275,7 @@ def write_report(results: dict, doc: dict, out: Path) -> Path:
         lines += [
             "## Anomaly detection",
             "",
-            "| stream | events | ROC-AUC | judged | PR-AUC | FAR@alpha | recall | precision | F1 | HST | PyOD KNN | PyOD IForest | ADBench KNN | ADBench IForest |",
+            "| stream | events | ROC-AUC | judged | PR-AUC | FAR@alpha | recall | precision | F1 | HST all / judged | PyOD KNN | PyOD IForest | ADBench KNN | ADBench IForest |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for n, r in anomaly:
@@ -278,7 +284,8 @@ def write_report(results: dict, doc: dict, out: Path) -> Path:
             lines.append(
                 f"| {n}{seeds} | {m['events']:,.0f} | {_f(m['roc_auc'])} | {_f(m['roc_auc_judged'])} | {_f(m['pr_auc'])} "
                 f"| {_f(m['false_alarm_rate'], 4)} | {_f(m['recall'])} | {_f(m['precision'])} | {_f(m['f1'])} "
-                f"| {_f(b.get('HST', {}).get('roc_auc'))} | {_f(b.get('PyOD KNN', {}).get('roc_auc'))} "
+                f"| {_f(b.get('HST', {}).get('roc_auc'))} / {_f(b.get('HST', {}).get('roc_auc_judged'))} "
+                f"| {_f(b.get('PyOD KNN', {}).get('roc_auc'))} "
                 f"| {_f(b.get('PyOD IForest', {}).get('roc_auc'))} | {_f(p.get('KNN_roc'))} | {_f(p.get('IForest_roc'))} |"
             )
         lines += [""]
