@@ -211,9 +211,9 @@ def drift_streams(data: Path, *, n_before: int, n_after: int, seed: int = 0) -> 
     movies, tweets = vader_texts(vader, "movieReviewSnippets"), vader_texts(vader, "tweets")
     trec = trec_questions(data / "text" / "trec_qc" / "train.txt")
     # One mix of question classes, then another: what is asked about moves
-    # from descriptions, entities and abbreviations to people, places and numbers.
-    mix_a = [q for c, q in trec if c in ("DESC", "ENTY", "ABBR")]
-    mix_b = [q for c, q in trec if c in ("HUM", "LOC", "NUM")]
+    # from descriptions, entities, abbreviations and numbers to people and places.
+    mix_a = [q for c, q in trec if c in ("DESC", "ENTY", "ABBR", "NUM")]
+    mix_b = [q for c, q in trec if c in ("HUM", "LOC")]
     X, y = load_npz(data / "vectors" / "cifar10_0_resnet18.npz")
     class0 = list(X[y == 0])
     # Class mix change: from class 0 alone to about half class 0, half the other classes.

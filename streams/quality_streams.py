@@ -88,13 +88,17 @@ def hdfs_sessions(folder: Path) -> tuple[list[dict], np.ndarray]:
     return sessions, np.array([int(s["label"]) for s in sessions])
 
 
-def hdfs_stream(folder: Path) -> Stream:
-    """One ``transaction`` event per block: ``{template: count}`` of the block's log lines.
+def hdfs_stream(folder: Path, *, kind: str = "transaction") -> Stream:
+    """One event per block session: the counts of each template among the block's log lines.
 
-    What a user with a log parser would send: a finished block session as its
-    template-count vector, the representation of the loglizer baselines
-    (PCA, Invariants Mining). Templates absent from a block are simply absent
-    fields. ``X`` is the same count matrix, for the batch baselines.
+    What a user with a log parser would send for a finished block session: its
+    template-count vector, the representation of the loglizer baselines (PCA,
+    Invariants Mining). By default a session is a ``transaction`` event
+    ``{template: count}`` of the templates present: no vocabulary to agree on
+    up front, and new templates simply become new fields. ``kind="vector"``
+    sends the fixed-width count vector over the templates of the data (in
+    order of first appearance) instead. ``X`` is the count matrix, for the
+    batch baselines.
     """
     sessions, y = hdfs_sessions(folder)
     vocab: dict[str, int] = {}
@@ -108,9 +112,11 @@ def hdfs_stream(folder: Path) -> Stream:
         for t in s["templates"]:
             counts[t] = counts.get(t, 0) + 1
             X[i, vocab[t]] += 1
-        lines.append(_dumps({"id": s["block_id"], "source": "hdfs", "kind": "transaction",
-                             "fields": {t: float(c) for t, c in counts.items()},
-                             "label": int(s["label"])}))
+        if kind == "vector":
+            payload = {"kind": "vector", "vector": X[i].tolist()}
+        else:
+            payload = {"kind": "transaction", "fields": {t: float(c) for t, c in counts.items()}}
+        lines.append(_dumps({"id": s["block_id"], "source": "hdfs", **payload, "label": int(s["label"])}))
     return Stream("HDFS_sessions", "logs", "hdfs", lines, y, X=X)
 
 
