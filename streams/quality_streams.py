@@ -186,13 +186,16 @@ def vector_rows_lines(items: list[np.ndarray], source: str) -> list[bytes]:
 # ------------------------------------------------------------------ audio
 
 def audio_stream(
-    *, seed: int, normals: int = 900, per_fault: int = 40, warmup: int = 300, seconds: float = 1.0,
+    *, seed: int, normals: int = 1800, per_fault: int = 15, warmup: int = 300, seconds: float = 1.0,
     sample_rate: int = 16000,
 ) -> Stream:
     """Machine-sound clips as MFCC ``audio`` events: normals, then faults mixed in after a warm-up.
 
     The first ``warmup`` clips are normal (a new machine is installed healthy);
-    after that ``per_fault`` clips of each fault class are placed at random.
+    after that ``per_fault`` clips of each fault class are placed at random:
+    2.4 % faults by default. Faults far more common than alpha would fill the
+    calibration set (every score joins it) and hide each other; a first version
+    with 12 % faults measured a recall of 0 at alpha 0.01 while ROC-AUC was 0.97.
     """
     from models.audio import mfcc
     from streams.synth_audio import FAULTS, machine_sound
