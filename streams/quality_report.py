@@ -269,6 +269,9 @@ def write_report(results: dict, doc: dict, out: Path) -> Path:
         "batch (they see the future and the anomalies). ADBench columns are the published "
         f"figures: {ADBENCH_CITE}.",
         "",
+        "What limits each missed target, and what was tried with its figures: "
+        "[quality-notes.md](quality-notes.md) (written by hand, not regenerated).",
+        "",
     ]
     anomaly = [(n, r) for n, r in results.items() if r["group"] in ("tabular", "vectors", "logs", "audio")]
     if anomaly:

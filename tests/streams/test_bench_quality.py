@@ -5,7 +5,6 @@ real data runs behind the ``data`` marker."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -194,16 +193,12 @@ def test_replay_figures_and_report_on_a_synthetic_stream(tmp_path: Path):
     assert "plot" not in saved["streams"]["toy"]
 
 
-DATA = Path(os.environ.get("NWATCH_DATA_DIR", Path(__file__).resolve().parents[2] / ".." / "shared" / "data"))
-
-
 @pytest.mark.data
-@pytest.mark.skipif(not (DATA / "tabular").is_dir(), reason="no labelled data")
-def test_bench_on_cardio_writes_a_report_that_beats_chance(tmp_path: Path):
+def test_bench_on_cardio_writes_a_report_that_beats_chance(tmp_path: Path, data_dir: Path):
     pytest.importorskip("pyod")
     from streams.bench_quality import main
 
-    assert main(data_dir=str(DATA), seeds=1, only=["cardio"], out=str(tmp_path)) == 0
+    assert main(data_dir=str(data_dir), seeds=1, only=["cardio"], out=str(tmp_path)) == 0
     doc = json.loads((tmp_path / "quality" / "quality.json").read_text())
     r = doc["streams"]["6_cardio"]
     assert r["nwatch"]["events"] == 1831
