@@ -188,7 +188,9 @@ class SourceMonitor:
             self.detector.learn(X, [i for _, i in self._recent])
             self._recent.clear()
         if self.thresholder.is_ready:
-            self._next_thresholder = ConformalThresholder(alpha=self.alpha, window=self.calibration_size)
+            self._next_thresholder = ConformalThresholder(
+                alpha=self.alpha, window=self.calibration_size
+            )
         else:
             self.thresholder.reset()
 
@@ -220,5 +222,7 @@ class SourceMonitor:
         self.anomalies = int(state["anomalies"])
         self._next_thresholder = None
         if state.get("next_thresholder") is not None:  # absent from states saved before it existed
-            self._next_thresholder = ConformalThresholder(alpha=self.alpha, window=self.calibration_size)
+            self._next_thresholder = ConformalThresholder(
+                alpha=self.alpha, window=self.calibration_size
+            )
             self._next_thresholder.set_state(state["next_thresholder"])
