@@ -278,6 +278,11 @@ class ReferenceIndex:
             return self._vecs[slots].copy()
         return np.asarray(self._hnsw.get_items(slots), dtype=np.float32)
 
+    def ids(self) -> list[str]:
+        """The stored vectors' ids, oldest first (the order of :meth:`vectors`)."""
+        slots = np.arange(self._added - self.size, self._added) % self.capacity
+        return [self._ids[s] for s in slots.tolist()]
+
     # -- state ----------------------------------------------------------------
     def get_state(self) -> State:
         state: State = {

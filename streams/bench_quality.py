@@ -1,169 +1,324 @@
 """``nwatch bench quality``: detection quality of the replay pipeline on the labelled data.
 
-First figures (the full evaluation with baselines grows from here):
+Every stream is replayed through :class:`streams.pipeline.Pipeline`, exactly
+the path of ``nwatch replay`` (JSON lines in, score and drift records out, in
+batches of ``settings.batch_size``), with the default settings unless told
+otherwise. Figures (see ``docs/quality.md`` for the latest run):
 
-- the ADBench tabular sets as ``transaction`` events in shuffled order (seeds 0, 1, 2),
-- BGL_2k as ``log`` events in file order (the label token stripped from each line),
-- the ADBench NLP/CV embeddings as ``vector`` events in shuffled order,
+- tabular sets (transaction events) and the NLP/CV embeddings (vector events),
+  shuffled with seeds 0..seeds-1: ROC-AUC and PR-AUC over all events and over
+  judged events (warm-up excluded), and at the source's alpha the false-alarm
+  rate on normal events and the recall on anomalies; in the same run river's
+  HalfSpaceTrees (streaming) and PyOD's KNN and IForest (batch, whole data)
+  on the same streams, and the ADBench published figures;
+- logs: BGL_2k line by line in file order, HDFS block sessions as
+  template-count transactions in time order: the same plus precision and F1;
+- drift scenarios with a known change point and no-change streams of the same
+  length: delay, missed drifts, false alarms, and the CUSUM over time;
+- machine sound from the generator: ROC-AUC per fault class.
 
-each scored by exactly the pipeline of ``nwatch replay``: ROC-AUC and PR-AUC
-over all scored events, and at the source's alpha the false-alarm rate on
-normal events and the recall on anomalies (warm-up excluded).
+With ``--out DIR`` the run writes ``DIR/quality.md``, PNG plots beside it and
+``DIR/quality.json`` with every figure.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from streams.config import Settings
 from streams.pipeline import Pipeline
+from streams.quality_metrics import alarm_figures, drift_timing, pr_auc, roc_auc
+from streams.quality_streams import (
+    TABULAR,
+    VECTORS,
+    Stream,
+    audio_stream,
+    bgl_stream,
+    drift_scenario,
+    hdfs_stream,
+    load_npz,
+    tabular_stream,
+    text_lines,
+    trec_questions,
+    vader_texts,
+    vector_rows_lines,
+    vector_stream,
+)
 
-TABULAR = ["6_cardio", "38_thyroid", "30_satellite", "23_mammography", "32_shuttle", "34_smtp", "16_http"]
-VECTORS = ["20news_3_bert", "cifar10_0_resnet18"]
-
-
-def roc_auc(y: np.ndarray, s: np.ndarray) -> float:
-    """Area under the ROC curve by the rank-sum (Mann-Whitney) identity, ties averaged."""
-    y = np.asarray(y, dtype=bool)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s), dtype=np.float64)
-    sorted_s = np.asarray(s)[order]
-    # average ranks over ties
-    uniq, start, counts = np.unique(sorted_s, return_index=True, return_counts=True)
-    avg = start + (counts + 1) / 2.0
-    ranks[order] = np.repeat(avg, counts)
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
-def pr_auc(y: np.ndarray, s: np.ndarray) -> float:
-    """Average precision (the step-wise area under the precision-recall curve)."""
-    y = np.asarray(y, dtype=bool)
-    if y.sum() == 0:
-        return float("nan")
-    order = np.argsort(-np.asarray(s), kind="mergesort")
-    hits = y[order]
-    tp = np.cumsum(hits)
-    precision = tp / np.arange(1, len(hits) + 1)
-    return float(precision[hits].sum() / hits.sum())
+GROUPS = ("tabular", "vectors", "logs", "drift", "audio")
+DRIFT_MAX_DELAY = 300  # the issue's target: detected within 300 events of the change
 
 
-def _score(pipeline: Pipeline, lines: Iterator[bytes], batch: int = 256) -> list:
-    out, buf = [], []
-    for line in lines:
-        buf.append(line)
-        if len(buf) == batch:
-            out.extend(r for _, r in pipeline.process_raw(buf).scores)
-            buf = []
-    if buf:
-        out.extend(r for _, r in pipeline.process_raw(buf).scores)
-    return out
+# ------------------------------------------------------------------ replay
 
+def replay(stream: Stream, settings: Settings, *, trace_drift: bool = False) -> dict:
+    """Run a stream through a fresh pipeline; records' scores, flags and drift alarm positions.
 
-def _figures(records: list, seconds: float) -> dict:
-    y = np.array([r.label for r in records])
-    s = np.array([r.score for r in records])
-    judged = np.array([not r.warming_up for r in records])
-    flag = np.array([r.is_anomaly for r in records])
-    normal, anomalous = judged & (y == 0), judged & (y == 1)
+    With ``trace_drift`` the stream goes in blocks of the drift block size and
+    the CUSUM statistic is read after each, for the plot over time.
+    """
+    pipe = Pipeline(settings=settings)
+    batch = settings.batch_size
+    if trace_drift:
+        batch = settings.source(stream.source, "").drift_block
+    scores, flags, warming, alarms, trace = [], [], [], [], []
+    rejects = 0
+    t0 = time.perf_counter()
+    for start in range(0, len(stream.lines), batch):
+        result = pipe.process_raw(stream.lines[start : start + batch])
+        rejects += len(result.rejects)
+        for _, r in result.scores:
+            scores.append(r.score)
+            flags.append(r.is_anomaly)
+            warming.append(r.warming_up)
+        alarms.extend(d.events_seen for d in result.drifts)
+        if trace_drift:
+            mon = pipe.sources[stream.source].monitor.drift_monitor
+            trace.append((start + len(result.scores), mon.statistic, mon.threshold))
+    seconds = time.perf_counter() - t0
+    if rejects:
+        raise RuntimeError(f"{stream.name}: {rejects} events rejected by the pipeline")
     return {
-        "events": len(records),
-        "roc_auc": roc_auc(y, s),
-        "pr_auc": pr_auc(y, s),
-        "roc_auc_judged": roc_auc(y[judged], s[judged]),
-        "false_alarm_rate": float(flag[normal].mean()) if normal.any() else float("nan"),
-        "recall": float(flag[anomalous].mean()) if anomalous.any() else float("nan"),
-        "events_per_second": len(records) / seconds if seconds else 0.0,
+        "scores": np.array(scores), "flags": np.array(flags, bool), "warming": np.array(warming, bool),
+        "alarms": alarms, "trace": trace, "seconds": seconds,
     }
 
 
-def _tabular_lines(X: np.ndarray, y: np.ndarray, order: np.ndarray) -> Iterator[bytes]:
-    names = [f"f{j}" for j in range(X.shape[1])]
-    for i in order:
-        fields = {n: float(v) for n, v in zip(names, X[i])}
-        yield json.dumps({"id": f"r{i}", "source": "tab", "kind": "transaction", "fields": fields,
-                          "label": int(y[i])}).encode()
+def figures(y: np.ndarray, run: dict) -> dict:
+    """ROC/PR-AUC over all and judged events; FAR, recall, precision, F1 of the flags."""
+    s, flags, judged = run["scores"], run["flags"], ~run["warming"]
+    al = alarm_figures(y, flags)
+    alj = alarm_figures(y[judged], flags[judged])
+    return {
+        "events": int(len(y)),
+        "anomalies": int(y.sum()),
+        "roc_auc": roc_auc(y, s),
+        "pr_auc": pr_auc(y, s),
+        "roc_auc_judged": roc_auc(y[judged], s[judged]),
+        "pr_auc_judged": pr_auc(y[judged], s[judged]),
+        "false_alarm_rate": alj.false_alarm_rate,  # warm-up events are never flagged: judged only
+        "recall": al.recall,
+        "precision": al.precision,
+        "f1": al.f1,
+        "warmup_events": int(run["warming"].sum()),
+        "events_per_second": len(y) / run["seconds"] if run["seconds"] else 0.0,
+    }
 
 
-def _vector_lines(X: np.ndarray, y: np.ndarray, order: np.ndarray) -> Iterator[bytes]:
-    for i in order:
-        yield json.dumps({"id": f"r{i}", "source": "vec", "kind": "vector",
-                          "vector": [round(float(v), 6) for v in X[i]], "label": int(y[i])}).encode()
+def _mean(rows: list[dict]) -> dict:
+    out = {}
+    for k in rows[0]:
+        vals = [r[k] for r in rows if isinstance(r[k], (int, float)) and not math.isnan(r[k])]
+        out[k] = float(np.mean(vals)) if vals else float("nan")
+    return out
 
 
-def _bgl_lines(path: Path) -> Iterator[bytes]:
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f):
-            label_token, _, rest = raw.decode("utf-8", "replace").rstrip("\n").partition(" ")
-            yield json.dumps({"id": f"bgl{n}", "source": "bgl", "kind": "log", "line": rest,
-                              "label": int(label_token != "-")}).encode()
+def published(data_dir: Path) -> dict[str, dict[str, float]]:
+    """ADBench Table D4/D5 (ROC-AUC, PR-AUC), x100 in the file, as fractions per dataset."""
+    out: dict[str, dict[str, float]] = {}
+    for table, key in (("D4_AUCROC", "roc"), ("D5_AUCPR", "pr")):
+        path = data_dir / "tabular" / f"ADBench_Table{table}_unsupervised.csv"
+        if not path.exists():
+            continue
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                for det in ("KNN", "IForest"):
+                    try:
+                        out.setdefault(row["dataset"], {})[f"{det}_{key}"] = float(row[det]) / 100
+                    except (KeyError, ValueError):
+                        pass
+    return out
 
 
-def _published(data_dir: Path) -> dict[str, dict[str, float]]:
-    path = data_dir / "tabular" / "ADBench_TableD4_AUCROC_unsupervised.csv"
-    with open(path) as f:
-        return {row["dataset"]: row for row in csv.DictReader(f)}
+# ------------------------------------------------------------------ groups
+
+def run_anomaly_sets(
+    data: Path, settings: Settings, *, names: list[str], folder: str, seeds: int, max_events: int,
+    baselines: bool, progress,
+) -> dict:
+    from streams.quality_baselines import BASELINES
+
+    pub = published(data)
+    results = {}
+    for name in names:
+        X, y = load_npz(data / folder / f"{name}.npz")
+        per_seed, base_rows, plot = [], {b: [] for b in BASELINES}, None
+        for seed in range(seeds):
+            build = tabular_stream if folder == "tabular" else vector_stream
+            stream = build(name, X, y, seed=seed, max_events=max_events)
+            run = replay(stream, settings)
+            per_seed.append(figures(stream.labels, run))
+            if seed == 0:
+                plot = {"y": stream.labels, "nwatch": run["scores"]}
+            if baselines:
+                for bname, fn in BASELINES.items():
+                    t0 = time.perf_counter()
+                    b = fn(stream.X, seed=seed)
+                    judged = ~run["warming"]  # the events nwatch judged, for a like-for-like figure
+                    base_rows[bname].append({
+                        "roc_auc": roc_auc(stream.labels, b), "pr_auc": pr_auc(stream.labels, b),
+                        "roc_auc_judged": roc_auc(stream.labels[judged], b[judged]),
+                        "pr_auc_judged": pr_auc(stream.labels[judged], b[judged]),
+                        "seconds": time.perf_counter() - t0,
+                    })
+                    if seed == 0:
+                        plot[bname] = b
+            progress(f"{name} seed {seed}: ROC-AUC {per_seed[-1]['roc_auc']:.3f}")
+        short = name.split("_", 1)[1]
+        entry = {
+            "group": folder, "seeds": seeds, "nwatch": _mean(per_seed), "by_seed": per_seed,
+            "baselines": {b: _mean(rows) for b, rows in base_rows.items() if rows},
+            "published": pub.get(short, {}), "plot": plot,
+        }
+        results[name] = entry
+    return results
 
 
-def main(*, data_dir: str, seeds: int = 3, max_events: int = 50_000, json_out: str | None = None,
-         only: list[str] | None = None) -> int:
+def run_logs(data: Path, settings: Settings, *, baselines: bool, progress) -> dict:
+    from streams.quality_baselines import BASELINES
+
+    results = {}
+    for build in (lambda: bgl_stream(data / "logs" / "BGL_2k.log"),
+                  lambda: hdfs_stream(data / "logs" / "hdfs_sessions")):
+        stream = build()
+        run = replay(stream, settings)
+        entry = {"group": "logs", "nwatch": figures(stream.labels, run), "baselines": {},
+                 "plot": {"y": stream.labels, "nwatch": run["scores"]}}
+        if baselines and stream.X is not None:
+            for bname, fn in BASELINES.items():
+                b = fn(stream.X, seed=0)
+                judged = ~run["warming"]
+                entry["baselines"][bname] = {
+                    "roc_auc": roc_auc(stream.labels, b), "pr_auc": pr_auc(stream.labels, b),
+                    "roc_auc_judged": roc_auc(stream.labels[judged], b[judged]),
+                    "pr_auc_judged": pr_auc(stream.labels[judged], b[judged]),
+                }
+                entry["plot"][bname] = b
+        results[stream.name] = entry
+        progress(f"{stream.name}: ROC-AUC {entry['nwatch']['roc_auc']:.3f}, F1 {entry['nwatch']['f1']:.3f}")
+    return results
+
+
+def drift_streams(data: Path, *, n_before: int, n_after: int, seed: int = 0) -> list[Stream]:
+    """Change scenarios and same-length no-change streams (text ones need MiniLM)."""
+    vader = data / "text" / "vader"
+    movies, tweets = vader_texts(vader, "movieReviewSnippets"), vader_texts(vader, "tweets")
+    trec = trec_questions(data / "text" / "trec_qc" / "train.txt")
+    # One mix of question classes, then another: what is asked about moves
+    # from descriptions, entities, abbreviations and numbers to people and places.
+    mix_a = [q for c, q in trec if c in ("DESC", "ENTY", "ABBR", "NUM")]
+    mix_b = [q for c, q in trec if c in ("HUM", "LOC")]
+    X, y = load_npz(data / "vectors" / "cifar10_0_resnet18.npz")
+    class0 = list(X[y == 0])
+    # Class mix change: from class 0 alone to a quarter of other classes (the set
+    # holds 263 of them: a quarter of 1,000 events at most).
+    rng = np.random.default_rng(seed)
+    half = len(class0) // 2
+    others = list(X[y == 1])
+    n_others = min(len(others), n_after // 4)
+    mixed = others[:n_others] + [class0[half + i] for i in rng.permutation(len(class0) - half)[: n_after - n_others]]
+    kw = {"n_before": n_before, "n_after": n_after, "seed": seed}
+    return [
+        drift_scenario("vader_movies_to_tweets", movies, tweets, to_lines=text_lines, **kw),
+        drift_scenario("vader_movies_nochange", movies, None, to_lines=text_lines, **kw),
+        drift_scenario("trec_mix_change", mix_a, mix_b, to_lines=text_lines, **kw),
+        drift_scenario("trec_nochange", mix_a, None, to_lines=text_lines, **kw),
+        drift_scenario("cifar_mix_change", class0[:half], mixed, to_lines=vector_rows_lines, **kw),
+        drift_scenario("cifar_nochange", class0, None, to_lines=vector_rows_lines, **kw),
+    ]
+
+
+def run_drift(data: Path, settings: Settings, *, n_before: int, n_after: int, progress) -> dict:
+    results = {}
+    for stream in drift_streams(data, n_before=n_before, n_after=n_after):
+        run = replay(stream, settings, trace_drift=True)
+        t = drift_timing(stream.change_at, run["alarms"], max_delay=DRIFT_MAX_DELAY)
+        results[stream.name] = {
+            "group": "drift", "events": len(stream.lines), "change_at": t.change_at, "alarms": list(t.alarms),
+            "detected": t.detected, "delay": t.delay, "false_alarms": t.false_alarms,
+            "trace": run["trace"], "events_per_second": len(stream.lines) / run["seconds"],
+        }
+        progress(f"{stream.name}: change {t.change_at}, alarms {list(t.alarms)}")
+    return results
+
+
+def run_audio(settings: Settings, *, seeds: int, progress) -> dict:
+    from streams.synth_audio import FAULTS
+
+    per_seed, plot = [], None
+    for seed in range(seeds):
+        stream = audio_stream(seed=seed)
+        run = replay(stream, settings)
+        fig = figures(stream.labels, run)
+        normal = stream.classes == ""
+        for fault in FAULTS:
+            sel = normal | (stream.classes == fault)
+            fig[f"roc_auc_{fault}"] = roc_auc(stream.labels[sel], run["scores"][sel])
+            fig[f"recall_{fault}"] = float(run["flags"][stream.classes == fault].mean())
+        per_seed.append(fig)
+        if seed == 0:
+            plot = {"y": stream.labels, "nwatch": run["scores"], "classes": stream.classes}
+        progress(f"machine_sound seed {seed}: " + ", ".join(f"{f} {fig[f'roc_auc_{f}']:.3f}" for f in FAULTS))
+    return {"machine_sound": {"group": "audio", "seeds": seeds, "nwatch": _mean(per_seed),
+                              "by_seed": per_seed, "plot": plot}}
+
+
+# ------------------------------------------------------------------ entry point
+
+def main(
+    *, data_dir: str, seeds: int = 3, max_events: int = 50_000, json_out: str | None = None,
+    only: list[str] | None = None, out: str | None = None, baselines: bool = True,
+    settings: Settings | None = None, drift_events: tuple[int, int] = (1500, 1000),
+) -> int:
     data = Path(data_dir)
     if not data.is_dir():
         print(f"no labelled data at {data} (NWATCH_DATA_DIR or --data-dir)")
         return 1
-    published = _published(data)
+    settings = settings or Settings()
+
+    def want(name: str, group: str) -> bool:
+        return only is None or any(o == group or o in name for o in only)
+
+    def progress(msg: str) -> None:
+        print(f"  {msg}", flush=True)
+
     results: dict[str, dict] = {}
-    want = lambda name: only is None or any(o in name for o in only)  # noqa: E731
+    t0 = time.perf_counter()
+    tab = [n for n in TABULAR if want(n, "tabular")]
+    if tab:
+        print(f"tabular ({seeds} seeds, at most {max_events:,} events each)", flush=True)
+        results |= run_anomaly_sets(data, settings, names=tab, folder="tabular", seeds=seeds,
+                                    max_events=max_events, baselines=baselines, progress=progress)
+    vec = [n for n in VECTORS if want(n, "vectors")]
+    if vec:
+        print(f"vectors ({seeds} seeds)", flush=True)
+        results |= run_anomaly_sets(data, settings, names=vec, folder="vectors", seeds=seeds,
+                                    max_events=max_events, baselines=baselines, progress=progress)
+    if want("BGL_2k HDFS_sessions", "logs"):
+        print("logs", flush=True)
+        results |= run_logs(data, settings, baselines=baselines, progress=progress)
+    if want("drift", "drift"):
+        print("drift scenarios (text ones embed with MiniLM)", flush=True)
+        results |= run_drift(data, settings, n_before=drift_events[0], n_after=drift_events[1],
+                             progress=progress)
+    if want("machine_sound audio", "audio"):
+        print("machine sound", flush=True)
+        results |= run_audio(settings, seeds=seeds, progress=progress)
+    elapsed = time.perf_counter() - t0
 
-    print("ROC-AUC over all events / over judged events (warm-up excluded); FAR and recall at alpha")
-    print(f"{'stream':<26} {'events':>7} {'ROC-AUC':>8} {'judged':>7} {'PR-AUC':>7} {'FAR@a':>7} {'recall':>7} "
-          f"{'ADBench KNN':>11} {'IForest':>8} {'ev/s':>7}")
-    sets = [(n, "tabular", _tabular_lines) for n in TABULAR] + [(n, "vectors", _vector_lines) for n in VECTORS]
-    for name, folder, to_lines in sets:
-        if not want(name):
-            continue
-        d = np.load(data / folder / f"{name}.npz", allow_pickle=True)
-        X, y = d["X"].astype(np.float64), d["y"].astype(int)
-        runs = []
-        for seed in range(seeds):
-            order = np.random.default_rng(seed).permutation(len(X))[:max_events]
-            pipe = Pipeline(settings=Settings())
-            t0 = time.perf_counter()
-            recs = _score(pipe, to_lines(X, y, order))
-            runs.append(_figures(recs, time.perf_counter() - t0))
-        agg = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
-        agg["seeds"] = seeds
-        agg["roc_auc_judged_by_seed"] = [r["roc_auc_judged"] for r in runs]
-        pub = published.get(name.split("_", 1)[1], {})
-        if pub:
-            agg["adbench_knn"] = float(pub.get("KNN", "nan")) / 100
-            agg["adbench_iforest"] = float(pub.get("IForest", "nan")) / 100
-        results[name] = agg
-        _row(name, agg)
-    if want("BGL"):
-        pipe = Pipeline(settings=Settings())
-        t0 = time.perf_counter()
-        recs = _score(pipe, _bgl_lines(data / "logs" / "BGL_2k.log"))
-        results["BGL_2k"] = agg = _figures(recs, time.perf_counter() - t0)
-        _row("BGL_2k (file order)", agg)
+    from streams.quality_report import print_summary, to_json, write_report
+
+    print_summary(results, settings)
+    doc = to_json(results, settings, seeds=seeds, max_events=max_events, seconds=elapsed)
     if json_out:
-        with open(json_out, "w") as f:
-            json.dump(results, f, indent=2)
+        Path(json_out).write_text(json.dumps(doc, indent=2))
+    if out:
+        path = write_report(results, doc, Path(out))
+        print(f"report: {path}")
     return 0
-
-
-def _row(name: str, r: dict) -> None:
-    print(
-        f"{name:<26} {r['events']:>7,.0f} {r['roc_auc']:>8.3f} {r['roc_auc_judged']:>7.3f} {r['pr_auc']:>7.3f} {r['false_alarm_rate']:>7.4f} "
-        f"{r['recall']:>7.3f} {r.get('adbench_knn', float('nan')):>11.3f} {r.get('adbench_iforest', float('nan')):>8.3f} "
-        f"{r['events_per_second']:>7,.0f}",
-        flush=True,
-    )

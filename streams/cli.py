@@ -126,7 +126,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         settings = _settings(args)
         return bench_quality(
             data_dir=args.data_dir or settings.data_dir, seeds=args.seeds,
-            max_events=args.max_events, json_out=args.json, only=args.only,
+            max_events=args.max_events, json_out=args.json, only=args.only, out=args.out,
+            baselines=not args.no_baselines, settings=settings,
         )
     if args.what == "speed":
         from streams.bench_speed import main as bench_speed
@@ -233,8 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="labelled data (default: settings data_dir, ../shared/data)")
     p.add_argument("--seeds", type=int, default=3, help="shuffles per tabular set (quality)")
     p.add_argument("--max-events", type=int, default=50_000, help="events per stream at most (quality)")
-    p.add_argument("--only", nargs="+", help="only streams whose name contains one of these (quality); "
+    p.add_argument("--only", nargs="+", help="only these groups (tabular, vectors, logs, drift, audio) "
+                   "or streams whose name contains one of these (quality); "
                    "speed: only these parts (tabular vector logs text memory kafka)")
+    p.add_argument("--out", help="write DIR/quality.md, its PNG plots and quality.json under DIR/quality/ (quality)")
+    p.add_argument("--no-baselines", action="store_true",
+                   help="skip river HalfSpaceTrees and PyOD KNN/IForest (quality)")
     p.add_argument("--events", type=int, default=30_000, help="tabular/vector events per stream (speed)")
     p.add_argument("--log-passes", type=int, default=10, help="times each 2k-line log sample is replayed (speed)")
     p.add_argument("--text-events", type=int, default=2_000, help="texts encoded (speed)")

@@ -100,6 +100,43 @@ def test_drift_is_detected_and_the_new_normal_adopted():
     assert tail.mean() <= 0.02
 
 
+def test_adoption_keeps_judging_and_keeps_anomalies_out_of_the_reference():
+    # A drift alarm must not start a second warm-up: in one, every event joins
+    # the reference unjudged, and anomalies arriving then become normal.
+    rng = np.random.default_rng(5)
+    before = rng.normal(size=(4000, 8))
+    after = rng.normal(size=(4000, 8)) + np.array([1.5, -1.5, 0, 0, 0, 0, 0, 0])
+    X = np.vstack([before, after]).astype(np.float32)
+    # right after the adoption, and sparse: every score joins the calibration set,
+    # so anomalies denser than alpha would raise each other's p-values
+    planted = np.array([4450, 4800, 5300])
+    X[planted] += np.float32(8.0)
+    mon = SourceMonitor(alpha=0.01, drift_policy="adopt")
+    flags, warm, _, alarms = run(mon, X)
+    assert len(alarms) == 1 and int(alarms[0].detected_at[1:]) < 4450
+    first_judged = int(np.argmin(warm))
+    assert not warm[first_judged:].any()
+    assert flags[planted].all()
+    stored = set(mon.detector.index.ids())
+    assert not stored & {f"e{i}" for i in planted}
+
+
+def test_state_round_trip_during_recalibration_gives_identical_results():
+    rng = np.random.default_rng(5)
+    X = np.vstack([rng.normal(size=(4000, 8)), rng.normal(size=(2000, 8)) + 1.5]).astype(np.float32)
+    a = SourceMonitor(alpha=0.01, drift_policy="adopt")
+    for end in range(64, len(X), 64):  # stop right after the adoption
+        if run(a, X[end - 64 : end])[3]:
+            break
+    assert a._next_thresholder is not None
+    b = SourceMonitor(alpha=0.01, drift_policy="adopt")
+    b.set_state(a.get_state())
+    fa, _, pa, _ = run(a, X[end:])
+    fb, _, pb, _ = run(b, X[end:])
+    np.testing.assert_array_equal(pa, pb)
+    np.testing.assert_array_equal(fa, fb)
+
+
 def test_state_round_trip_mid_stream_gives_identical_results():
     X = gaussian_stream(3000, 5, seed=11)
     X[2500:] += 2.0
