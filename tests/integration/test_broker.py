@@ -193,7 +193,7 @@ def test_ensure_topics_creates_the_app_topics(broker: EmbeddedBroker, unique_top
         alerts_topic=f"{p}.alerts", dlq_topic=f"{p}.dlq",
     )  # fmt: skip
     names = default_topics(settings)
-    parts = ("events", "more", "scores", "anomalies", "drift", "alerts", "dlq")
+    parts = ("events", "more", "scores", "anomalies", "drift", "alerts", "dlq", "alerts.dlq")
     assert names == [f"{p}.{n}" for n in parts]
     assert ensure_topics(broker.bootstrap_servers, names) == names
     assert set(names) <= _list_topics(broker.bootstrap_servers)
