@@ -207,13 +207,13 @@ def worker_env(bootstrap: str, topics: dict[str, str], **extra: str) -> dict[str
     return env
 
 
-def start_worker(env: dict[str, str], log_path) -> tuple:
-    """``nwatch run`` as a child process in its own group; returns (process, open log file)."""
+def start_worker(env: dict[str, str], log_path, *args: str) -> tuple:
+    """``nwatch run [args]`` as a child process in its own group; returns (process, open log file)."""
     import subprocess
     import sys
 
     log = open(log_path, "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "run"], env=env, stdout=log,
+    proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "run", *args], env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     return proc, log
 

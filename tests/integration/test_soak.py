@@ -64,7 +64,8 @@ def test_steady_rate_soak_memory_flat_index_bounded_backlog_bounded(broker, tmp_
     def produce() -> None:
         produce_paced(bootstrap, t["events"], lines, RATE, stop=stop, counter=produced)
 
-    worker, log = start_worker(env, tmp_path / "worker.log")
+    # faust logs rebalances and consumer trouble at INFO: a stall must leave a trace
+    worker, log = start_worker(env, tmp_path / "worker.log", "--loglevel", "info")
     proc = psutil.Process(worker.pid)
     samples: list[dict] = []
     thread = threading.Thread(target=produce, daemon=True)
