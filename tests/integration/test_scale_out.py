@@ -16,7 +16,6 @@ import signal
 import tempfile
 import threading
 import time
-import urllib.request
 
 import orjson
 import pytest
@@ -25,7 +24,7 @@ from streams.runtime import stop_process_group
 from streams.samples import sample_lines
 from tests.conftest import assert_same_results
 from tests.integration.conftest import free_port, read_topic, start_worker, worker_env
-from tests.integration.test_chaos import _expected, _produce, _topics
+from tests.integration.test_chaos import _expected, _produce, _topics, _worker_scored
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -40,14 +39,6 @@ def _spread(lines: list[bytes], ways: int = 4) -> list[bytes]:
         d["source"] = f"{d['source']}-{i % ways}"
         out.append(orjson.dumps(d))
     return out
-
-
-def _events_scored(port: int) -> float:
-    try:
-        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    except OSError:
-        return 0.0
-    return sum(float(x.rsplit(" ", 1)[1]) for x in body.splitlines() if x.startswith("nwatch_events_total{"))
 
 
 @pytest.mark.parametrize("workers", [2, 3])
@@ -72,11 +63,11 @@ def test_workers_share_partitions_and_take_over_a_killed_one(broker, tmp_path, w
             logs.append(log)
         producer.start()
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and sum(_events_scored(p) > 0 for p in ports) < workers:
+        while time.monotonic() < deadline and sum(_worker_scored(p) > 0 for p in ports) < workers:
             for k, p in enumerate(procs):
                 assert p.poll() is None, (tmp_path / f"worker-{k}.log").read_text(errors="replace")[-3000:]
             time.sleep(1)
-        shares = [_events_scored(p) for p in ports]
+        shares = [_worker_scored(p) for p in ports]
         assert all(s > 0 for s in shares), shares  # every worker got partitions
         os.killpg(procs[0].pid, signal.SIGKILL)  # the others take its partitions over
         procs[0].wait(timeout=30)
@@ -89,7 +80,7 @@ def test_workers_share_partitions_and_take_over_a_killed_one(broker, tmp_path, w
             if scored >= set(ids):
                 break
             time.sleep(2)
-        after = [_events_scored(p) for p in ports[1:]]
+        after = [_worker_scored(p) for p in ports[1:]]
         took_over = "".join((tmp_path / f"worker-{k}.log").read_text(errors="replace") for k in range(1, workers))
     finally:
         for p in procs[1:]:
