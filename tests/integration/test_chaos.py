@@ -50,8 +50,8 @@ def _topics(bootstrap: str, partitions: int = 3) -> dict[str, str]:
 
 
 def _produce(bootstrap: str, topic: str, lines: list[bytes], rate: float, done: threading.Event,
-             stop: threading.Event | None = None) -> None:
-    produce_paced(bootstrap, topic, lines, rate, stop=stop, done=done)
+             stop: threading.Event | None = None, counter: list[int] | None = None) -> None:
+    produce_paced(bootstrap, topic, lines, rate, stop=stop, done=done, counter=counter)
 
 
 def _read_all(bootstrap: str, topic: str) -> list:
@@ -90,11 +90,13 @@ def _wait_for_progress(port: int, proc, log_path, timeout: float = 90.0) -> None
     raise AssertionError(f"worker scored nothing in {timeout} s:\n" + log_path.read_text(errors="replace")[-3000:])
 
 
-def _expected(bootstrap: str, topics: dict[str, str]) -> dict[str, dict]:
-    """Each event's score record from one uninterrupted offline pipeline, in each partition's order."""
+def _expected(bootstrap: str, topics: dict[str, str], records: list | None = None) -> dict[str, dict]:
+    """Each event's score record from one uninterrupted offline pipeline, in each partition's order
+    (``records``: the input topic as already read, by partition and offset)."""
     pipe = Pipeline(settings=Settings())
     expected: dict[str, dict] = {}
-    records = _read_all(bootstrap, topics["events"])  # by partition, then offset
+    if records is None:
+        records = _read_all(bootstrap, topics["events"])
     for i in range(0, len(records), BATCH):  # any batching gives the same results
         result = pipe.process_raw([r.value for r in records[i : i + BATCH]])
         for _, rec in result.scores:
@@ -112,7 +114,8 @@ def _chaos_run(broker, tmp_path, sig: int, kills: int, seed: int) -> dict:
     lines = list(sample_lines(events=n_events, seed=seed, broken=0, kinds=KINDS))
     env = worker_env(bootstrap, topics, NWATCH_STATE__SNAPSHOT_INTERVAL="2")
     done, stop = threading.Event(), threading.Event()
-    producer = threading.Thread(target=_produce, args=(bootstrap, topics["events"], lines, RATE, done, stop),
+    sent = [0]
+    producer = threading.Thread(target=_produce, args=(bootstrap, topics["events"], lines, RATE, done, stop, sent),
                                 daemon=True)
     producer.start()
     restarts = 0
@@ -143,7 +146,10 @@ def _chaos_run(broker, tmp_path, sig: int, kills: int, seed: int) -> dict:
         scores: list = []
         ids: set[str] = set()
         dlq: list = []
-        produced_ids = [orjson.loads(r.value)["id"] for r in _read_all(bootstrap, topics["events"])]
+        # The input is read once: the oracle's ids and its expected scores come from the same read.
+        inputs = _read_all(bootstrap, topics["events"])
+        produced_ids = [orjson.loads(r.value)["id"] for r in inputs]
+        assert len(produced_ids) == sent[0], (len(produced_ids), sent[0])  # the read is whole
         while time.monotonic() < deadline:
             scores = read_topic(bootstrap, topics["scores"])
             dlq = read_topic(bootstrap, topics["dlq"])
@@ -165,7 +171,7 @@ def _chaos_run(broker, tmp_path, sig: int, kills: int, seed: int) -> dict:
             dlq_ids.add(orjson.loads(r.value)["id"])
         except Exception:
             pass
-    expected = _expected(bootstrap, topics)
+    expected = _expected(bootstrap, topics, inputs)
     assert set(expected) == set(produced_ids)
     lost = set(produced_ids) - ids - dlq_ids
     for rec in records:
