@@ -111,7 +111,9 @@ def _chaos_run(broker, tmp_path, sig: int, kills: int, seed: int) -> dict:
     # The stream outlasts the kills (a cycle takes 10-20 s: the group waits out the
     # dead member's session); production stops 5 s after the last restart.
     n_events = int(RATE * (15 + 30 * kills))
-    lines = list(sample_lines(events=n_events, seed=seed, broken=0, kinds=KINDS))
+    # Event times end now: a long stream from the fixed sample start would run
+    # into the future, and its tail would be refused as future_timestamp.
+    lines = list(sample_lines(events=n_events, seed=seed, broken=0, kinds=KINDS, start=time.time() - 2.0 * n_events))
     env = worker_env(bootstrap, topics, NWATCH_STATE__SNAPSHOT_INTERVAL="2")
     done, stop = threading.Event(), threading.Event()
     sent = [0]
