@@ -293,13 +293,14 @@ class Worker:
                 firsts[tp] = e.message.offset
         for tp, first in firsts.items():
             # One take-over per partition, even with several batches in flight.
-            if tp not in self._taking:
-                self._taking[tp] = asyncio.ensure_future(self._take_over(tp, first))
+            task = self._taking.get(tp)
+            if task is None:
+                task = self._taking[tp] = asyncio.ensure_future(self._take_over(tp, first))
             try:
-                await asyncio.shield(self._taking[tp])
+                await asyncio.shield(task)
             finally:
-                if self._taking.get(tp) is not None and self._taking[tp].done():
-                    del self._taking[tp]
+                if task.done():
+                    self._taking.pop(tp, None)
         skip = self.durable.skip_below
         events = [e for e in events if e.message.offset >= skip[(e.message.topic, e.message.partition)]]
         if not events:

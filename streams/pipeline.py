@@ -353,13 +353,13 @@ class Pipeline:
         p = state.pending
         if not p:
             p.warming = bool(state.monitor.is_warming_up)
+        scores = d.scores.tolist()
+        flags = d.is_anomaly.tolist()
         p.events.extend(e for _, e in items)
         p.vectors.extend(X)
-        p.scores.extend(d.scores.tolist())
-        flags = d.is_anomaly.tolist()
+        p.scores.extend(scores)
         p.flags.extend(flags)
         p.keep.extend(d.learned.tolist())
-        scores = d.scores.tolist()
         pvals = d.p_values.tolist()
         warm = d.warming_up.tolist()
         dists = d.distances.tolist()

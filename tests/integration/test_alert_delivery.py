@@ -8,7 +8,6 @@ import time
 
 import orjson
 import pytest
-from kafka import KafkaProducer
 
 from streams.runtime import stop_process_group
 from streams.samples import sample_lines
@@ -81,11 +80,7 @@ def test_hung_receiver_does_not_hold_up_detection(broker, tmp_path):
     )
     worker, log = start_worker(env, tmp_path / "worker.log")
     try:
-        producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=10)
-        for line in lines:
-            producer.send(t["events"], key=orjson.loads(line)["source"].encode(), value=line)
-        producer.flush()
-        producer.close()
+        produce_paced(bootstrap, t["events"], lines)
         deadline = time.monotonic() + 200
         while time.monotonic() < deadline and _count(bootstrap, t["scores"]) < len(lines):
             assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
@@ -165,11 +160,7 @@ def test_receiver_down_then_back_gets_every_alert(broker, tmp_path):
     receiver = None
     try:
         lines = list(sample_lines(events=2500, seed=22, broken=0, kinds=["transaction", "vector"]))
-        producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=10)
-        for line in lines:
-            producer.send(t["events"], key=orjson.loads(line)["source"].encode(), value=line)
-        producer.flush()
-        producer.close()
+        produce_paced(bootstrap, t["events"], lines)
         deadline = time.monotonic() + 200
         while time.monotonic() < deadline and _count(bootstrap, t["alerts_dlq"]) == 0:
             assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
