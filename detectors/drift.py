@@ -43,7 +43,7 @@ dimensions whose standardised mean moved most.
 >>> monitor = CentroidDriftMonitor(reference_size=1000, block_size=50)
 >>> alarms = monitor.update(X, [f"e{i}" for i in range(len(X))])
 >>> [(a.detected_at, a.events_seen) for a in alarms]
-[('e2799', 2800)]
+[('e2749', 2750)]
 """
 
 from __future__ import annotations
@@ -94,6 +94,9 @@ _MAX_KURTOSIS = 20.0
 _TAU_STEP = 0.005
 # Blocks of the largest possible score that may not alarm by themselves.
 _BURST_BLOCKS = 2
+
+# Bootstrap blocks measured against one pseudo-reference (see _establish).
+_BLOCKS_PER_PSEUDO = 4
 
 # Lloyd iterations of the reference k-means: the clusters only label regions
 # for the explanation, so a rough partition is enough.
@@ -209,8 +212,9 @@ class CentroidDriftMonitor:
     one drift gives one alarm.
 
     ``update`` costs O(n * d) for a batch of n vectors of dim d. Establishing a
-    reference costs O(bootstrap * reference_size * d) for the bootstrap and
-    k-means plus a calibration of at most ``_MAX_PATH_STEPS`` simulated CUSUM
+    reference costs O(bootstrap * (block_size + reference_size / 4) * d) for
+    the bootstrap (the k-means of the explanation runs at the first alarm or
+    state save of a reference, not before) plus a calibration of at most ``_MAX_PATH_STEPS`` simulated CUSUM
     steps (about 0.25 s at the defaults), which monitors with equal settings
     and similar data share through a cache. Memory: two references' worth of
     vectors (the reference being collected and the explanation ring).
@@ -283,7 +287,7 @@ class CentroidDriftMonitor:
         self._sigma = np.ones(0)
         self._null_t = np.zeros(0)  # sorted bootstrap T
         self._h = math.nan
-        self._centres = np.zeros((0, 0))
+        self._centres: np.ndarray | None = None  # None: not computed for this reference yet
         self._ref_shares = np.zeros(0)
         self._novel_radius = math.inf
         # CUSUM
@@ -539,13 +543,20 @@ class CentroidDriftMonitor:
         # float32 products: half the time of float64 at d = 384, and the
         # moments of standardised data lose nothing that matters in T.
         z32 = zref.astype(np.float32)
-        block_means = _resample_weights(rng, self.bootstrap, b, n) @ z32
-        pseudo = _resample_weights(rng, self.bootstrap, n, n)
+        # A block is b rows, so its mean is a sparse product (b terms per draw,
+        # not n); the pseudo-references are dense resamples of all n rows and
+        # cost B * n * d each, so fewer of them are drawn and each is paired
+        # with several blocks. The pseudo-reference only adds the reference's
+        # estimation error (about b / n of T), which a few hundred draws hold.
+        block_means = _block_means(rng, z32, self.bootstrap, b)
+        n_pseudo = max(1, math.ceil(self.bootstrap / _BLOCKS_PER_PSEUDO))
+        pseudo = _resample_weights(rng, n_pseudo, n, n)
         pseudo_means = pseudo @ z32
         pseudo_var = pseudo @ (z32 * z32) - pseudo_means**2
         # zref is in units of sigma; the floor keeps constant dimensions at 0 / floor = 0
         pseudo_sd = np.maximum(np.sqrt(np.maximum(pseudo_var, 0.0)), floor / sigma)
-        zc = (block_means - pseudo_means).astype(np.float64) / pseudo_sd
+        pair = np.arange(self.bootstrap) % n_pseudo
+        zc = (block_means - pseudo_means[pair]).astype(np.float64) / pseudo_sd[pair]
         null_t = np.sort(b * np.mean(zc * zc, axis=1))
 
         # Normal scores of the null sample itself, each ranked among the others.
@@ -558,8 +569,9 @@ class CentroidDriftMonitor:
         # from the spread (var(sd^2 / sigma^2) = (kurtosis - 1) / n), 1 / B from
         # the finite bootstrap. Measured across 100 Gaussian references, d = 4
         # and 64: sd 0.057 against 0.063 from this formula; Student t5: 0.068.
-        m2 = np.mean(zref * zref, axis=0)
-        m4 = np.mean(zref**4, axis=0)
+        zsq = zref * zref
+        m2 = np.mean(zsq, axis=0)
+        m4 = np.mean(zsq * zsq, axis=0)  # not zref**4: pow() is 100x slower
         live = m2 > 0.0
         kurtosis = float(np.mean(m4[live] / m2[live] ** 2)) if live.any() else 3.0
         # Capped so that a few giant outliers in one dimension cannot blow up h.
@@ -583,15 +595,14 @@ class CentroidDriftMonitor:
         u_max = float(ndtri((2.0 * len(null_t) + 1.0) / (2.0 * (len(null_t) + 1))))
         h = max(h, _BURST_BLOCKS * (u_max - _CUSUM_K))
 
-        centres = _kmeans(zref, min(self.n_clusters, n), rng)
-        near, dist = _nearest(zref, centres)
         self._mu = mu
         self._sigma = sigma
         self._null_t = null_t
         self._h = h
-        self._centres = centres
-        self._ref_shares = np.bincount(near, minlength=len(centres)) / n
-        self._novel_radius = float(np.quantile(dist, _NOVEL_QUANTILE))
+        # The clusters only serve explanations: computed at the first alarm
+        # (or state save) of this reference, from its rows, which stay in
+        # _ref_rows until an alarm under "adopt" starts collecting the next.
+        self._centres = None
         self._s = 0.0
         self._run_blocks = 0
         self._ring_pos = 0
@@ -605,6 +616,20 @@ class CentroidDriftMonitor:
         self._n_established += 1
 
     # ---------------------------------------------------------- explanation
+
+    def _ensure_clusters(self) -> None:
+        """k-means of the established reference, once per reference, when first needed."""
+        if self._centres is not None:
+            return
+        assert self._ref_rows is not None and self._phase != _COLLECTING
+        zref = (self._ref_rows.astype(np.float64) - self._mu) / self._sigma
+        n = len(zref)
+        rng = np.random.default_rng([self.seed, self._n_established - 1, 1])
+        centres = _kmeans(zref, min(self.n_clusters, n), rng)
+        near, dist = _nearest(zref, centres)
+        self._centres = centres
+        self._ref_shares = np.bincount(near, minlength=len(centres)) / n
+        self._novel_radius = float(np.quantile(dist, _NOVEL_QUANTILE))
 
     def _push_ring(self, rows: np.ndarray, ids: list[str]) -> None:
         cap = self._ring_capacity
@@ -650,6 +675,7 @@ class CentroidDriftMonitor:
 
     def _explain(self, window: np.ndarray, ids: list[str]) -> dict[str, Any]:
         """What moved between the reference and ``window`` (JSON-able)."""
+        self._ensure_clusters()
         z = (window.astype(np.float64) - self._mu) / self._sigma
         near, dist = _nearest(z, self._centres)
         k = len(self._centres)
@@ -677,7 +703,10 @@ class CentroidDriftMonitor:
 
     def get_state(self) -> State:
         """Everything needed to continue exactly where this monitor is (JSON values and arrays)."""
+        if self._centres is None and self._phase != _COLLECTING:
+            self._ensure_clusters()
         ring, ring_ids = self._ring_tail(self._ring_count)
+        centres = np.zeros((0, 0)) if self._centres is None else self._centres
         return {
             "version": _STATE_VERSION,
             "config": self._config(),
@@ -693,7 +722,7 @@ class CentroidDriftMonitor:
             "sigma": self._sigma.copy(),
             "null_t": self._null_t.copy(),
             "threshold": None if math.isnan(self._h) else float(self._h),
-            "centres": self._centres.copy(),
+            "centres": centres.copy(),
             "ref_shares": self._ref_shares.copy(),
             "novel_radius": None if math.isinf(self._novel_radius) else self._novel_radius,
             "s": float(self._s),
@@ -731,7 +760,8 @@ class CentroidDriftMonitor:
             self._sigma = np.asarray(state["sigma"], dtype=np.float64)
             self._null_t = np.asarray(state["null_t"], dtype=np.float64)
             self._h = math.nan if state["threshold"] is None else float(state["threshold"])
-            self._centres = np.asarray(state["centres"], dtype=np.float64)
+            centres = np.asarray(state["centres"], dtype=np.float64)
+            self._centres = centres if centres.size else None
             self._ref_shares = np.asarray(state["ref_shares"], dtype=np.float64)
             radius = state["novel_radius"]
             self._novel_radius = math.inf if radius is None else float(radius)
@@ -776,6 +806,19 @@ def _resample_weights(rng: np.random.Generator, draws: int, size: int, n: int) -
     weights = np.bincount(picks.ravel(), minlength=draws * n).astype(np.float32)
     weights *= np.float32(1.0 / size)
     return weights.reshape(draws, n)
+
+
+def _block_means(rng: np.random.Generator, z: np.ndarray, draws: int, size: int) -> np.ndarray:
+    """(draws, d): row i is the mean of ``size`` rows of ``z`` drawn with replacement."""
+    from scipy.sparse import csr_matrix
+
+    n = len(z)
+    picks = rng.integers(0, n, size=draws * size)
+    weights = csr_matrix(
+        (np.full(draws * size, 1.0 / size, dtype=np.float32), picks, np.arange(0, draws * size + 1, size)),
+        shape=(draws, n),
+    )
+    return np.asarray(weights @ z, dtype=np.float32)
 
 
 def _normal_scores(null_t: np.ndarray, t: np.ndarray) -> np.ndarray:

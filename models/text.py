@@ -182,6 +182,10 @@ class TextEncoder:
     def encode(self, events: Sequence[Event]) -> np.ndarray:
         return self.cache.embed([e.payload.strip() for e in events], self.backend)
 
+    def prefetch(self, events: Sequence[Event]) -> None:
+        """Embed the texts of ``events`` not cached yet, in one model call."""
+        self.encode(events)
+
 
 _shared: dict[tuple, SentenceTransformerBackend] = {}
 _shared_lock = threading.Lock()
