@@ -221,7 +221,10 @@ class Pipeline:
         self.clock = clock
         self._text_backend = text_backend or (
             lambda: shared_backend(
-                model_path=settings.models.text_model_path, threads=settings.models.threads
+                model_path=settings.models.text_model_path,
+                threads=settings.models.threads,
+                backend=settings.models.text_backend,
+                export_dir=settings.models.export_dir,
             )
         )
         self.sources: dict[str, SourceState] = {}
