@@ -135,7 +135,8 @@ class OpenVINOBackend:
     never leaves a half-written model behind. Tokenisation is the model's own
     fast tokenizer (``tokenizer.json``), truncated at the model's 256 tokens
     like sentence-transformers; texts are sorted by length before batching,
-    so a batch pads little.
+    so a batch pads little (batches of 16 measured ~10% faster than 32 on
+    VADER texts with one thread).
     """
 
     name = "all-MiniLM-L6-v2"
@@ -147,7 +148,7 @@ class OpenVINOBackend:
         model_path: str | None = None,
         export_dir: str | None = None,
         threads: int = 1,
-        batch_size: int = 32,
+        batch_size: int = 16,
         precision: Literal["int8", "fp32"] = "int8",
     ) -> None:
         self.model_path = model_path
@@ -235,6 +236,8 @@ class OpenVINOBackend:
         return target
 
     def _load(self) -> None:
+        # one thread for the tokenizer as for the model (2 shared cores)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         import openvino as ov
         from tokenizers import Tokenizer
 
