@@ -149,7 +149,7 @@ class OpenVINOBackend:
         export_dir: str | None = None,
         threads: int = 1,
         batch_size: int = 16,
-        precision: Literal["int8", "fp32"] = "int8",
+        precision: Literal["int8-static", "int8", "fp32"] = "int8",
     ) -> None:
         self.model_path = model_path
         self.export_dir = export_dir or default_export_dir()
@@ -214,13 +214,16 @@ class OpenVINOBackend:
             # depend on the input (no causal mask, no key-value cache).
             warnings.simplefilter("ignore")
             model = ov.convert_model(_MeanPooled(bert), example_input=example)
-        if self.precision == "int8":
+        if self.precision.startswith("int8"):
             import logging
 
             import nncf
 
             nncf.set_log_level(logging.WARNING)
+        if self.precision == "int8":
             model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+        elif self.precision == "int8-static":
+            model = self._quantize_static(model, path)
         target.parent.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=target.parent.parent))
         try:
@@ -235,18 +238,54 @@ class OpenVINOBackend:
         self.export_seconds = time.perf_counter() - t0
         return target
 
-    def _load(self) -> None:
-        # one thread for the tokenizer as for the model (2 shared cores)
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        import openvino as ov
+    def _tokenizer_of(self, path: str):
         from tokenizers import Tokenizer
 
-        path, _ = self._source()
-        xml = self.export()
         max_len = json.loads((Path(path) / "sentence_bert_config.json").read_text())["max_seq_length"]
         tok = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
         tok.enable_truncation(max_length=max_len)
         tok.enable_padding(pad_id=tok.token_to_id("[PAD]") or 0, pad_token="[PAD]")
+        return tok
+
+    def _quantize_static(self, model, path: str):
+        """int8 weights and activations (NNCF post-training quantisation).
+
+        Calibrated on the sentences of the model package's own README (no
+        data set is fetched). The feed-forward output layers stay in float:
+        quantising them too put the rank correlation of similarities with
+        fp32 at 0.988 on TREC questions, keeping them gave 0.998.
+        """
+        import re
+
+        import nncf
+
+        readme = (Path(path) / "README.md").read_text("utf-8", "replace")
+        sentences = [t.strip() for t in re.split(r"[.\n]", readme) if len(t.split()) >= 4]
+        tok = self._tokenizer_of(path)
+        samples = []
+        for text in sentences[:300]:
+            enc = tok.encode_batch([text])
+            samples.append({
+                "input_ids": np.array([e.ids for e in enc], dtype=np.int64),
+                "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64),
+            })
+        return nncf.quantize(
+            model,
+            nncf.Dataset(samples),
+            model_type=nncf.ModelType.TRANSFORMER,
+            preset=nncf.QuantizationPreset.MIXED,
+            subset_size=len(samples),
+            ignored_scope=nncf.IgnoredScope(patterns=[r".*layer\.\d+\.output\.dense.*"]),
+        )
+
+    def _load(self) -> None:
+        # one thread for the tokenizer as for the model (2 shared cores)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        import openvino as ov
+
+        path, _ = self._source()
+        xml = self.export()
+        tok = self._tokenizer_of(path)
         config = {"INFERENCE_NUM_THREADS": self.threads, "PERFORMANCE_HINT": "LATENCY"}
         compiled = ov.Core().compile_model(str(xml), "CPU", config)
         self._tokenizer = tok
@@ -383,7 +422,7 @@ class TextEncoder:
         self.encode(events)
 
 
-TEXT_BACKENDS = ("openvino-int8", "openvino-fp32", "torch-fp32")
+TEXT_BACKENDS = ("openvino-int8", "openvino-int8-static", "openvino-fp32", "torch-fp32")
 
 _shared: dict[tuple, TextBackend] = {}
 _shared_lock = threading.Lock()
@@ -413,6 +452,6 @@ def shared_backend(
                     model_path=model_path,
                     export_dir=export_dir,
                     threads=threads,
-                    precision="int8" if backend == "openvino-int8" else "fp32",
+                    precision=backend.removeprefix("openvino-"),
                 )
         return _shared[key]

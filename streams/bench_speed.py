@@ -283,11 +283,25 @@ def bench_text(data_dir: Path, *, events: int, held_out: int) -> list[Row]:
         lines = text_lines(texts)
         n, s, _ = run_pipeline(p, lines, warmup=0)
         held = trec_questions(data_dir)[:held_out]
-        rho = pairwise_rank_correlation(backend.embed(held), plain.embed(held))
+        fp32_held = plain.embed(held)
+        rho = pairwise_rank_correlation(backend.embed(held), fp32_held)
         # the backend alone on the same texts (no pipeline, no cache)
         t0 = time.perf_counter()
         backend.embed(texts)
         alone = time.perf_counter() - t0
+        # the opt-in static int8 backend, alone
+        from models.text import OpenVINOBackend
+
+        static = OpenVINOBackend(export_dir=export_dir, precision="int8-static", threads=settings.models.threads)
+        static.embed(["warm up"])
+        t0 = time.perf_counter()
+        static.embed(texts)
+        static_s = time.perf_counter() - t0
+        rho_static = pairwise_rank_correlation(static.embed(held), fp32_held)
+        rows.append(Row(f"VADER {len(texts)} texts (text)", "backend alone (openvino-int8-static)",
+                        len(texts), static_s, rss_mb(),
+                        note=f"encode only; rank corr. vs fp32 {rho_static:.4f}; export {static.export_seconds or 0:.1f} s",
+                        extra={"rank_correlation_vs_fp32": rho_static, "export_seconds": static.export_seconds}))
     # The load of a shared machine drifts during a run: fp32 is timed again
     # after the pipeline, and the best baseline row is the one to compare with.
     baseline(1, ", after")

@@ -130,11 +130,15 @@ class ModelSettings(_Frozen):
     threads: int = Field(1, ge=1)
     text_cache_size: int = Field(10_000, ge=0)
     # Inference backend of the text model: "openvino-int8" (default: exported
-    # once to OpenVINO IR with int8 weights, ~3x the texts/s of fp32, rank
-    # correlation of similarities with fp32 0.999), "openvino-fp32", or
-    # "torch-fp32" (plain sentence-transformers). Their vectors differ, so the
-    # encoder version differs: a snapshot of one is not restored into another.
-    text_backend: Literal["openvino-int8", "openvino-fp32", "torch-fp32"] = "openvino-int8"
+    # once to OpenVINO IR with int8 weights), "openvino-int8-static" (weights
+    # and activations in int8 but the feed-forward output layers, calibrated
+    # on the model README's sentences: faster, a little further from fp32),
+    # "openvino-fp32", or "torch-fp32" (plain sentence-transformers). Figures
+    # in docs/speed.md. Their vectors differ, so the encoder version differs:
+    # a snapshot of one is not restored into another.
+    text_backend: Literal["openvino-int8", "openvino-int8-static", "openvino-fp32", "torch-fp32"] = (
+        "openvino-int8"
+    )
     # Where the exported model is cached (None: ~/.cache/neighbourwatch/models,
     # or under $XDG_CACHE_HOME). The first use exports it (~10 s on 2 cores).
     export_dir: str | None = None

@@ -96,10 +96,11 @@ def test_backends_that_give_other_vectors_have_other_versions():
         for b in (
             SentenceTransformerBackend(),
             OpenVINOBackend(precision="int8"),
+            OpenVINOBackend(precision="int8-static"),
             OpenVINOBackend(precision="fp32"),
         )
     }
-    assert len(versions) == 3
+    assert len(versions) == 4
 
 
 @pytest.mark.model
@@ -128,3 +129,26 @@ def test_openvino_int8_export_is_cached_and_ranks_similarities_like_fp32(tmp_pat
     iu = np.triu_indices(len(texts), k=1)
     assert spearmanr((X @ X.T)[iu], (ref @ ref.T)[iu]).statistic > 0.98
     assert X[0] @ X[1] > X[0] @ X[2] + 0.3
+
+
+@pytest.mark.model
+def test_openvino_static_int8_ranks_similarities_like_fp32(tmp_path):
+    from scipy.stats import spearmanr
+
+    from models.text import OpenVINOBackend
+
+    texts = [
+        "my card was declined at the shop", "the payment with my card was refused",
+        "preheat the oven to 180 degrees", "bake the cake for forty minutes",
+        "the train to Paris is delayed", "our flight was cancelled this morning",
+        "What is the capital of Australia?", "Who wrote War and Peace?",
+        "How many people live in Tokyo?", "What is the boiling point of water?",
+        "a much longer sentence about the weather, the rain, the wind and whether the match goes on",
+    ]
+    b = OpenVINOBackend(export_dir=str(tmp_path), precision="int8-static")
+    X = b.embed(texts)
+    assert b.version.endswith("+ov-int8-static") and b.exported_path().is_file()
+    np.testing.assert_allclose(np.linalg.norm(X, axis=1), 1.0, rtol=1e-4)
+    ref = SentenceTransformerBackend(threads=1).embed(texts)
+    iu = np.triu_indices(len(texts), k=1)
+    assert spearmanr((X @ X.T)[iu], (ref @ ref.T)[iu]).statistic >= 0.99  # the bar
