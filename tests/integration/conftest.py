@@ -176,6 +176,17 @@ def produce_paced(
             done.set()
 
 
+def worker_scored(port: int) -> float:
+    """``nwatch_events_total`` of one worker process (0 until it serves /metrics)."""
+    import urllib.request
+
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    except OSError:
+        return 0.0
+    return sum(float(x.rsplit(" ", 1)[1]) for x in body.splitlines() if x.startswith("nwatch_events_total{"))
+
+
 def free_port() -> int:
     """A loopback port nothing listens on right now."""
     import socket
