@@ -150,7 +150,7 @@ class Worker:
     ----------
     settings : Settings
     pipeline : Pipeline, optional
-        Defaults to ``Pipeline(settings=settings)``.
+        Defaults to ``Pipeline(settings=settings, merge_shards=False)``: shard summaries go to Kafka.
     metrics : optional
         A ``streams.metrics.Metrics``; ``observe_batch`` is called per batch.
     deliverer : optional
@@ -170,7 +170,7 @@ class Worker:
         on_batch: Callable[[BatchResult], None] | None = None,
     ) -> None:
         self.settings = settings
-        self.pipeline = pipeline or Pipeline(settings=settings)
+        self.pipeline = pipeline or Pipeline(settings=settings, merge_shards=False)
         self.metrics = metrics
         self.deliverer = deliverer
         self.on_batch = on_batch

@@ -60,7 +60,7 @@ def _pipeline(settings: Settings):
 
     from streams.pipeline import Pipeline
 
-    pipeline = Pipeline(settings=settings)
+    pipeline = Pipeline(settings=settings, merge_shards=False)
     if settings.models.preload:
         threading.Thread(target=pipeline.preload, name="nwatch-preload", daemon=True).start()
     return pipeline
