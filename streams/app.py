@@ -181,6 +181,7 @@ class Worker:
         self._declared: set[str] = set()
         self._taking: dict[TP, asyncio.Future] = {}  # partition take-overs under way
         self._input_consumer: Any = None  # the aiokafka input path's consumer, while it runs
+        self._merging = False  # this worker holds the shard-summaries partition and its merge state
         self._issue_lock = asyncio.Lock()  # output topics declared for the direct produce path
         self.app: faust.App | None = None
         store = None
@@ -234,6 +235,15 @@ class Worker:
         self.alerts_topic = app.topic(k.alerts_topic, **raw)
         self.dlq_topic = app.topic(k.dlq_topic, **raw)
         self.alerts_dlq_topic = app.topic(k.alerts_dlq_topic, **raw)
+        self.summaries_topic = app.topic(k.shard_summaries_topic, partitions=1, compacting=True, **raw)
+
+        if self.settings.is_sharded:
+            # One partition, so one worker of the group merges every sharded
+            # source's summaries; a worker that takes it over rebuilds the merge.
+            @app.agent(self.summaries_topic, name="nwatch-merge")
+            async def merge(stream: Any) -> None:
+                async for events in stream.take_events(100, within=0.2):
+                    await self.merge(events)
 
         if k.input_path == "aiokafka":
 
@@ -264,6 +274,9 @@ class Worker:
         async def revoked(_app: Any, revoked: set[Any], **_: Any) -> None:
             # faust has waited for the agents to finish their batches: the state is consistent
             tps = [(tp.topic, tp.partition) for tp in revoked]
+            if any(t == k.shard_summaries_topic for t, _ in tps):
+                self._merging = False  # rebuilt from the topic if it comes back
+                self.pipeline.mergers.clear()
             await asyncio.get_running_loop().run_in_executor(self._pipeline_executor(), self.durable.release, tps)
 
         @app.on_partitions_assigned.connect
@@ -451,6 +464,9 @@ class Worker:
                 out.append((self.anomalies_topic, key, value, None))
                 alert = Alert.from_anomaly(d)
                 out.append((self.alerts_topic, alert.fingerprint.encode(), _bytes(alert.to_json()), None))
+        for msg, kind, encoder in result.summaries:
+            value = orjson.dumps(msg.to_dict() | {"kind": kind, "encoder": encoder})
+            out.append((self.summaries_topic, msg.key.encode(), value, None))
         for drift in result.drifts:
             d = drift.to_dict()
             out.append((self.drift_topic, drift.source.encode(), orjson.dumps(d), None))
@@ -461,6 +477,70 @@ class Worker:
             key, value, headers = dead_letter(events[reject.index].message, reject.reason, reject.message, cap)
             out.append((self.dlq_topic, key, value, headers))
         return out
+
+    async def merge(self, events: Sequence[Any]) -> None:
+        """Shard summaries in: merge them, publish the merged drift records and their alerts.
+
+        The merge state is not snapshotted: the first time this worker reads the
+        summaries partition it rebuilds the merge from the topic's start (it holds
+        every block; compaction only drops a block published twice). Never raises.
+        """
+        loop = asyncio.get_running_loop()
+        ex = self._pipeline_executor()
+        first = events[0].message.offset
+        if not self._merging and first > 0:
+            tp = (events[0].message.topic, events[0].message.partition)
+            n = await self._read_summaries(tp, first)
+            log.warning("shard summaries: rebuilt the merge from %d summaries [0, %d)", n, first)
+        self._merging = True
+        records = [e.message.value for e in events if e.message.offset >= first]
+        drifts = await loop.run_in_executor(ex, self._merge_values, records)
+        if drifts:
+            await self._send(self._outputs(BatchResult(drifts=drifts), []))
+            if self.metrics is not None:
+                for d in drifts:
+                    self.metrics.drift_alarms.labels(self.metrics.source_label(d.source), d.kind).inc()
+
+    def _merge_values(self, values: Sequence[bytes | None]) -> list[Any]:
+        from detectors.shards import summary_from_dict
+
+        drifts = []
+        for value in values:
+            try:
+                d = orjson.loads(value or b"")
+                drifts += self.pipeline.merge(summary_from_dict(d), str(d["kind"]), str(d["encoder"]))
+            except Exception:
+                log.exception("a shard summary could not be merged; skipped")
+        return drifts
+
+    async def _read_summaries(self, tp: TP, end: int) -> int:
+        """Feed ``[0, end)`` of the summaries partition to the merge, discarding its drift records
+        (they were published by the worker that merged them first)."""
+        from aiokafka import TopicPartition
+
+        loop = asyncio.get_running_loop()
+        consumer = self._plain_consumer()
+        await consumer.start()
+        done = 0
+        try:
+            part = TopicPartition(*tp)
+            consumer.assign([part])
+            await consumer.seek_to_beginning(part)
+            idle = 0
+            while idle < 10:
+                batch = await consumer.getmany(part, timeout_ms=1000, max_records=500)
+                records = [r for r in batch.get(part, []) if r.offset < end]
+                if not records:
+                    idle += 1
+                    continue
+                idle = 0
+                await loop.run_in_executor(self._pipeline_executor(), self._merge_values, [r.value for r in records])
+                done += len(records)
+                if records[-1].offset >= end - 1:
+                    break
+        finally:
+            await consumer.stop()
+        return done
 
     def _pipeline_executor(self) -> ThreadPoolExecutor:
         # One thread: the pipeline (hnswlib, the shared model) is called from it alone.

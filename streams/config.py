@@ -188,6 +188,16 @@ class Settings(BaseSettings):
             return self.defaults
         return self.defaults.model_copy(update={f: getattr(own, f) for f in own.model_fields_set})
 
+    @property
+    def shard_counts(self) -> dict[str, int]:
+        """Configured sources split into shards, with their shard counts."""
+        return {name: n for name in self.sources if (n := self.source(name, "").shards) > 1}
+
+    @property
+    def is_sharded(self) -> bool:
+        """True when some source (or the defaults) is split into shards."""
+        return self.defaults.shards > 1 or bool(self.shard_counts)
+
     def masked(self) -> dict[str, Any]:
         """The settings as plain data with every secret masked (``SecretStr`` dumps as '**********')."""
         return self.model_dump(mode="json")
