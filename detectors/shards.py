@@ -179,6 +179,11 @@ class ShardSummarizer:
         self._sums: np.ndarray | None = None
         self._count = 0
 
+    @property
+    def pending(self) -> int:
+        """Events in the block in progress."""
+        return self._count
+
     def update(self, X: np.ndarray, ids: Sequence[str], ts: Sequence[float]) -> list[BlockSummary]:
         """Add rows in stream order; returns the summaries of the blocks they completed."""
         out: list[BlockSummary] = []

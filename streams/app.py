@@ -60,6 +60,8 @@ log = logging.getLogger("neighbourwatch.worker")
 # spend waiting for company when traffic is light.
 BATCH_WAIT_SECONDS = 0.05
 INTERNAL_ERROR = "internal_error"
+# A shard summary the merging worker cannot read (another version, damaged): dead-lettered.
+INVALID_SUMMARY = "invalid_summary"
 # faust creates its consumer with fetch_max_wait_ms=1500, and a broker may hold
 # a fetch that long while events trickle in (Tansu does: a record produced
 # during the wait is returned only when it ends), adding up to 1.5 s to an
@@ -276,7 +278,7 @@ class Worker:
             tps = [(tp.topic, tp.partition) for tp in revoked]
             if any(t == k.shard_summaries_topic for t, _ in tps):
                 self._merging = False  # rebuilt from the topic if it comes back
-                self.pipeline.mergers.clear()
+                await asyncio.get_running_loop().run_in_executor(self._pipeline_executor(), self.pipeline.mergers.clear)
             await asyncio.get_running_loop().run_in_executor(self._pipeline_executor(), self.durable.release, tps)
 
         @app.on_partitions_assigned.connect
@@ -493,25 +495,41 @@ class Worker:
             n = await self._read_summaries(tp, first)
             log.warning("shard summaries: rebuilt the merge from %d summaries [0, %d)", n, first)
         self._merging = True
-        records = [e.message.value for e in events if e.message.offset >= first]
-        drifts = await loop.run_in_executor(ex, self._merge_values, records)
-        if drifts:
-            await self._send(self._outputs(BatchResult(drifts=drifts), []))
-            if self.metrics is not None:
-                for d in drifts:
-                    self.metrics.drift_alarms.labels(self.metrics.source_label(d.source), d.kind).inc()
+        drifts, bad, merged = await loop.run_in_executor(ex, self._merge_values, [e.message for e in events])
+        outputs = self._outputs(BatchResult(drifts=drifts), [])
+        cap = self.settings.kafka.dlq_max_value_bytes
+        for msg, why in bad:  # kept with the reason, never dropped
+            outputs.append((self.dlq_topic, *dead_letter(msg, INVALID_SUMMARY, why, cap)))
+        if outputs:
+            await self._send(outputs)
+        if self.metrics is not None:
+            if bad:
+                self.metrics.observe_rejected(INVALID_SUMMARY, topic=events[0].message.topic, n=len(bad))
+            for source, n in merged.items():
+                monitor, kind, _ = self.pipeline.mergers[source]
+                self.metrics.observe_merge(
+                    source, kind, merged=n, waiting=monitor.waiting, statistic=monitor.statistic,
+                    threshold=monitor.threshold, drifts=sum(d.source == source for d in drifts),
+                )
 
-    def _merge_values(self, values: Sequence[bytes | None]) -> list[Any]:
-        from detectors.shards import summary_from_dict
+    def _merge_values(self, messages: Sequence[Any]) -> tuple[list[Any], list[tuple[Any, str]], dict[str, int]]:
+        """Merge summaries (pipeline thread): drift records, the unreadable ones with why, blocks per source."""
+        from detectors.shards import BlockSummary, summary_from_dict
 
-        drifts = []
-        for value in values:
+        drifts: list[Any] = []
+        bad: list[tuple[Any, str]] = []
+        merged: dict[str, int] = {}
+        for msg in messages:
             try:
-                d = orjson.loads(value or b"")
-                drifts += self.pipeline.merge(summary_from_dict(d), str(d["kind"]), str(d["encoder"]))
-            except Exception:
-                log.exception("a shard summary could not be merged; skipped")
-        return drifts
+                d = orjson.loads(msg.value or b"")
+                summary = summary_from_dict(d)
+                drifts += self.pipeline.merge(summary, str(d["kind"]), str(d["encoder"]))
+            except Exception as err:
+                bad.append((msg, f"{type(err).__name__}: {err}"))
+                continue
+            if isinstance(summary, BlockSummary):
+                merged[summary.source] = merged.get(summary.source, 0) + 1
+        return drifts, bad, merged
 
     async def _read_summaries(self, tp: TP, end: int) -> int:
         """Feed ``[0, end)`` of the summaries partition to the merge, discarding its drift records
@@ -534,7 +552,7 @@ class Worker:
                     idle += 1
                     continue
                 idle = 0
-                await loop.run_in_executor(self._pipeline_executor(), self._merge_values, [r.value for r in records])
+                await loop.run_in_executor(self._pipeline_executor(), self._merge_values, records)
                 done += len(records)
                 if records[-1].offset >= end - 1:
                     break
