@@ -11,6 +11,8 @@ block summaries and publishes the drift record.
 
 from __future__ import annotations
 
+import os
+import signal
 import tempfile
 import time
 
@@ -77,8 +79,8 @@ def test_sharded_drift_is_found_where_the_unsharded_one_is(broker, tmp_path):
     bootstrap = broker.bootstrap_servers
     topics = _topics(bootstrap, partitions=3)  # hot#0 and hot#1 hash to partitions 2 and 1
     summaries = f"{topics['events']}.summaries"
-    ensure_topics(bootstrap, *shard_summaries_topic(KafkaSettings(shard_summaries_topic=summaries))[:1],
-                  configs=shard_summaries_topic(KafkaSettings(shard_summaries_topic=summaries))[1])
+    names, configs = shard_summaries_topic(KafkaSettings(shard_summaries_topic=summaries))
+    ensure_topics(bootstrap, names, configs=configs)
     path = tmp_path / "events.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
     ports = [free_port() for _ in range(2)]
@@ -124,3 +126,77 @@ def test_sharded_drift_is_found_where_the_unsharded_one_is(broker, tmp_path):
     assert drift["detected_at"] == sharded_replay.detected_at
     assert drift["events_seen"] > DRIFT_AT
     assert abs(drift["events_seen"] - unsharded.events_seen) <= window
+
+
+def _merged(port: int) -> float:
+    """``nwatch_shard_summaries_total{outcome="merged"}`` of one worker (0 if it merges nothing)."""
+    import urllib.request
+
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    except OSError:
+        return 0.0
+    return sum(float(x.rsplit(" ", 1)[1]) for x in body.splitlines()
+               if x.startswith("nwatch_shard_summaries_total{") and 'outcome="merged"' in x)
+
+
+def test_the_merge_survives_the_merging_worker_killed(broker, tmp_path):
+    """The worker holding the summaries partition is SIGKILLed before the drift: the other one
+    takes its partitions over (shard state from the snapshot, the merge rebuilt from the topic)
+    and the one drift record is the uninterrupted sharded replay's."""
+    lines = _lines(DRIFT_AT)
+    [expected] = _replay_drifts(lines, 2)
+    bootstrap = broker.bootstrap_servers
+    topics = _topics(bootstrap, partitions=3)
+    summaries = f"{topics['events']}.summaries"
+    names, configs = shard_summaries_topic(KafkaSettings(shard_summaries_topic=summaries))
+    ensure_topics(bootstrap, names, configs=configs)
+    kafka = KafkaSettings(bootstrap_servers=bootstrap)
+    head, tail = tmp_path / "head.jsonl", tmp_path / "tail.jsonl"
+    head.write_bytes(b"\n".join(lines[:3000]) + b"\n")
+    tail.write_bytes(b"\n".join(lines[3000:]) + b"\n")
+    ports = [free_port() for _ in range(2)]
+    procs, logs = [], []
+    state_dir = tempfile.mkdtemp(prefix="nwatch-shard-kill-")
+    try:
+        for k, port in enumerate(ports):
+            env = worker_env(bootstrap, topics, NWATCH_METRICS__PORT=str(port), NWATCH_STATE__DIR=state_dir,
+                             NWATCH_STATE__SNAPSHOT_INTERVAL="2", NWATCH_KAFKA__SHARD_SUMMARIES_TOPIC=summaries,
+                             NWATCH_SOURCES='{"hot": {"shards": 2}}')
+            proc, log = start_worker(env, tmp_path / f"worker-{k}.log")
+            procs.append(proc)
+            logs.append(log)
+        _wait_for_group(procs, ports, tmp_path)
+        assert produce_file(str(head), topic=topics["events"], kafka_settings=kafka, shards={"hot": 2}).produced == 3000
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and max(_merged(p) for p in ports) < 40:
+            time.sleep(1)
+        merging = max(range(2), key=lambda k: _merged(ports[k]))
+        assert _merged(ports[merging]) >= 40, [_merged(p) for p in ports]  # of about 58 blocks (60 less partial ones)
+        time.sleep(3)  # a snapshot of the shard states (every 2 s)
+        os.killpg(procs[merging].pid, signal.SIGKILL)
+        procs[merging].wait(timeout=30)
+        survivor = 1 - merging
+        assert produce_file(str(tail), topic=topics["events"], kafka_settings=kafka,
+                            shards={"hot": 2}).produced == EVENTS - 3000
+        deadline = time.monotonic() + 150
+        drifts: list = []
+        while time.monotonic() < deadline and not drifts:
+            assert procs[survivor].poll() is None
+            drifts = [orjson.loads(r.value) for r in read_topic(bootstrap, topics["drift"])]
+            if not drifts:
+                time.sleep(2)
+        time.sleep(3)
+        drifts = [orjson.loads(r.value) for r in read_topic(bootstrap, topics["drift"])]
+        took_over = (tmp_path / f"worker-{survivor}.log").read_text(errors="replace")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                stop_process_group(p, timeout=60)
+        for log in logs:
+            log.close()
+    print(f"\nmerging worker {merging} killed; drift records {[d['events_seen'] for d in drifts]}, "
+          f"sharded replay {expected.events_seen}")
+    assert "rebuilt the merge" in took_over
+    assert [d["events_seen"] for d in drifts] == [expected.events_seen]
+    assert drifts[0]["detected_at"] == expected.detected_at
