@@ -64,6 +64,13 @@ _TOP_DIMENSIONS = 5
 _COLLECTING, _HOLDOFF, _ARMED, _ALARMED = "collecting", "holdoff", "armed", "alarmed"
 
 
+@dataclass(frozen=True)
+class MergedDriftAlarm(DriftAlarm):
+    """A drift alarm of the merged test; ``ts`` is the event time of ``detected_at``."""
+
+    ts: float = 0.0
+
+
 def shard_of(event_id: str, shards: int) -> int:
     """Shard of an event: CRC-32 of its id (UTF-8) modulo ``shards``; the same in every process."""
     return zlib.crc32(event_id.encode("utf-8")) % shards if shards > 1 else 0
@@ -335,13 +342,13 @@ class MergedDriftMonitor:
         return sum(len(v) for v in self._waiting.values())
 
     # ---------------------------------------------------------------- input
-    def add_null(self, null: ShardNull) -> list[DriftAlarm]:
+    def add_null(self, null: ShardNull) -> list[MergedDriftAlarm]:
         """A shard's null sample of T (the newest of each shard is kept)."""
         self._check(null.shards, null.shard)
         self._nulls[null.shard] = np.asarray(null.null_t, np.float64)
         return self._drain()
 
-    def add(self, block: BlockSummary) -> list[DriftAlarm]:
+    def add(self, block: BlockSummary) -> list[MergedDriftAlarm]:
         """Take one shard block; merge every window now complete; return the alarms raised."""
         self._check(block.shards, block.shard)
         if self._next is not None and block.seq < self._next:
@@ -356,8 +363,8 @@ class MergedDriftMonitor:
                 del self._waiting[s]
         return self._drain()
 
-    def _drain(self) -> list[DriftAlarm]:
-        alarms: list[DriftAlarm] = []
+    def _drain(self) -> list[MergedDriftAlarm]:
+        alarms: list[MergedDriftAlarm] = []
         while self._next is not None and len(self._waiting.get(self._next, ())) == self.shards:
             if self._phase == _COLLECTING and self._ref_windows == self.reference_windows - 1 and not self._nulls:
                 break  # this window completes the reference, and no shard null came yet: wait for one
@@ -374,7 +381,7 @@ class MergedDriftMonitor:
                                 f"this monitor merges {self.shards} shards")
 
     # ---------------------------------------------------------------- merge
-    def _merge(self, blocks: list[BlockSummary]) -> DriftAlarm | None:
+    def _merge(self, blocks: list[BlockSummary]) -> MergedDriftAlarm | None:
         sums = blocks[0].sums.copy()
         for b in blocks[1:]:
             sums += b.sums
@@ -389,7 +396,7 @@ class MergedDriftMonitor:
             if self._ref_windows == self.reference_windows:
                 self._establish()
             return None
-        return self._step(sums, count, last.last_id)
+        return self._step(sums, count, last.last_id, last.last_ts)
 
     def _establish(self) -> None:
         n = self._ref_count
@@ -421,7 +428,7 @@ class MergedDriftMonitor:
         else:
             self._phase, self._in_alarm = _ARMED, False
 
-    def _step(self, sums: np.ndarray, count: int, last_id: str) -> DriftAlarm | None:
+    def _step(self, sums: np.ndarray, count: int, last_id: str, last_ts: float) -> MergedDriftAlarm | None:
         """One merged window through the CUSUM (the rules of CentroidDriftMonitor, per window)."""
         if self._phase == _HOLDOFF:
             self._cooldown_left -= count
@@ -444,7 +451,7 @@ class MergedDriftMonitor:
         self._s = s
         if s <= self._h:
             return None
-        alarm = DriftAlarm(
+        alarm = MergedDriftAlarm(
             detected_at=last_id,
             events_seen=self._events_seen,
             statistic=float(s),
@@ -452,6 +459,7 @@ class MergedDriftMonitor:
             reference_size=self._ref_count,
             window_size=self._run_windows * count,
             explanation=self._explain(count),
+            ts=last_ts,
         )
         self._in_alarm = True
         if self.policy == "keep":

@@ -507,22 +507,19 @@ class Pipeline:
         entry = self.mergers.get(msg.source)
         if entry is None:
             conf = self.settings.source(msg.source, kind)
+            # The configured count: summaries of an earlier configuration are refused, not mixed in.
             monitor = MergedDriftMonitor(
-                source=msg.source, shards=msg.shards, block_size=conf.drift_block,
+                source=msg.source, shards=conf.shards if conf.shards > 1 else msg.shards,
+                block_size=conf.drift_block,
                 reference_size=conf.drift_reference_size, alpha=conf.drift_alpha,
                 cooldown=conf.drift_cooldown, policy=conf.drift_policy,
             )
             entry = self.mergers[msg.source] = (monitor, kind, encoder)
         monitor = entry[0]
         self.mergers[msg.source] = (monitor, kind, encoder)
-        if isinstance(msg, ShardNull):
-            alarms = monitor.add_null(msg)
-            at = self.clock()
-        else:
-            alarms = monitor.add(msg)
-            at = msg.last_ts
+        alarms = monitor.add_null(msg) if isinstance(msg, ShardNull) else monitor.add(msg)
         return [
-            DriftRecord(source=msg.source, kind=kind, ts=format_ts(at), encoder=encoder, **a.to_dict())
+            DriftRecord(source=msg.source, kind=kind, ts=format_ts(a.ts), encoder=encoder, **a.to_dict())
             for a in alarms
         ]
 

@@ -45,6 +45,7 @@ def test_shards_are_states_of_their_own_and_records_keep_the_source_name():
     assert per_shard == {k: sum(shard_of(f"v-{i}", 3) == k for i in range(N)) for k in range(3)}
     drifts = [d for r in results for d in r.drifts]
     assert len(drifts) == 1 and drifts[0].source == "hot" and drifts[0].events_seen > 3500
+    assert drifts[0].ts == {rec.id: rec.ts for rec in records}[drifts[0].detected_at]  # its event's time
 
 
 def test_the_worker_pipeline_publishes_summaries_and_their_merge_is_replays():
