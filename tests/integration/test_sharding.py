@@ -25,8 +25,8 @@ from streams.config import KafkaSettings, Settings, SourceSettings
 from streams.pipeline import Pipeline
 from streams.produce import produce_file
 from streams.runtime import stop_process_group
-from tests.integration.conftest import free_port, read_topic, start_worker, worker_env
-from tests.integration.test_chaos import _topics, _worker_scored
+from tests.integration.conftest import free_port, metric_sum, read_topic, start_worker, worker_env, worker_scored
+from tests.integration.test_chaos import _topics
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -108,7 +108,7 @@ def test_sharded_drift_is_found_where_the_unsharded_one_is(broker, tmp_path):
                 time.sleep(2)
         time.sleep(3)  # a second (wrong) record would come right after the first
         drifts = [orjson.loads(r.value) for r in read_topic(bootstrap, topics["drift"])]
-        shares = [_worker_scored(p) for p in ports]
+        shares = [worker_scored(p) for p in ports]
     finally:
         for p in procs:
             stop_process_group(p, timeout=60)
@@ -130,14 +130,7 @@ def test_sharded_drift_is_found_where_the_unsharded_one_is(broker, tmp_path):
 
 def _merged(port: int) -> float:
     """``nwatch_shard_summaries_total{outcome="merged"}`` of one worker (0 if it merges nothing)."""
-    import urllib.request
-
-    try:
-        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    except OSError:
-        return 0.0
-    return sum(float(x.rsplit(" ", 1)[1]) for x in body.splitlines()
-               if x.startswith("nwatch_shard_summaries_total{") and 'outcome="merged"' in x)
+    return metric_sum(port, "nwatch_shard_summaries_total", 'outcome="merged"')
 
 
 def test_the_merge_survives_the_merging_worker_killed(broker, tmp_path):
