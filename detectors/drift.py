@@ -342,6 +342,16 @@ class CentroidDriftMonitor:
         return self._events_seen
 
     @property
+    def null_sample(self) -> np.ndarray:
+        """Sorted bootstrap null sample of the block statistic T (empty before a reference)."""
+        return self._null_t.copy()
+
+    @property
+    def references_established(self) -> int:
+        """How many references were established so far (a new one after each adoption)."""
+        return self._n_established
+
+    @property
     def window_size(self) -> int:
         """Events in the current CUSUM run (since S was last 0)."""
         return self._run_blocks * self.block_size
@@ -548,40 +558,19 @@ class CentroidDriftMonitor:
         zc = (block_means - pseudo_means).astype(np.float64) / pseudo_sd
         null_t = np.sort(b * np.mean(zc * zc, axis=1))
 
-        # Normal scores of the null sample itself, each ranked among the others.
-        lo = np.searchsorted(null_t, null_t, side="left")
-        hi = np.searchsorted(null_t, null_t, side="right") - 1
-        pool = ndtri((lo + hi + 1.0) / (2.0 * len(null_t))).astype(np.float32)
-        # What the null cannot hold is the error of *this* reference: a bias of
-        # u that lasts as long as the reference. Its variance, in units of the
-        # sd of T (so of u): (b / n)^2 from the centroid, (kurtosis - 1) / (2 n)
-        # from the spread (var(sd^2 / sigma^2) = (kurtosis - 1) / n), 1 / B from
-        # the finite bootstrap. Measured across 100 Gaussian references, d = 4
-        # and 64: sd 0.057 against 0.063 from this formula; Student t5: 0.068.
         m2 = np.mean(zref * zref, axis=0)
         m4 = np.mean(zref**4, axis=0)
         live = m2 > 0.0
         kurtosis = float(np.mean(m4[live] / m2[live] ** 2)) if live.any() else 3.0
-        # Capped so that a few giant outliers in one dimension cannot blow up h.
-        kurtosis = min(max(kurtosis, 1.0), _MAX_KURTOSIS)
-        tau = math.sqrt((b / n) ** 2 + (kurtosis - 1.0) / (2.0 * n) + 1.0 / self.bootstrap)
-        # Rounded up to a grid of 0.005 (a tenth of its typical size): slightly
-        # conservative, and references of similar data share one calibration.
-        tau = math.ceil(tau / _TAU_STEP) * _TAU_STEP
-        n_steps = max(1, math.ceil(self.horizon_events / b))
-        h = _calibrated_threshold(
-            pool.tobytes(),
-            n_steps,
-            self.alpha,
-            tau,
-            self.seed,
+        h = calibrated_threshold(
+            null_t,
+            block_size=b,
+            reference_size=n,
+            kurtosis=kurtosis,
+            horizon_events=self.horizon_events,
+            alpha=self.alpha,
+            seed=self.seed,
         )
-
-        # One or two odd blocks must never alarm on their own (a burst is not a
-        # drift), whatever the calibration says; this only binds when the null
-        # has almost no spread, e.g. a reference of identical vectors.
-        u_max = float(ndtri((2.0 * len(null_t) + 1.0) / (2.0 * (len(null_t) + 1))))
-        h = max(h, _BURST_BLOCKS * (u_max - _CUSUM_K))
 
         centres = _kmeans(zref, min(self.n_clusters, n), rng)
         near, dist = _nearest(zref, centres)
@@ -768,6 +757,49 @@ class CentroidDriftMonitor:
 
 
 # ------------------------------------------------------------------ helpers
+
+
+def calibrated_threshold(
+    null_t: np.ndarray,
+    *,
+    block_size: int,
+    reference_size: int,
+    kurtosis: float,
+    horizon_events: int,
+    alpha: float,
+    seed: int,
+) -> float:
+    """CUSUM threshold h for blocks of ``block_size`` tested against a reference of ``reference_size``.
+
+    ``null_t`` is the sorted null sample of the block statistic T, ``kurtosis``
+    the mean kurtosis of the reference's dimensions. Shared by
+    :class:`CentroidDriftMonitor` and the merged monitor of a sharded source
+    (``detectors.shards``).
+    """
+    b, n = block_size, reference_size
+    # Normal scores of the null sample itself, each ranked among the others.
+    lo = np.searchsorted(null_t, null_t, side="left")
+    hi = np.searchsorted(null_t, null_t, side="right") - 1
+    pool = ndtri((lo + hi + 1.0) / (2.0 * len(null_t))).astype(np.float32)
+    # What the null cannot hold is the error of *this* reference: a bias of
+    # u that lasts as long as the reference. Its variance, in units of the
+    # sd of T (so of u): (b / n)^2 from the centroid, (kurtosis - 1) / (2 n)
+    # from the spread (var(sd^2 / sigma^2) = (kurtosis - 1) / n), 1 / B from
+    # the finite bootstrap. Measured across 100 Gaussian references, d = 4
+    # and 64: sd 0.057 against 0.063 from this formula; Student t5: 0.068.
+    # Kurtosis capped so that a few giant outliers in one dimension cannot blow up h.
+    kurtosis = min(max(kurtosis, 1.0), _MAX_KURTOSIS)
+    tau = math.sqrt((b / n) ** 2 + (kurtosis - 1.0) / (2.0 * n) + 1.0 / len(null_t))
+    # Rounded up to a grid of 0.005 (a tenth of its typical size): slightly
+    # conservative, and references of similar data share one calibration.
+    tau = math.ceil(tau / _TAU_STEP) * _TAU_STEP
+    n_steps = max(1, math.ceil(horizon_events / b))
+    h = _calibrated_threshold(pool.tobytes(), n_steps, alpha, tau, seed)
+    # One or two odd blocks must never alarm on their own (a burst is not a
+    # drift), whatever the calibration says; this only binds when the null
+    # has almost no spread, e.g. a reference of identical vectors.
+    u_max = float(ndtri((2.0 * len(null_t) + 1.0) / (2.0 * (len(null_t) + 1))))
+    return max(h, _BURST_BLOCKS * (u_max - _CUSUM_K))
 
 
 def _resample_weights(rng: np.random.Generator, draws: int, size: int, n: int) -> np.ndarray:
