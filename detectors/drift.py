@@ -9,7 +9,14 @@ stream as its reference, then cuts the rest into non-overlapping blocks of
 the shift of the block centroid from the reference centroid in units of the
 reference spread, scaled so that T is about 1 when nothing moved. T is turned
 into a normal score ``u`` through its bootstrap null distribution (blocks drawn
-from the reference itself), and a one-sided CUSUM on ``u`` accumulates the
+from the reference itself). A second statistic of the same form is computed on
+the reference's ``components`` leading principal components, each whitened to
+unit spread: when the dimensions are strongly correlated (embeddings), the
+per-dimension T moves with the common factors, its null is wide, and a shift
+along a minor direction drowns in it; whitened it stands out. The block's
+``u`` is the larger of the two normal scores, referred once more to its own
+bootstrap null (the same resampled blocks give both statistics, so the two are
+calibrated jointly). A one-sided CUSUM on ``u`` accumulates the
 evidence: a small shift that persists adds up, one odd block does not. The
 alarm threshold is calibrated by simulation to the false-alarm budget: with
 probability at least ``1 - alpha`` a stationary stream runs ``horizon_events``
@@ -43,7 +50,7 @@ dimensions whose standardised mean moved most.
 >>> monitor = CentroidDriftMonitor(reference_size=1000, block_size=50)
 >>> alarms = monitor.update(X, [f"e{i}" for i in range(len(X))])
 >>> [(a.detected_at, a.events_seen) for a in alarms]
-[('e2799', 2800)]
+[('e2749', 2750)]
 """
 
 from __future__ import annotations
@@ -195,6 +202,9 @@ class CentroidDriftMonitor:
         Event ids named in an explanation.
     bootstrap : int
         Bootstrap blocks of the null distribution of T.
+    components : int
+        Leading principal components of the reference behind the second
+        statistic (at most the dimension); 0 uses the centroid statistic alone.
     seed : int
         Seed of the bootstrap, the calibration and the k-means.
 
@@ -228,6 +238,7 @@ class CentroidDriftMonitor:
         policy: str = "adopt",
         n_exemplars: int = 5,
         bootstrap: int = 2000,
+        components: int = 8,
         seed: int = 0,
     ) -> None:
         if reference_size < 2:
@@ -242,6 +253,8 @@ class CentroidDriftMonitor:
             raise ValueError(f"policy must be one of {_POLICIES}")
         if not 10 <= bootstrap <= 32_000:  # int16 indices in the calibration
             raise ValueError("bootstrap must be in [10, 32000]")
+        if components < 0:
+            raise ValueError("components must be >= 0")
         self._reference_size = reference_size
         self._block_size = block_size
         self._alpha = alpha
@@ -251,6 +264,7 @@ class CentroidDriftMonitor:
         self._policy = policy
         self._n_exemplars = n_exemplars
         self._bootstrap = bootstrap
+        self._components = components
         self._seed = seed
         self._reset()
 
@@ -264,6 +278,7 @@ class CentroidDriftMonitor:
     policy = _setting("policy", 'What follows an alarm: "adopt" or "keep".')
     n_exemplars = _setting("n_exemplars", "Event ids named in an explanation.")
     bootstrap = _setting("bootstrap", "Bootstrap blocks of the null of T.")
+    components = _setting("components", "Leading principal components of the second statistic (0: off).")
     seed = _setting("seed", "Seed of the bootstrap, calibration and k-means.")
 
     # ------------------------------------------------------------------ state
@@ -282,6 +297,10 @@ class CentroidDriftMonitor:
         self._mu = np.zeros(0)
         self._sigma = np.ones(0)
         self._null_t = np.zeros(0)  # sorted bootstrap T
+        # second statistic: T on the reference's leading principal components
+        self._basis = np.zeros((0, 0))  # (d, m) unit-spread projection of z; m = 0: T alone
+        self._null_tp = np.zeros(0)  # sorted bootstrap T of the projection
+        self._null_v = np.zeros(0)  # sorted bootstrap max of the two normal scores
         self._h = math.nan
         self._centres = np.zeros((0, 0))
         self._ref_shares = np.zeros(0)
@@ -419,8 +438,12 @@ class CentroidDriftMonitor:
         nb = len(rows) // b
         means = rows[: nb * b].reshape(nb, b, -1).mean(axis=1, dtype=np.float64)
         z = (means - self._mu) / self._sigma
-        t = b * np.mean(z * z, axis=1)
-        return _normal_scores(self._null_t, t)
+        u = _normal_scores(self._null_t, b * np.mean(z * z, axis=1))
+        if self._basis.shape[1] == 0:
+            return u
+        y = z @ self._basis
+        up = _normal_scores(self._null_tp, b * np.mean(y * y, axis=1))
+        return _normal_scores(self._null_v, _larger(u, up))
 
     def _monitor(self, X: np.ndarray, ids: list[str]) -> tuple[int, list[DriftAlarm]]:
         """Run the CUSUM over the complete blocks of pending + X.
@@ -538,20 +561,37 @@ class CentroidDriftMonitor:
         # matrices (rows: draws, columns: reference rows) and three products.
         # float32 products: half the time of float64 at d = 384, and the
         # moments of standardised data lose nothing that matters in T.
+        d = zref.shape[1]
+        basis = _principal_basis(zref, min(self.components, d, n - 1))
+        m = basis.shape[1]
         z32 = zref.astype(np.float32)
+        if m:
+            # The projected coordinates are linear in z, so the same resampled
+            # blocks and pseudo-references give both statistics' nulls jointly.
+            z32 = np.concatenate([z32, (zref @ basis).astype(np.float32)], axis=1)
         block_means = _resample_weights(rng, self.bootstrap, b, n) @ z32
         pseudo = _resample_weights(rng, self.bootstrap, n, n)
         pseudo_means = pseudo @ z32
         pseudo_var = pseudo @ (z32 * z32) - pseudo_means**2
         # zref is in units of sigma; the floor keeps constant dimensions at 0 / floor = 0
-        pseudo_sd = np.maximum(np.sqrt(np.maximum(pseudo_var, 0.0)), floor / sigma)
+        unit_floor = np.concatenate([floor / sigma, np.full(m, _SIGMA_FLOOR)])
+        pseudo_sd = np.maximum(np.sqrt(np.maximum(pseudo_var, 0.0)), unit_floor)
         zc = (block_means - pseudo_means).astype(np.float64) / pseudo_sd
-        null_t = np.sort(b * np.mean(zc * zc, axis=1))
+        t_all = b * np.mean(zc[:, :d] ** 2, axis=1)
+        null_t = np.sort(t_all)
+        null_tp = np.zeros(0)
+        null = null_t
+        if m:
+            # Two statistics, one test: the larger of the two normal scores,
+            # itself referred to its bootstrap null.
+            tp_all = b * np.mean(zc[:, d:] ** 2, axis=1)
+            null_tp = np.sort(tp_all)
+            null = np.sort(_larger(_normal_scores(null_t, t_all), _normal_scores(null_tp, tp_all)))
 
         # Normal scores of the null sample itself, each ranked among the others.
-        lo = np.searchsorted(null_t, null_t, side="left")
-        hi = np.searchsorted(null_t, null_t, side="right") - 1
-        pool = ndtri((lo + hi + 1.0) / (2.0 * len(null_t))).astype(np.float32)
+        lo = np.searchsorted(null, null, side="left")
+        hi = np.searchsorted(null, null, side="right") - 1
+        pool = ndtri((lo + hi + 1.0) / (2.0 * len(null))).astype(np.float32)
         # What the null cannot hold is the error of *this* reference: a bias of
         # u that lasts as long as the reference. Its variance, in units of the
         # sd of T (so of u): (b / n)^2 from the centroid, (kurtosis - 1) / (2 n)
@@ -588,6 +628,9 @@ class CentroidDriftMonitor:
         self._mu = mu
         self._sigma = sigma
         self._null_t = null_t
+        self._basis = basis
+        self._null_tp = null_tp
+        self._null_v = null if m else np.zeros(0)
         self._h = h
         self._centres = centres
         self._ref_shares = np.bincount(near, minlength=len(centres)) / n
@@ -692,6 +735,9 @@ class CentroidDriftMonitor:
             "mu": self._mu.copy(),
             "sigma": self._sigma.copy(),
             "null_t": self._null_t.copy(),
+            "basis": self._basis.copy(),
+            "null_tp": self._null_tp.copy(),
+            "null_v": self._null_v.copy(),
             "threshold": None if math.isnan(self._h) else float(self._h),
             "centres": self._centres.copy(),
             "ref_shares": self._ref_shares.copy(),
@@ -710,7 +756,12 @@ class CentroidDriftMonitor:
         """Restore :meth:`get_state` output; raises StateMismatch if it came from other settings."""
         if state.get("version") != _STATE_VERSION:
             raise StateMismatch(f"drift monitor state version {state.get('version')!r}")
-        if state.get("config") != self._config():
+        saved = state.get("config")
+        if isinstance(saved, dict) and "components" not in saved:
+            # Saved before the principal-component statistic: its reference
+            # goes on with the centroid statistic alone; the next one has both.
+            saved = {**saved, "components": self.components}
+        if saved != self._config():
             raise StateMismatch(
                 f"drift monitor state for settings {state.get('config')!r}, not {self._config()!r}"
             )
@@ -730,6 +781,12 @@ class CentroidDriftMonitor:
             self._mu = np.asarray(state["mu"], dtype=np.float64)
             self._sigma = np.asarray(state["sigma"], dtype=np.float64)
             self._null_t = np.asarray(state["null_t"], dtype=np.float64)
+            if "basis" in state:
+                self._basis = np.asarray(state["basis"], dtype=np.float64).reshape(self._dim, -1)
+                self._null_tp = np.asarray(state["null_tp"], dtype=np.float64)
+                self._null_v = np.asarray(state["null_v"], dtype=np.float64)
+            else:
+                self._basis = np.zeros((self._dim, 0))
             self._h = math.nan if state["threshold"] is None else float(state["threshold"])
             self._centres = np.asarray(state["centres"], dtype=np.float64)
             self._ref_shares = np.asarray(state["ref_shares"], dtype=np.float64)
@@ -763,6 +820,7 @@ class CentroidDriftMonitor:
             "policy": self.policy,
             "n_exemplars": self.n_exemplars,
             "bootstrap": self.bootstrap,
+            "components": self.components,
             "seed": self.seed,
         }
 
@@ -776,6 +834,31 @@ def _resample_weights(rng: np.random.Generator, draws: int, size: int, n: int) -
     weights = np.bincount(picks.ravel(), minlength=draws * n).astype(np.float32)
     weights *= np.float32(1.0 / size)
     return weights.reshape(draws, n)
+
+
+def _larger(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """The larger of two normal scores; ties broken by the smaller one, then by which was larger.
+
+    Both scores live on the same grid of bootstrap ranks, so plain maxima would
+    share values, and the pool of null scores (and with it the calibrated
+    threshold) would depend on the data. With the tie-breaks the pool is the
+    rank grid, as for one statistic.
+    """
+    return np.maximum(u, v) + 1e-6 * np.minimum(u, v) + 1e-9 * (u > v)
+
+
+def _principal_basis(z: np.ndarray, m: int) -> np.ndarray:
+    """(d, m): the ``m`` leading principal axes of centred ``z``, each scaled to unit spread.
+
+    ``z @ basis`` are the reference's leading principal components in units of
+    their own standard deviation (whitened); axes with no spread are dropped.
+    """
+    if m <= 0:
+        return np.zeros((z.shape[1], 0))
+    _, sv, vt = np.linalg.svd(z - z.mean(axis=0), full_matrices=False)
+    sd = sv[:m] / math.sqrt(len(z))
+    keep = sd > _SIGMA_FLOOR * max(float(sd[0]), 1.0) if len(sd) else sd > 0
+    return (vt[:m][keep] / sd[keep, None]).T
 
 
 def _normal_scores(null_t: np.ndarray, t: np.ndarray) -> np.ndarray:
