@@ -24,7 +24,7 @@ events without an alarm.
 
 Two points go beyond a plain bootstrap of blocks; both were measured on
 stationary Gaussian streams (d = 4 and 64, 300 streams of 20,000 events each,
-``alpha = 0.05``):
+``alpha = 0.05``, CUSUM reference value 0.5 at the time, see ``_CUSUM_K``):
 
 * The reference's centroid and spread are estimates whose error every live
   block shares, so live T runs larger than T of blocks drawn from the
