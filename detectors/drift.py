@@ -9,7 +9,14 @@ stream as its reference, then cuts the rest into non-overlapping blocks of
 the shift of the block centroid from the reference centroid in units of the
 reference spread, scaled so that T is about 1 when nothing moved. T is turned
 into a normal score ``u`` through its bootstrap null distribution (blocks drawn
-from the reference itself), and a one-sided CUSUM on ``u`` accumulates the
+from the reference itself). A second statistic of the same form is computed on
+the reference's ``components`` leading principal components, each whitened to
+unit spread: when the dimensions are strongly correlated (embeddings), the
+per-dimension T moves with the common factors, its null is wide, and a shift
+along a minor direction drowns in it; whitened it stands out. The block's
+``u`` is the larger of the two normal scores, referred once more to its own
+bootstrap null (the same resampled blocks give both statistics, so the two are
+calibrated jointly). A one-sided CUSUM on ``u`` accumulates the
 evidence: a small shift that persists adds up, one odd block does not. The
 alarm threshold is calibrated by simulation to the false-alarm budget: with
 probability at least ``1 - alpha`` a stationary stream runs ``horizon_events``
@@ -17,7 +24,7 @@ events without an alarm.
 
 Two points go beyond a plain bootstrap of blocks; both were measured on
 stationary Gaussian streams (d = 4 and 64, 300 streams of 20,000 events each,
-``alpha = 0.05``):
+``alpha = 0.05``, CUSUM reference value 0.5 at the time, see ``_CUSUM_K``):
 
 * The reference's centroid and spread are estimates whose error every live
   block shares, so live T runs larger than T of blocks drawn from the
@@ -43,7 +50,7 @@ dimensions whose standardised mean moved most.
 >>> monitor = CentroidDriftMonitor(reference_size=1000, block_size=50)
 >>> alarms = monitor.update(X, [f"e{i}" for i in range(len(X))])
 >>> [(a.detected_at, a.events_seen) for a in alarms]
-[('e2799', 2800)]
+[('e2649', 2650)]
 """
 
 from __future__ import annotations
@@ -61,10 +68,18 @@ from models.base import State
 from models.errors import NonFinite, StateMismatch, WrongDimension, WrongType
 
 # CUSUM reference value in units of the normal score u: the detector is tuned
-# to a mean shift of 2k = 1 standard deviation of u, the usual choice; a
-# persistent drift whose u-mean exceeds 0.5 is found in about h / (E[u] - 0.5)
-# blocks, anything below that is treated as noise.
-_CUSUM_K = 0.5
+# to a mean shift of 2k = 2 standard deviations of u; a persistent drift whose
+# u-mean exceeds 1 is found in about h / (E[u] - 1) blocks, anything below that
+# is treated as noise. k = 0.5 (tuned to a shift of 1) was the first choice:
+# its threshold at the default budget is about 14 (18 on a heavy-tailed
+# reference), so even blocks at the largest u (3.48) need 5 to 6 blocks to
+# alarm; with k = 1 the threshold is about 6.5 (7 heavy-tailed). Measured
+# (bench/quality_drift.py, docs/quality-notes.md): the report's drift
+# scenarios are found 100 events sooner, the CIFAR class mix within 150 events
+# instead of 550; 120 stationary Gaussian and Student-t5 streams raised 0 alarms
+# against 6 and 5 with k = 0.5 (budget 12); a shift of 0.2 sd on 8 of 16 dims
+# (E[u] near 1) is still found sooner (median 475 events against 650, 10 seeds).
+_CUSUM_K = 1.0
 
 # Spreads below this fraction of the typical (median) spread are floored to it,
 # so a dimension constant in the reference does not divide by zero; a constant
@@ -195,6 +210,9 @@ class CentroidDriftMonitor:
         Event ids named in an explanation.
     bootstrap : int
         Bootstrap blocks of the null distribution of T.
+    components : int
+        Leading principal components of the reference behind the second
+        statistic (at most the dimension); 0 uses the centroid statistic alone.
     seed : int
         Seed of the bootstrap, the calibration and the k-means.
 
@@ -228,6 +246,7 @@ class CentroidDriftMonitor:
         policy: str = "adopt",
         n_exemplars: int = 5,
         bootstrap: int = 2000,
+        components: int = 8,
         seed: int = 0,
     ) -> None:
         if reference_size < 2:
@@ -242,6 +261,8 @@ class CentroidDriftMonitor:
             raise ValueError(f"policy must be one of {_POLICIES}")
         if not 10 <= bootstrap <= 32_000:  # int16 indices in the calibration
             raise ValueError("bootstrap must be in [10, 32000]")
+        if components < 0:
+            raise ValueError("components must be >= 0")
         self._reference_size = reference_size
         self._block_size = block_size
         self._alpha = alpha
@@ -251,6 +272,7 @@ class CentroidDriftMonitor:
         self._policy = policy
         self._n_exemplars = n_exemplars
         self._bootstrap = bootstrap
+        self._components = components
         self._seed = seed
         self._reset()
 
@@ -264,6 +286,7 @@ class CentroidDriftMonitor:
     policy = _setting("policy", 'What follows an alarm: "adopt" or "keep".')
     n_exemplars = _setting("n_exemplars", "Event ids named in an explanation.")
     bootstrap = _setting("bootstrap", "Bootstrap blocks of the null of T.")
+    components = _setting("components", "Leading principal components of the second statistic (0: off).")
     seed = _setting("seed", "Seed of the bootstrap, calibration and k-means.")
 
     # ------------------------------------------------------------------ state
@@ -282,6 +305,10 @@ class CentroidDriftMonitor:
         self._mu = np.zeros(0)
         self._sigma = np.ones(0)
         self._null_t = np.zeros(0)  # sorted bootstrap T
+        # second statistic: T on the reference's leading principal components
+        self._basis = np.zeros((0, 0))  # (d, m) unit-spread projection of z; m = 0: T alone
+        self._null_tp = np.zeros(0)  # sorted bootstrap T of the projection
+        self._null_v = np.zeros(0)  # sorted bootstrap max of the two normal scores
         self._h = math.nan
         self._centres = np.zeros((0, 0))
         self._ref_shares = np.zeros(0)
@@ -429,8 +456,12 @@ class CentroidDriftMonitor:
         nb = len(rows) // b
         means = rows[: nb * b].reshape(nb, b, -1).mean(axis=1, dtype=np.float64)
         z = (means - self._mu) / self._sigma
-        t = b * np.mean(z * z, axis=1)
-        return _normal_scores(self._null_t, t)
+        u = _normal_scores(self._null_t, b * np.mean(z * z, axis=1))
+        if self._basis.shape[1] == 0:
+            return u
+        y = z @ self._basis
+        up = _normal_scores(self._null_tp, b * np.mean(y * y, axis=1))
+        return _normal_scores(self._null_v, _larger(u, up))
 
     def _monitor(self, X: np.ndarray, ids: list[str]) -> tuple[int, list[DriftAlarm]]:
         """Run the CUSUM over the complete blocks of pending + X.
@@ -548,22 +579,39 @@ class CentroidDriftMonitor:
         # matrices (rows: draws, columns: reference rows) and three products.
         # float32 products: half the time of float64 at d = 384, and the
         # moments of standardised data lose nothing that matters in T.
+        d = zref.shape[1]
+        basis = _principal_basis(zref, min(self.components, d, n - 1))
+        m = basis.shape[1]
         z32 = zref.astype(np.float32)
+        if m:
+            # The projected coordinates are linear in z, so the same resampled
+            # blocks and pseudo-references give both statistics' nulls jointly.
+            z32 = np.concatenate([z32, (zref @ basis).astype(np.float32)], axis=1)
         block_means = _resample_weights(rng, self.bootstrap, b, n) @ z32
         pseudo = _resample_weights(rng, self.bootstrap, n, n)
         pseudo_means = pseudo @ z32
         pseudo_var = pseudo @ (z32 * z32) - pseudo_means**2
         # zref is in units of sigma; the floor keeps constant dimensions at 0 / floor = 0
-        pseudo_sd = np.maximum(np.sqrt(np.maximum(pseudo_var, 0.0)), floor / sigma)
+        unit_floor = np.concatenate([floor / sigma, np.full(m, _SIGMA_FLOOR)])
+        pseudo_sd = np.maximum(np.sqrt(np.maximum(pseudo_var, 0.0)), unit_floor)
         zc = (block_means - pseudo_means).astype(np.float64) / pseudo_sd
-        null_t = np.sort(b * np.mean(zc * zc, axis=1))
+        t_all = b * np.mean(zc[:, :d] ** 2, axis=1)
+        null_t = np.sort(t_all)
+        null_tp = np.zeros(0)
+        null = null_t
+        if m:
+            # Two statistics, one test: the larger of the two normal scores,
+            # itself referred to its bootstrap null.
+            tp_all = b * np.mean(zc[:, d:] ** 2, axis=1)
+            null_tp = np.sort(tp_all)
+            null = np.sort(_larger(_normal_scores(null_t, t_all), _normal_scores(null_tp, tp_all)))
 
         m2 = np.mean(zref * zref, axis=0)
         m4 = np.mean(zref**4, axis=0)
         live = m2 > 0.0
         kurtosis = float(np.mean(m4[live] / m2[live] ** 2)) if live.any() else 3.0
         h = calibrated_threshold(
-            null_t,
+            null,  # with principal components: the null of the larger normal score
             block_size=b,
             reference_size=n,
             kurtosis=kurtosis,
@@ -577,6 +625,9 @@ class CentroidDriftMonitor:
         self._mu = mu
         self._sigma = sigma
         self._null_t = null_t
+        self._basis = basis
+        self._null_tp = null_tp
+        self._null_v = null if m else np.zeros(0)
         self._h = h
         self._centres = centres
         self._ref_shares = np.bincount(near, minlength=len(centres)) / n
@@ -681,6 +732,9 @@ class CentroidDriftMonitor:
             "mu": self._mu.copy(),
             "sigma": self._sigma.copy(),
             "null_t": self._null_t.copy(),
+            "basis": self._basis.copy(),
+            "null_tp": self._null_tp.copy(),
+            "null_v": self._null_v.copy(),
             "threshold": None if math.isnan(self._h) else float(self._h),
             "centres": self._centres.copy(),
             "ref_shares": self._ref_shares.copy(),
@@ -699,7 +753,12 @@ class CentroidDriftMonitor:
         """Restore :meth:`get_state` output; raises StateMismatch if it came from other settings."""
         if state.get("version") != _STATE_VERSION:
             raise StateMismatch(f"drift monitor state version {state.get('version')!r}")
-        if state.get("config") != self._config():
+        saved = state.get("config")
+        if isinstance(saved, dict) and "components" not in saved:
+            # Saved before the principal-component statistic: its reference
+            # goes on with the centroid statistic alone; the next one has both.
+            saved = {**saved, "components": self.components}
+        if saved != self._config():
             raise StateMismatch(
                 f"drift monitor state for settings {state.get('config')!r}, not {self._config()!r}"
             )
@@ -719,6 +778,12 @@ class CentroidDriftMonitor:
             self._mu = np.asarray(state["mu"], dtype=np.float64)
             self._sigma = np.asarray(state["sigma"], dtype=np.float64)
             self._null_t = np.asarray(state["null_t"], dtype=np.float64)
+            if "basis" in state:
+                self._basis = np.asarray(state["basis"], dtype=np.float64).reshape(self._dim, -1)
+                self._null_tp = np.asarray(state["null_tp"], dtype=np.float64)
+                self._null_v = np.asarray(state["null_v"], dtype=np.float64)
+            else:
+                self._basis = np.zeros((self._dim, 0))
             self._h = math.nan if state["threshold"] is None else float(state["threshold"])
             self._centres = np.asarray(state["centres"], dtype=np.float64)
             self._ref_shares = np.asarray(state["ref_shares"], dtype=np.float64)
@@ -752,6 +817,7 @@ class CentroidDriftMonitor:
             "policy": self.policy,
             "n_exemplars": self.n_exemplars,
             "bootstrap": self.bootstrap,
+            "components": self.components,
             "seed": self.seed,
         }
 
@@ -808,6 +874,31 @@ def _resample_weights(rng: np.random.Generator, draws: int, size: int, n: int) -
     weights = np.bincount(picks.ravel(), minlength=draws * n).astype(np.float32)
     weights *= np.float32(1.0 / size)
     return weights.reshape(draws, n)
+
+
+def _larger(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """The larger of two normal scores; ties broken by the smaller one, then by which was larger.
+
+    Both scores live on the same grid of bootstrap ranks, so plain maxima would
+    share values, and the pool of null scores (and with it the calibrated
+    threshold) would depend on the data. With the tie-breaks the pool is the
+    rank grid, as for one statistic.
+    """
+    return np.maximum(u, v) + 1e-6 * np.minimum(u, v) + 1e-9 * (u > v)
+
+
+def _principal_basis(z: np.ndarray, m: int) -> np.ndarray:
+    """(d, m): the ``m`` leading principal axes of centred ``z``, each scaled to unit spread.
+
+    ``z @ basis`` are the reference's leading principal components in units of
+    their own standard deviation (whitened); axes with no spread are dropped.
+    """
+    if m <= 0:
+        return np.zeros((z.shape[1], 0))
+    _, sv, vt = np.linalg.svd(z - z.mean(axis=0), full_matrices=False)
+    sd = sv[:m] / math.sqrt(len(z))
+    keep = sd > _SIGMA_FLOOR * max(float(sd[0]), 1.0) if len(sd) else sd > 0
+    return (vt[:m][keep] / sd[keep, None]).T
 
 
 def _normal_scores(null_t: np.ndarray, t: np.ndarray) -> np.ndarray:

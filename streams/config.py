@@ -46,6 +46,7 @@ class SourceSettings(_Frozen):
     drift_alpha: float = Field(0.001, gt=0, lt=1)
     drift_policy: Literal["adopt", "keep"] = "adopt"
     drift_cooldown: int = Field(500, ge=0)
+    drift_components: int = Field(8, ge=0)  # leading principal components of the second drift statistic
     # The pipeline's own settings (not the monitor's): the reference and the
     # encoder statistics learn every learn_block events of the source, so a
     # result depends on the event sequence alone, never on how it was batched.
