@@ -9,7 +9,14 @@ stream as its reference, then cuts the rest into non-overlapping blocks of
 the shift of the block centroid from the reference centroid in units of the
 reference spread, scaled so that T is about 1 when nothing moved. T is turned
 into a normal score ``u`` through its bootstrap null distribution (blocks drawn
-from the reference itself), and a one-sided CUSUM on ``u`` accumulates the
+from the reference itself). A second statistic of the same form is computed on
+the reference's ``components`` leading principal components, each whitened to
+unit spread: when the dimensions are strongly correlated (embeddings), the
+per-dimension T moves with the common factors, its null is wide, and a shift
+along a minor direction drowns in it; whitened it stands out. The block's
+``u`` is the larger of the two normal scores, referred once more to its own
+bootstrap null (the same resampled blocks give both statistics, so the two are
+calibrated jointly). A one-sided CUSUM on ``u`` accumulates the
 evidence: a small shift that persists adds up, one odd block does not. The
 alarm threshold is calibrated by simulation to the false-alarm budget: with
 probability at least ``1 - alpha`` a stationary stream runs ``horizon_events``
@@ -17,7 +24,7 @@ events without an alarm.
 
 Two points go beyond a plain bootstrap of blocks; both were measured on
 stationary Gaussian streams (d = 4 and 64, 300 streams of 20,000 events each,
-``alpha = 0.05``):
+``alpha = 0.05``, CUSUM reference value 0.5 at the time, see ``_CUSUM_K``):
 
 * The reference's centroid and spread are estimates whose error every live
   block shares, so live T runs larger than T of blocks drawn from the
@@ -43,7 +50,7 @@ dimensions whose standardised mean moved most.
 >>> monitor = CentroidDriftMonitor(reference_size=1000, block_size=50)
 >>> alarms = monitor.update(X, [f"e{i}" for i in range(len(X))])
 >>> [(a.detected_at, a.events_seen) for a in alarms]
-[('e2749', 2750)]
+[('e2649', 2650)]
 """
 
 from __future__ import annotations
@@ -61,10 +68,18 @@ from models.base import State
 from models.errors import NonFinite, StateMismatch, WrongDimension, WrongType
 
 # CUSUM reference value in units of the normal score u: the detector is tuned
-# to a mean shift of 2k = 1 standard deviation of u, the usual choice; a
-# persistent drift whose u-mean exceeds 0.5 is found in about h / (E[u] - 0.5)
-# blocks, anything below that is treated as noise.
-_CUSUM_K = 0.5
+# to a mean shift of 2k = 2 standard deviations of u; a persistent drift whose
+# u-mean exceeds 1 is found in about h / (E[u] - 1) blocks, anything below that
+# is treated as noise. k = 0.5 (tuned to a shift of 1) was the first choice:
+# its threshold at the default budget is about 14 (18 on a heavy-tailed
+# reference), so even blocks at the largest u (3.48) need 5 to 6 blocks to
+# alarm; with k = 1 the threshold is about 6.5 (7 heavy-tailed). Measured
+# (bench/quality_drift.py, docs/quality-notes.md): the report's drift
+# scenarios are found 100 events sooner, the CIFAR class mix within 150 events
+# instead of 550; 120 stationary Gaussian and Student-t5 streams raised 0 alarms
+# against 6 and 5 with k = 0.5 (budget 12); a shift of 0.2 sd on 8 of 16 dims
+# (E[u] near 1) is still found sooner (median 475 events against 650, 10 seeds).
+_CUSUM_K = 1.0
 
 # Spreads below this fraction of the typical (median) spread are floored to it,
 # so a dimension constant in the reference does not divide by zero; a constant
@@ -198,6 +213,9 @@ class CentroidDriftMonitor:
         Event ids named in an explanation.
     bootstrap : int
         Bootstrap blocks of the null distribution of T.
+    components : int
+        Leading principal components of the reference behind the second
+        statistic (at most the dimension); 0 uses the centroid statistic alone.
     seed : int
         Seed of the bootstrap, the calibration and the k-means.
 
@@ -232,6 +250,7 @@ class CentroidDriftMonitor:
         policy: str = "adopt",
         n_exemplars: int = 5,
         bootstrap: int = 2000,
+        components: int = 8,
         seed: int = 0,
     ) -> None:
         if reference_size < 2:
@@ -246,6 +265,8 @@ class CentroidDriftMonitor:
             raise ValueError(f"policy must be one of {_POLICIES}")
         if not 10 <= bootstrap <= 32_000:  # int16 indices in the calibration
             raise ValueError("bootstrap must be in [10, 32000]")
+        if components < 0:
+            raise ValueError("components must be >= 0")
         self._reference_size = reference_size
         self._block_size = block_size
         self._alpha = alpha
@@ -255,6 +276,7 @@ class CentroidDriftMonitor:
         self._policy = policy
         self._n_exemplars = n_exemplars
         self._bootstrap = bootstrap
+        self._components = components
         self._seed = seed
         self._reset()
 
@@ -268,6 +290,7 @@ class CentroidDriftMonitor:
     policy = _setting("policy", 'What follows an alarm: "adopt" or "keep".')
     n_exemplars = _setting("n_exemplars", "Event ids named in an explanation.")
     bootstrap = _setting("bootstrap", "Bootstrap blocks of the null of T.")
+    components = _setting("components", "Leading principal components of the second statistic (0: off).")
     seed = _setting("seed", "Seed of the bootstrap, calibration and k-means.")
 
     # ------------------------------------------------------------------ state
@@ -286,6 +309,10 @@ class CentroidDriftMonitor:
         self._mu = np.zeros(0)
         self._sigma = np.ones(0)
         self._null_t = np.zeros(0)  # sorted bootstrap T
+        # second statistic: T on the reference's leading principal components
+        self._basis = np.zeros((0, 0))  # (d, m) unit-spread projection of z; m = 0: T alone
+        self._null_tp = np.zeros(0)  # sorted bootstrap T of the projection
+        self._null_v = np.zeros(0)  # sorted bootstrap max of the two normal scores
         self._h = math.nan
         self._centres: np.ndarray | None = None  # None: not computed for this reference yet
         self._ref_shares = np.zeros(0)
@@ -344,6 +371,16 @@ class CentroidDriftMonitor:
     def events_seen(self) -> int:
         """Events passed to :meth:`update` since the start."""
         return self._events_seen
+
+    @property
+    def null_sample(self) -> np.ndarray:
+        """Sorted bootstrap null sample of the block statistic T (empty before a reference)."""
+        return self._null_t.copy()
+
+    @property
+    def references_established(self) -> int:
+        """How many references were established so far (a new one after each adoption)."""
+        return self._n_established
 
     @property
     def window_size(self) -> int:
@@ -423,8 +460,12 @@ class CentroidDriftMonitor:
         nb = len(rows) // b
         means = rows[: nb * b].reshape(nb, b, -1).mean(axis=1, dtype=np.float64)
         z = (means - self._mu) / self._sigma
-        t = b * np.mean(z * z, axis=1)
-        return _normal_scores(self._null_t, t)
+        u = _normal_scores(self._null_t, b * np.mean(z * z, axis=1))
+        if self._basis.shape[1] == 0:
+            return u
+        y = z @ self._basis
+        up = _normal_scores(self._null_tp, b * np.mean(y * y, axis=1))
+        return _normal_scores(self._null_v, _larger(u, up))
 
     def _monitor(self, X: np.ndarray, ids: list[str]) -> tuple[int, list[DriftAlarm]]:
         """Run the CUSUM over the complete blocks of pending + X.
@@ -542,7 +583,14 @@ class CentroidDriftMonitor:
         # matrices (rows: draws, columns: reference rows) and three products.
         # float32 products: half the time of float64 at d = 384, and the
         # moments of standardised data lose nothing that matters in T.
+        d = zref.shape[1]
+        basis = _principal_basis(zref, min(self.components, d, n - 1))
+        m = basis.shape[1]
         z32 = zref.astype(np.float32)
+        if m:
+            # The projected coordinates are linear in z, so the same resampled
+            # blocks and pseudo-references give both statistics' nulls jointly.
+            z32 = np.concatenate([z32, (zref @ basis).astype(np.float32)], axis=1)
         # A block is b rows, so its mean is a sparse product (b terms per draw,
         # not n); the pseudo-references are dense resamples of all n rows and
         # cost B * n * d each, so fewer of them are drawn and each is paired
@@ -554,50 +602,42 @@ class CentroidDriftMonitor:
         pseudo_means = pseudo @ z32
         pseudo_var = pseudo @ (z32 * z32) - pseudo_means**2
         # zref is in units of sigma; the floor keeps constant dimensions at 0 / floor = 0
-        pseudo_sd = np.maximum(np.sqrt(np.maximum(pseudo_var, 0.0)), floor / sigma)
+        unit_floor = np.concatenate([floor / sigma, np.full(m, _SIGMA_FLOOR)])
+        pseudo_sd = np.maximum(np.sqrt(np.maximum(pseudo_var, 0.0)), unit_floor)
         pair = np.arange(self.bootstrap) % n_pseudo
         zc = (block_means - pseudo_means[pair]).astype(np.float64) / pseudo_sd[pair]
-        null_t = np.sort(b * np.mean(zc * zc, axis=1))
+        t_all = b * np.mean(zc[:, :d] ** 2, axis=1)
+        null_t = np.sort(t_all)
+        null_tp = np.zeros(0)
+        null = null_t
+        if m:
+            # Two statistics, one test: the larger of the two normal scores,
+            # itself referred to its bootstrap null.
+            tp_all = b * np.mean(zc[:, d:] ** 2, axis=1)
+            null_tp = np.sort(tp_all)
+            null = np.sort(_larger(_normal_scores(null_t, t_all), _normal_scores(null_tp, tp_all)))
 
-        # Normal scores of the null sample itself, each ranked among the others.
-        lo = np.searchsorted(null_t, null_t, side="left")
-        hi = np.searchsorted(null_t, null_t, side="right") - 1
-        pool = ndtri((lo + hi + 1.0) / (2.0 * len(null_t))).astype(np.float32)
-        # What the null cannot hold is the error of *this* reference: a bias of
-        # u that lasts as long as the reference. Its variance, in units of the
-        # sd of T (so of u): (b / n)^2 from the centroid, (kurtosis - 1) / (2 n)
-        # from the spread (var(sd^2 / sigma^2) = (kurtosis - 1) / n), 1 / B from
-        # the finite bootstrap. Measured across 100 Gaussian references, d = 4
-        # and 64: sd 0.057 against 0.063 from this formula; Student t5: 0.068.
         zsq = zref * zref
         m2 = np.mean(zsq, axis=0)
         m4 = np.mean(zsq * zsq, axis=0)  # not zref**4: pow() is 100x slower
         live = m2 > 0.0
         kurtosis = float(np.mean(m4[live] / m2[live] ** 2)) if live.any() else 3.0
-        # Capped so that a few giant outliers in one dimension cannot blow up h.
-        kurtosis = min(max(kurtosis, 1.0), _MAX_KURTOSIS)
-        tau = math.sqrt((b / n) ** 2 + (kurtosis - 1.0) / (2.0 * n) + 1.0 / self.bootstrap)
-        # Rounded up to a grid of 0.005 (a tenth of its typical size): slightly
-        # conservative, and references of similar data share one calibration.
-        tau = math.ceil(tau / _TAU_STEP) * _TAU_STEP
-        n_steps = max(1, math.ceil(self.horizon_events / b))
-        h = _calibrated_threshold(
-            pool.tobytes(),
-            n_steps,
-            self.alpha,
-            tau,
-            self.seed,
+        h = calibrated_threshold(
+            null,  # with principal components: the null of the larger normal score
+            block_size=b,
+            reference_size=n,
+            kurtosis=kurtosis,
+            horizon_events=self.horizon_events,
+            alpha=self.alpha,
+            seed=self.seed,
         )
-
-        # One or two odd blocks must never alarm on their own (a burst is not a
-        # drift), whatever the calibration says; this only binds when the null
-        # has almost no spread, e.g. a reference of identical vectors.
-        u_max = float(ndtri((2.0 * len(null_t) + 1.0) / (2.0 * (len(null_t) + 1))))
-        h = max(h, _BURST_BLOCKS * (u_max - _CUSUM_K))
 
         self._mu = mu
         self._sigma = sigma
         self._null_t = null_t
+        self._basis = basis
+        self._null_tp = null_tp
+        self._null_v = null if m else np.zeros(0)
         self._h = h
         # The clusters only serve explanations: computed at the first alarm
         # (or state save) of this reference, from its rows, which stay in
@@ -721,6 +761,9 @@ class CentroidDriftMonitor:
             "mu": self._mu.copy(),
             "sigma": self._sigma.copy(),
             "null_t": self._null_t.copy(),
+            "basis": self._basis.copy(),
+            "null_tp": self._null_tp.copy(),
+            "null_v": self._null_v.copy(),
             "threshold": None if math.isnan(self._h) else float(self._h),
             "centres": centres.copy(),
             "ref_shares": self._ref_shares.copy(),
@@ -739,7 +782,12 @@ class CentroidDriftMonitor:
         """Restore :meth:`get_state` output; raises StateMismatch if it came from other settings."""
         if state.get("version") != _STATE_VERSION:
             raise StateMismatch(f"drift monitor state version {state.get('version')!r}")
-        if state.get("config") != self._config():
+        saved = state.get("config")
+        if isinstance(saved, dict) and "components" not in saved:
+            # Saved before the principal-component statistic: its reference
+            # goes on with the centroid statistic alone; the next one has both.
+            saved = {**saved, "components": self.components}
+        if saved != self._config():
             raise StateMismatch(
                 f"drift monitor state for settings {state.get('config')!r}, not {self._config()!r}"
             )
@@ -759,6 +807,12 @@ class CentroidDriftMonitor:
             self._mu = np.asarray(state["mu"], dtype=np.float64)
             self._sigma = np.asarray(state["sigma"], dtype=np.float64)
             self._null_t = np.asarray(state["null_t"], dtype=np.float64)
+            if "basis" in state:
+                self._basis = np.asarray(state["basis"], dtype=np.float64).reshape(self._dim, -1)
+                self._null_tp = np.asarray(state["null_tp"], dtype=np.float64)
+                self._null_v = np.asarray(state["null_v"], dtype=np.float64)
+            else:
+                self._basis = np.zeros((self._dim, 0))
             self._h = math.nan if state["threshold"] is None else float(state["threshold"])
             centres = np.asarray(state["centres"], dtype=np.float64)
             self._centres = centres if centres.size else None
@@ -793,11 +847,55 @@ class CentroidDriftMonitor:
             "policy": self.policy,
             "n_exemplars": self.n_exemplars,
             "bootstrap": self.bootstrap,
+            "components": self.components,
             "seed": self.seed,
         }
 
 
 # ------------------------------------------------------------------ helpers
+
+
+def calibrated_threshold(
+    null_t: np.ndarray,
+    *,
+    block_size: int,
+    reference_size: int,
+    kurtosis: float,
+    horizon_events: int,
+    alpha: float,
+    seed: int,
+) -> float:
+    """CUSUM threshold h for blocks of ``block_size`` tested against a reference of ``reference_size``.
+
+    ``null_t`` is the sorted null sample of the block statistic T, ``kurtosis``
+    the mean kurtosis of the reference's dimensions. Shared by
+    :class:`CentroidDriftMonitor` and the merged monitor of a sharded source
+    (``detectors.shards``).
+    """
+    b, n = block_size, reference_size
+    # Normal scores of the null sample itself, each ranked among the others.
+    lo = np.searchsorted(null_t, null_t, side="left")
+    hi = np.searchsorted(null_t, null_t, side="right") - 1
+    pool = ndtri((lo + hi + 1.0) / (2.0 * len(null_t))).astype(np.float32)
+    # What the null cannot hold is the error of *this* reference: a bias of
+    # u that lasts as long as the reference. Its variance, in units of the
+    # sd of T (so of u): (b / n)^2 from the centroid, (kurtosis - 1) / (2 n)
+    # from the spread (var(sd^2 / sigma^2) = (kurtosis - 1) / n), 1 / B from
+    # the finite bootstrap. Measured across 100 Gaussian references, d = 4
+    # and 64: sd 0.057 against 0.063 from this formula; Student t5: 0.068.
+    # Kurtosis capped so that a few giant outliers in one dimension cannot blow up h.
+    kurtosis = min(max(kurtosis, 1.0), _MAX_KURTOSIS)
+    tau = math.sqrt((b / n) ** 2 + (kurtosis - 1.0) / (2.0 * n) + 1.0 / len(null_t))
+    # Rounded up to a grid of 0.005 (a tenth of its typical size): slightly
+    # conservative, and references of similar data share one calibration.
+    tau = math.ceil(tau / _TAU_STEP) * _TAU_STEP
+    n_steps = max(1, math.ceil(horizon_events / b))
+    h = _calibrated_threshold(pool.tobytes(), n_steps, alpha, tau, seed)
+    # One or two odd blocks must never alarm on their own (a burst is not a
+    # drift), whatever the calibration says; this only binds when the null
+    # has almost no spread, e.g. a reference of identical vectors.
+    u_max = float(ndtri((2.0 * len(null_t) + 1.0) / (2.0 * (len(null_t) + 1))))
+    return max(h, _BURST_BLOCKS * (u_max - _CUSUM_K))
 
 
 def _resample_weights(rng: np.random.Generator, draws: int, size: int, n: int) -> np.ndarray:
@@ -819,6 +917,31 @@ def _block_means(rng: np.random.Generator, z: np.ndarray, draws: int, size: int)
         shape=(draws, n),
     )
     return np.asarray(weights @ z, dtype=np.float32)
+
+
+def _larger(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """The larger of two normal scores; ties broken by the smaller one, then by which was larger.
+
+    Both scores live on the same grid of bootstrap ranks, so plain maxima would
+    share values, and the pool of null scores (and with it the calibrated
+    threshold) would depend on the data. With the tie-breaks the pool is the
+    rank grid, as for one statistic.
+    """
+    return np.maximum(u, v) + 1e-6 * np.minimum(u, v) + 1e-9 * (u > v)
+
+
+def _principal_basis(z: np.ndarray, m: int) -> np.ndarray:
+    """(d, m): the ``m`` leading principal axes of centred ``z``, each scaled to unit spread.
+
+    ``z @ basis`` are the reference's leading principal components in units of
+    their own standard deviation (whitened); axes with no spread are dropped.
+    """
+    if m <= 0:
+        return np.zeros((z.shape[1], 0))
+    _, sv, vt = np.linalg.svd(z - z.mean(axis=0), full_matrices=False)
+    sd = sv[:m] / math.sqrt(len(z))
+    keep = sd > _SIGMA_FLOOR * max(float(sd[0]), 1.0) if len(sd) else sd > 0
+    return (vt[:m][keep] / sd[keep, None]).T
 
 
 def _normal_scores(null_t: np.ndarray, t: np.ndarray) -> np.ndarray:

@@ -71,6 +71,7 @@ class SourceMonitor:
         drift_alpha: float = 0.001,
         drift_policy: Literal["adopt", "keep"] = "adopt",
         drift_cooldown: int = 500,
+        drift_components: int = 8,
         adopt_window: int = 200,
         seed: int = 0,
     ) -> None:
@@ -90,6 +91,7 @@ class SourceMonitor:
         self.drift_alpha = drift_alpha
         self.drift_policy = drift_policy
         self.drift_cooldown = drift_cooldown
+        self.drift_components = drift_components
         self.adopt_window = adopt_window
         self.seed = seed
         self.detector = KNNDetector(
@@ -109,6 +111,7 @@ class SourceMonitor:
                 alpha=drift_alpha,
                 cooldown=drift_cooldown,
                 policy=drift_policy,
+                components=drift_components,
                 seed=seed,
             )
             if drift

@@ -60,6 +60,8 @@ log = logging.getLogger("neighbourwatch.worker")
 # spend waiting for company when traffic is light.
 BATCH_WAIT_SECONDS = 0.05
 INTERNAL_ERROR = "internal_error"
+# A shard summary the merging worker cannot read (another version, damaged): dead-lettered.
+INVALID_SUMMARY = "invalid_summary"
 # faust creates its consumer with fetch_max_wait_ms=1500, and a broker may hold
 # a fetch that long while events trickle in (Tansu does: a record produced
 # during the wait is returned only when it ends), adding up to 1.5 s to an
@@ -150,7 +152,7 @@ class Worker:
     ----------
     settings : Settings
     pipeline : Pipeline, optional
-        Defaults to ``Pipeline(settings=settings)``.
+        Defaults to ``Pipeline(settings=settings, merge_shards=False)``: shard summaries go to Kafka.
     metrics : optional
         A ``streams.metrics.Metrics``; ``observe_batch`` is called per batch.
     deliverer : optional
@@ -170,7 +172,7 @@ class Worker:
         on_batch: Callable[[BatchResult], None] | None = None,
     ) -> None:
         self.settings = settings
-        self.pipeline = pipeline or Pipeline(settings=settings)
+        self.pipeline = pipeline or Pipeline(settings=settings, merge_shards=False)
         self.metrics = metrics
         self.deliverer = deliverer
         self.on_batch = on_batch
@@ -181,6 +183,7 @@ class Worker:
         self._declared: set[str] = set()
         self._taking: dict[TP, asyncio.Future] = {}  # partition take-overs under way
         self._input_consumer: Any = None  # the aiokafka input path's consumer, while it runs
+        self._merging = False  # this worker holds the shard-summaries partition and its merge state
         self._issue_lock = asyncio.Lock()  # output topics declared for the direct produce path
         self.app: faust.App | None = None
         store = None
@@ -234,6 +237,15 @@ class Worker:
         self.alerts_topic = app.topic(k.alerts_topic, **raw)
         self.dlq_topic = app.topic(k.dlq_topic, **raw)
         self.alerts_dlq_topic = app.topic(k.alerts_dlq_topic, **raw)
+        self.summaries_topic = app.topic(k.shard_summaries_topic, partitions=1, compacting=True, **raw)
+
+        if self.settings.is_sharded:
+            # One partition, so one worker of the group merges every sharded
+            # source's summaries; a worker that takes it over rebuilds the merge.
+            @app.agent(self.summaries_topic, name="nwatch-merge")
+            async def merge(stream: Any) -> None:
+                async for events in stream.take_events(100, within=0.2):
+                    await self.merge(events)
 
         if k.input_path == "aiokafka":
 
@@ -264,6 +276,9 @@ class Worker:
         async def revoked(_app: Any, revoked: set[Any], **_: Any) -> None:
             # faust has waited for the agents to finish their batches: the state is consistent
             tps = [(tp.topic, tp.partition) for tp in revoked]
+            if any(t == k.shard_summaries_topic for t, _ in tps):
+                self._merging = False  # rebuilt from the topic if it comes back
+                await asyncio.get_running_loop().run_in_executor(self._pipeline_executor(), self.pipeline.mergers.clear)
             await asyncio.get_running_loop().run_in_executor(self._pipeline_executor(), self.durable.release, tps)
 
         @app.on_partitions_assigned.connect
@@ -451,6 +466,9 @@ class Worker:
                 out.append((self.anomalies_topic, key, value, None))
                 alert = Alert.from_anomaly(d)
                 out.append((self.alerts_topic, alert.fingerprint.encode(), _bytes(alert.to_json()), None))
+        for msg, kind, encoder in result.summaries:
+            value = orjson.dumps(msg.to_dict() | {"kind": kind, "encoder": encoder})
+            out.append((self.summaries_topic, msg.key.encode(), value, None))
         for drift in result.drifts:
             d = drift.to_dict()
             out.append((self.drift_topic, drift.source.encode(), orjson.dumps(d), None))
@@ -461,6 +479,86 @@ class Worker:
             key, value, headers = dead_letter(events[reject.index].message, reject.reason, reject.message, cap)
             out.append((self.dlq_topic, key, value, headers))
         return out
+
+    async def merge(self, events: Sequence[Any]) -> None:
+        """Shard summaries in: merge them, publish the merged drift records and their alerts.
+
+        The merge state is not snapshotted: the first time this worker reads the
+        summaries partition it rebuilds the merge from the topic's start (it holds
+        every block; compaction only drops a block published twice). Never raises.
+        """
+        loop = asyncio.get_running_loop()
+        ex = self._pipeline_executor()
+        first = events[0].message.offset
+        if not self._merging and first > 0:
+            tp = (events[0].message.topic, events[0].message.partition)
+            n = await self._read_summaries(tp, first)
+            log.warning("shard summaries: rebuilt the merge from %d summaries [0, %d)", n, first)
+        self._merging = True
+        drifts, bad, merged = await loop.run_in_executor(ex, self._merge_values, [e.message for e in events])
+        outputs = self._outputs(BatchResult(drifts=drifts), [])
+        cap = self.settings.kafka.dlq_max_value_bytes
+        for msg, why in bad:  # kept with the reason, never dropped
+            outputs.append((self.dlq_topic, *dead_letter(msg, INVALID_SUMMARY, why, cap)))
+        if outputs:
+            await self._send(outputs)
+        if self.metrics is not None:
+            if bad:
+                self.metrics.observe_rejected(INVALID_SUMMARY, topic=events[0].message.topic, n=len(bad))
+            for source, n in merged.items():
+                monitor, kind, _ = self.pipeline.mergers[source]
+                self.metrics.observe_merge(
+                    source, kind, merged=n, waiting=monitor.waiting, statistic=monitor.statistic,
+                    threshold=monitor.threshold, drifts=sum(d.source == source for d in drifts),
+                )
+
+    def _merge_values(self, messages: Sequence[Any]) -> tuple[list[Any], list[tuple[Any, str]], dict[str, int]]:
+        """Merge summaries (pipeline thread): drift records, the unreadable ones with why, blocks per source."""
+        from detectors.shards import BlockSummary, summary_from_dict
+
+        drifts: list[Any] = []
+        bad: list[tuple[Any, str]] = []
+        merged: dict[str, int] = {}
+        for msg in messages:
+            try:
+                d = orjson.loads(msg.value or b"")
+                summary = summary_from_dict(d)
+                drifts += self.pipeline.merge(summary, str(d["kind"]), str(d["encoder"]))
+            except Exception as err:
+                bad.append((msg, f"{type(err).__name__}: {err}"))
+                continue
+            if isinstance(summary, BlockSummary):
+                merged[summary.source] = merged.get(summary.source, 0) + 1
+        return drifts, bad, merged
+
+    async def _read_summaries(self, tp: TP, end: int) -> int:
+        """Feed ``[0, end)`` of the summaries partition to the merge, discarding its drift records
+        (they were published by the worker that merged them first)."""
+        from aiokafka import TopicPartition
+
+        loop = asyncio.get_running_loop()
+        consumer = self._plain_consumer()
+        await consumer.start()
+        done = 0
+        try:
+            part = TopicPartition(*tp)
+            consumer.assign([part])
+            await consumer.seek_to_beginning(part)
+            idle = 0
+            while idle < 10:
+                batch = await consumer.getmany(part, timeout_ms=1000, max_records=500)
+                records = [r for r in batch.get(part, []) if r.offset < end]
+                if not records:
+                    idle += 1
+                    continue
+                idle = 0
+                await loop.run_in_executor(self._pipeline_executor(), self._merge_values, records)
+                done += len(records)
+                if records[-1].offset >= end - 1:
+                    break
+        finally:
+            await consumer.stop()
+        return done
 
     def _pipeline_executor(self) -> ThreadPoolExecutor:
         # One thread: the pipeline (hnswlib, the shared model) is called from it alone.

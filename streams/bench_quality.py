@@ -214,6 +214,18 @@ def drift_streams(data: Path, *, n_before: int, n_after: int, seed: int = 0) -> 
     # from descriptions, entities, abbreviations and numbers to people and places.
     mix_a = [q for c, q in trec if c in ("DESC", "ENTY", "ABBR", "NUM")]
     mix_b = [q for c, q in trec if c in ("HUM", "LOC")]
+    kw = {"n_before": n_before, "n_after": n_after, "seed": seed}
+    return [
+        drift_scenario("vader_movies_to_tweets", movies, tweets, to_lines=text_lines, **kw),
+        drift_scenario("vader_movies_nochange", movies, None, to_lines=text_lines, **kw),
+        drift_scenario("trec_mix_change", mix_a, mix_b, to_lines=text_lines, **kw),
+        drift_scenario("trec_nochange", mix_a, None, to_lines=text_lines, **kw),
+        *cifar_drift_streams(data, n_before=n_before, n_after=n_after, seed=seed),
+    ]
+
+
+def cifar_drift_streams(data: Path, *, n_before: int, n_after: int, seed: int = 0) -> list[Stream]:
+    """The CIFAR-10 class-mix change and its no-change twin (vector events, no model needed)."""
     X, y = load_npz(data / "vectors" / "cifar10_0_resnet18.npz")
     class0 = list(X[y == 0])
     # Class mix change: from class 0 alone to a quarter of other classes (the set
@@ -225,10 +237,6 @@ def drift_streams(data: Path, *, n_before: int, n_after: int, seed: int = 0) -> 
     mixed = others[:n_others] + [class0[half + i] for i in rng.permutation(len(class0) - half)[: n_after - n_others]]
     kw = {"n_before": n_before, "n_after": n_after, "seed": seed}
     return [
-        drift_scenario("vader_movies_to_tweets", movies, tweets, to_lines=text_lines, **kw),
-        drift_scenario("vader_movies_nochange", movies, None, to_lines=text_lines, **kw),
-        drift_scenario("trec_mix_change", mix_a, mix_b, to_lines=text_lines, **kw),
-        drift_scenario("trec_nochange", mix_a, None, to_lines=text_lines, **kw),
         drift_scenario("cifar_mix_change", class0[:half], mixed, to_lines=vector_rows_lines, **kw),
         drift_scenario("cifar_nochange", class0, None, to_lines=vector_rows_lines, **kw),
     ]

@@ -523,6 +523,13 @@ def default_topics(kafka_settings: KafkaSettings) -> list[str]:
     return list(dict.fromkeys(names))  # in order, once each (settings may repeat a name)
 
 
+def shard_summaries_topic(kafka_settings: KafkaSettings) -> tuple[dict[str, int], dict[str, dict[str, str]]]:
+    """The shard-summaries topic as :func:`ensure_topics` takes it: one partition (one
+    merging worker, summaries in order), compacted (a block published twice is kept once)."""
+    name = kafka_settings.shard_summaries_topic
+    return {name: 1}, {name: {"cleanup.policy": "compact"}}
+
+
 def ensure_topics(
     bootstrap_servers: str | list[str],
     topics: Mapping[str, int] | Iterable[str],
@@ -531,6 +538,7 @@ def ensure_topics(
     replication: int = 1,
     timeout: float = 30.0,
     client_config: Mapping[str, Any] | None = None,
+    configs: Mapping[str, Mapping[str, str]] | None = None,
 ) -> list[str]:
     """Create the topics that do not exist yet; existing ones are left as they are.
 
@@ -549,6 +557,8 @@ def ensure_topics(
     client_config
         Extra kafka-python keyword arguments, e.g. :func:`kafka_client_config`
         for a secured cluster (its ``bootstrap_servers`` is overridden).
+    configs
+        Topic configs of new topics by name, e.g. ``{"t": {"cleanup.policy": "compact"}}``.
 
     Returns
     -------
@@ -592,7 +602,8 @@ def ensure_topics(
     except KafkaError as err:
         raise BrokerError(f"cannot reach Kafka at {bootstrap_servers}: {err}") from err
     try:
-        new = [NewTopic(name, n, replication) for name, n in wanted.items()]
+        configs = configs or {}
+        new = [NewTopic(name, n, replication, topic_configs=dict(configs.get(name, {}))) for name, n in wanted.items()]
         result = admin.create_topics(new, timeout_ms=timeout_ms, raise_errors=False)
     except KafkaError as err:
         raise BrokerError(f"creating topics {list(wanted)} failed: {err}") from err

@@ -69,7 +69,8 @@ def cmd_produce(args: argparse.Namespace) -> int:
     from streams.broker import BrokerError, ensure_topics, kafka_client_config
     from streams.produce import ProduceError, ProgressLine, produce_file
 
-    kafka = _settings(args).kafka
+    settings = _settings(args)
+    kafka = settings.kafka
     if args.bootstrap_servers:
         kafka = kafka.model_copy(update={"bootstrap_servers": args.bootstrap_servers})
     topic = args.topic or kafka.input_topics[0]
@@ -81,7 +82,8 @@ def cmd_produce(args: argparse.Namespace) -> int:
             return 1
     line = ProgressLine(sys.stderr) if args.progress or (sys.stderr.isatty() and not args.quiet) else None
     try:
-        summary = produce_file(args.file, topic=topic, kafka_settings=kafka, key_field=args.key_field, progress=line)
+        summary = produce_file(args.file, topic=topic, kafka_settings=kafka, key_field=args.key_field, progress=line,
+                               shards=settings.shard_counts)
     except ProduceError as err:
         if line:
             line.close()

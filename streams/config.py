@@ -46,18 +46,24 @@ class SourceSettings(_Frozen):
     drift_alpha: float = Field(0.001, gt=0, lt=1)
     drift_policy: Literal["adopt", "keep"] = "adopt"
     drift_cooldown: int = Field(500, ge=0)
+    drift_components: int = Field(8, ge=0)  # leading principal components of the second drift statistic
     # The pipeline's own settings (not the monitor's): the reference and the
     # encoder statistics learn every learn_block events of the source, so a
     # result depends on the event sequence alone, never on how it was batched.
     learn_block: int = Field(32, ge=1, le=4096)
     dedup_window: int = Field(10_000, ge=0)  # the last N ids of the source refuse a repeat
     max_lateness: float | None = Field(86_400.0, gt=0)  # seconds behind the source's newest event time
+    # Opt-in sharding of a hot source: its events are split by a hash of their
+    # id into this many shards, each with its own reference, calibration and
+    # state (``source#k``, its own Kafka key and partition); the drift test
+    # runs on the exact merge of the shards' block summaries (detectors.shards).
+    shards: int = Field(1, ge=1, le=256)
 
     def monitor_kwargs(self) -> dict[str, Any]:
         return self.model_dump(exclude={"kind", "metric", *PIPELINE_FIELDS})
 
 
-PIPELINE_FIELDS = frozenset({"learn_block", "dedup_window", "max_lateness"})
+PIPELINE_FIELDS = frozenset({"learn_block", "dedup_window", "max_lateness", "shards"})
 
 
 class KafkaSettings(_Frozen):
@@ -68,6 +74,9 @@ class KafkaSettings(_Frozen):
     drift_topic: str = "nwatch.drift"
     alerts_topic: str = "nwatch.alerts"
     dlq_topic: str = "nwatch.dlq"
+    # Block summaries of sharded sources (compacted, one partition): the
+    # worker that holds its partition merges them and runs their drift test.
+    shard_summaries_topic: str = "nwatch.shard-summaries"
     publish_scores: bool = True
     # A dead letter larger than this carries the first dlq_max_value_bytes of the
     # original (headers give its size and SHA-256; the whole message stays on its
@@ -192,6 +201,16 @@ class Settings(BaseSettings):
         if own is None:
             return self.defaults
         return self.defaults.model_copy(update={f: getattr(own, f) for f in own.model_fields_set})
+
+    @property
+    def shard_counts(self) -> dict[str, int]:
+        """Configured sources split into shards, with their shard counts."""
+        return {name: n for name in self.sources if (n := self.source(name, "").shards) > 1}
+
+    @property
+    def is_sharded(self) -> bool:
+        """True when some source (or the defaults) is split into shards."""
+        return self.defaults.shards > 1 or bool(self.shard_counts)
 
     def masked(self) -> dict[str, Any]:
         """The settings as plain data with every secret masked (``SecretStr`` dumps as '**********')."""

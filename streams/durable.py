@@ -164,18 +164,19 @@ class DurableState:
     def _home(self, result: BatchResult, tps: Sequence[TP]) -> None:
         sources = self.pipeline.sources
         for i, rec in result.scores:
-            state = sources.get(rec.source)
+            key = result.state_keys.get(i, rec.source)  # source#k for a shard of a sharded source
+            state = sources.get(key)
             if state is None:
                 continue
             if state.home is None:
                 state.home = tps[i]
-                self.sources_of.setdefault(tps[i], set()).add(rec.source)
-            elif state.home != tps[i] and rec.source not in self._strays:
-                self._strays.add(rec.source)
+                self.sources_of.setdefault(tps[i], set()).add(key)
+            elif state.home != tps[i] and key not in self._strays:
+                self._strays.add(key)
                 log.warning(
                     "source %r arrives on %s[%d] as well as on %s[%d]: key events by source, "
                     "or its saved state cannot follow a rebalance exactly",
-                    rec.source[:80], tps[i][0], tps[i][1], state.home[0], state.home[1],
+                    key[:80], tps[i][0], tps[i][1], state.home[0], state.home[1],
                 )
 
     # -- snapshots -----------------------------------------------------------------------

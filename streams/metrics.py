@@ -9,7 +9,9 @@ counters
     ``nwatch_rejected_total{reason,topic}``: inputs sent to the dead-letter topic,
     by reason code and input topic;
     ``nwatch_alert_deliveries_total{hook,outcome}``: alert deliveries;
-    ``nwatch_alerts_suppressed_total{source}``: alerts not sent (grouped, rate-limited).
+    ``nwatch_alerts_suppressed_total{source}``: alerts not sent (grouped, rate-limited);
+    ``nwatch_shard_summaries_total{source,outcome}``: block summaries of a sharded
+    source, ``published`` by its shards' workers, ``merged`` by the merging worker.
 histograms
     ``nwatch_score{source,kind}`` and ``nwatch_p_value{source,kind}``: kNN score
     and calibrated p-value of judged (not warming-up) events;
@@ -23,7 +25,12 @@ gauges
     ``nwatch_reference_size{source,kind}``: events in the kNN reference;
     ``nwatch_warming_up{source,kind}``: 1 while the source is warming up;
     ``nwatch_sources``: sources the worker holds (tracked or not);
-    ``nwatch_consumer_lag{topic,partition}``: messages behind the log end.
+    ``nwatch_consumer_lag{topic,partition}``: messages behind the log end;
+    ``nwatch_shard_merge_waiting{source}``: shard blocks the merging worker holds
+    whose window still lacks another shard's block (the merge lag, in blocks).
+    The merged drift test of a sharded source sets ``nwatch_drift_statistic`` and
+    ``nwatch_drift_threshold`` under the source's own name (its shards' gauges
+    are labelled ``source#k``).
 info
     ``nwatch_build_info{version,<kind>_encoder...}``: the package version and,
     per kind seen, its encoder as ``name@version``.
@@ -363,6 +370,14 @@ class Metrics:
         self.replayed = Counter(
             "replayed_events", "Events replayed from Kafka after a snapshot to rebuild state (no outputs).", **common
         )
+        self.shard_summaries = Counter(
+            "shard_summaries", "Block summaries of sharded sources, by outcome (published, merged).",
+            ("source", "outcome"), **common,
+        )
+        self.shard_merge_waiting = Gauge(
+            "shard_merge_waiting", "Shard blocks held by the merging worker until every shard's block "
+            "of their window came (the merge lag, in blocks).", ("source",), **common,
+        )
         self.build = Info(
             "build", "Version of neighbourwatch and of each kind's encoder.", **common
         )
@@ -466,6 +481,13 @@ class Metrics:
             # inc(0) exports the series at 0 from the source's first event on.
             self.anomalies.labels(*key).inc(flagged)
             self.drift_alarms.labels(*key)
+
+        published: dict[str, int] = {}
+        for msg, _, _ in result.summaries:
+            if hasattr(msg, "seq"):  # a block, not a shard's null
+                published[msg.source] = published.get(msg.source, 0) + 1
+        for source, n in published.items():
+            self.shard_summaries.labels(self.source_label(source), "published").inc(n)
 
         drifts: dict[tuple[str, str], int] = {}
         for d in result.drifts:
@@ -575,6 +597,22 @@ class Metrics:
         self.restores.labels("restored").inc(restored)
         self.restores.labels("refused").inc(refused)
         self.replayed.inc(replayed)
+
+    def observe_merge(
+        self, source: str, kind: str, *, merged: int, waiting: int, statistic: float, threshold: float,
+        drifts: int = 0,
+    ) -> None:
+        """The merging worker read ``merged`` block summaries of a sharded ``source``."""
+        label = self.source_label(source)
+        self.shard_summaries.labels(label, "merged").inc(merged)
+        if drifts:
+            self.drift_alarms.labels(label, kind).inc(drifts)
+        if label == OTHER_SOURCE:
+            return
+        self.shard_merge_waiting.labels(label).set(waiting)
+        if not math.isnan(threshold):
+            self.drift_threshold.labels(label, kind).set(threshold)
+            self.drift_statistic.labels(label, kind).set(statistic)
 
     def observe_suppressed(self, source: str, n: int = 1) -> None:
         """Count ``n`` suppressed alerts of ``source`` (capped like every source label)."""

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from detectors.monitor import SourceMonitor
+from detectors.shards import BlockSummary, MergedDriftMonitor, ShardNull, ShardSummarizer, shard_of
 from detectors.records import DriftRecord, Neighbour, ScoreRecord
 from collections import OrderedDict
 
@@ -77,6 +78,10 @@ class BatchResult:
     drifts: list[DriftRecord] = field(default_factory=list)
     rejects: list[Reject] = field(default_factory=list)
     encode_seconds: dict[str, float] = field(default_factory=dict)  # per source
+    # Sharded sources: the state (``source#k``) of each scored event whose state is not
+    # named after its source, by batch index; and the shards' summaries to publish.
+    state_keys: dict[int, str] = field(default_factory=dict)
+    summaries: list[tuple[BlockSummary | ShardNull, str, str]] = field(default_factory=list)  # (summary, kind, encoder)
 
 
 @dataclass
@@ -113,6 +118,12 @@ class SourceState:
     seen: OrderedDict[str, None] = field(default_factory=OrderedDict)  # recent ids, oldest first
     watermark: float | None = None  # newest event time seen (events with their own ts only)
     home: tuple[str, int] | None = None  # the input partition its events arrive on (set by the worker)
+    summarizer: ShardSummarizer | None = None  # one shard of a sharded source (name ``source#k``)
+
+    @property
+    def source(self) -> str:
+        """The user's source name (``name`` is ``source#k`` for a shard)."""
+        return self.summarizer.source if self.summarizer is not None else self.name
 
     def drift_view(self, X: np.ndarray) -> np.ndarray | None:
         """``X`` without the encoder's seasonal dimensions, for the drift test (None: all of X)."""
@@ -156,7 +167,7 @@ class SourceState:
             "name": self.name,
             "kind": self.kind,
             "encoder_tag": self.tag,
-            "settings": self.conf.model_dump(mode="json", exclude={"kind", "metric"}),
+            "settings": self.conf.model_dump(mode="json", exclude={"kind", "metric", "shards"}),
             "encoder": self.encoder.get_state() if isinstance(self.encoder, Stateful) else None,
             "monitor": self.monitor.get_state(),
             "pending": {
@@ -170,7 +181,7 @@ class SourceState:
             "seen": list(self.seen),
             "watermark": self.watermark,
             "home": None if self.home is None else list(self.home),
-        }
+        } | ({} if self.summarizer is None else {"shard": self.summarizer.get_state()})
 
     def set_state(self, state: State) -> None:
         """Load saved state; :class:`StateMismatch` (nothing changed) if it was written by another
@@ -182,7 +193,7 @@ class SourceState:
                 f"source {self.name!r}: saved by encoder {state['encoder_tag']} ({state['kind']}), "
                 f"this worker runs {self.tag} ({self.kind}); the saved state is not used"
             )
-        mine = self.conf.model_dump(mode="json", exclude={"kind", "metric"})
+        mine = self.conf.model_dump(mode="json", exclude={"kind", "metric", "shards"})
         changed = sorted(k for k in mine if state["settings"].get(k) != mine[k])
         if changed:
             raise StateMismatch(
@@ -203,6 +214,10 @@ class SourceState:
         self.seen = OrderedDict.fromkeys(state["seen"])
         self.watermark = None if state["watermark"] is None else float(state["watermark"])
         self.home = None if state["home"] is None else (str(state["home"][0]), int(state["home"][1]))
+        if self.summarizer is not None:
+            if "shard" not in state:
+                raise StateMismatch(f"source {self.name!r}: saved without its shard summaries")
+            self.summarizer.set_state(state["shard"])
 
 
 class Pipeline:
@@ -215,8 +230,15 @@ class Pipeline:
         text_backend: Callable[[], TextBackend] | None = None,
         limits: Limits = DEFAULT_LIMITS,
         clock: Callable[[], float] = time.time,
+        merge_shards: bool = True,
     ) -> None:
         self.settings = settings
+        # True (replay): the shards' summaries are merged here and the merged drift records
+        # come out of the pipeline; False (the Kafka worker): they are left in
+        # ``BatchResult.summaries`` for the shard-summaries topic, merged by one worker.
+        self.merge_shards = merge_shards
+        self.mergers: dict[str, tuple[MergedDriftMonitor, str, str]] = {}  # source -> (monitor, kind, encoder)
+        self._shard_counts: dict[str, int] = {}
         self.limits = limits
         self.clock = clock
         self._text_backend = text_backend or (
@@ -230,8 +252,16 @@ class Pipeline:
         self.sources: dict[str, SourceState] = {}
 
     # -- sources --------------------------------------------------------------
+    def state_key(self, event: Event) -> str:
+        """The state an event belongs to: its source, or ``source#k`` for shard k of a sharded source."""
+        n = self._shard_counts.get(event.source)
+        if n is None:
+            n = self._shard_counts[event.source] = self.settings.source(event.source, event.kind).shards
+        return event.source if n == 1 else f"{event.source}#{shard_of(event.id, n)}"
+
     def _source(self, event: Event) -> SourceState:
-        state = self.sources.get(event.source)
+        key = self.state_key(event)
+        state = self.sources.get(key)
         if state is not None:
             if state.kind != event.kind:
                 raise WrongType(
@@ -239,13 +269,22 @@ class Pipeline:
                     field="kind",
                 )
             return state
-        state = self.new_source(event.source, event.kind)
-        self.sources[event.source] = state
+        state = self.new_source(key, event.kind)
+        self.sources[key] = state
         return state
 
     def new_source(self, name: str, kind: str) -> SourceState:
-        """A fresh source of this kind with its effective settings (not yet registered)."""
-        conf = self.settings.source(name, kind)
+        """A fresh source of this kind with its effective settings (not yet registered).
+
+        ``name`` may be ``source#k``, shard k of a source configured with more than k shards.
+        """
+        source, shard = name, None
+        base, _, k = name.rpartition("#")
+        if base and k.isdigit():
+            n = self.settings.source(base, kind).shards
+            if int(k) < n:
+                source, shard = base, int(k)
+        conf = self.settings.source(source, kind)
         if conf.kind is not None and conf.kind != kind:
             raise WrongType(
                 f"source {name[:40]!r} is configured for {conf.kind} events, not {kind}",
@@ -258,7 +297,11 @@ class Pipeline:
             text_cache_size=self.settings.models.text_cache_size,
         )
         monitor = SourceMonitor(metric=encoder.metric, **conf.monitor_kwargs())  # type: ignore[arg-type]
-        return SourceState(name, kind, encoder, monitor, encoder_tag(encoder), conf=conf)
+        state = SourceState(name, kind, encoder, monitor, encoder_tag(encoder), conf=conf)
+        if shard is not None and conf.drift:
+            state.summarizer = ShardSummarizer(source=source, shard=shard, shards=conf.shards,
+                                               block_size=conf.drift_block)
+        return state
 
     def source_states(self, names: Iterable[str]) -> list[State]:
         """Saved state of the named sources (those that exist)."""
@@ -309,7 +352,10 @@ class Pipeline:
         result = BatchResult()
         groups: dict[str, list[tuple[int, Event]]] = {}
         for i, e in events:
-            groups.setdefault(e.source, []).append((i, e))
+            key = self.state_key(e)
+            groups.setdefault(key, []).append((i, e))
+            if key != e.source:
+                result.state_keys[i] = key
         for group in groups.values():
             self._process_source(group, result)
         result.scores.sort(key=lambda t: t[0])
@@ -427,6 +473,10 @@ class Pipeline:
             X, ids, np.asarray(p.scores), np.asarray(p.flags, bool), keep, drift_X=state.drift_view(X)
         )
         p.clear()
+        if state.summarizer is not None:
+            view = state.drift_view(X)
+            self._summarise(state, X if view is None else view, events, result)
+            return  # a shard's own alarms only drive its adoption; the source's drift is the merged test
         if not alarms:
             return
         by_id = {e.id: e for e in events}
@@ -441,6 +491,47 @@ class Pipeline:
                     **alarm.to_dict(),
                 )
             )
+
+    def _summarise(self, state: SourceState, X: np.ndarray, events: list[Event], result: BatchResult) -> None:
+        """A shard's new block summaries (and its null, after a new drift reference)."""
+        summ = state.summarizer
+        assert summ is not None
+        dm = state.monitor.drift_monitor
+        out: list[BlockSummary | ShardNull] = []
+        if dm is not None:
+            null = summ.null(dm.null_sample, dm.references_established)
+            if null is not None:
+                out.append(null)
+        out += summ.update(X, [e.id for e in events], [e.ts for e in events])
+        for msg in out:
+            if self.merge_shards:
+                result.drifts += self.merge(msg, state.kind, state.tag)
+            else:
+                result.summaries.append((msg, state.kind, state.tag))
+
+    def merge(self, msg: BlockSummary | ShardNull, kind: str, encoder: str) -> list[DriftRecord]:
+        """Feed one shard summary to its source's merged drift monitor; returns its drift records.
+
+        The worker holding the shard-summaries partition calls this for every summary it reads.
+        """
+        entry = self.mergers.get(msg.source)
+        if entry is None:
+            conf = self.settings.source(msg.source, kind)
+            # The configured count: summaries of an earlier configuration are refused, not mixed in.
+            monitor = MergedDriftMonitor(
+                source=msg.source, shards=conf.shards if conf.shards > 1 else msg.shards,
+                block_size=conf.drift_block,
+                reference_size=conf.drift_reference_size, alpha=conf.drift_alpha,
+                cooldown=conf.drift_cooldown, policy=conf.drift_policy,
+            )
+            entry = self.mergers[msg.source] = (monitor, kind, encoder)
+        monitor = entry[0]
+        self.mergers[msg.source] = (monitor, kind, encoder)
+        alarms = monitor.add_null(msg) if isinstance(msg, ShardNull) else monitor.add(msg)
+        return [
+            DriftRecord(source=msg.source, kind=kind, ts=format_ts(a.ts), encoder=encoder, **a.to_dict())
+            for a in alarms
+        ]
 
     def flush(self) -> BatchResult:
         """Learn every source's incomplete block now (the end of a replay: no more events come)."""

@@ -20,6 +20,8 @@ from typing import IO, Any, BinaryIO
 
 import orjson
 
+from detectors.shards import shard_of
+
 from streams.broker import kafka_client_config
 from streams.config import KafkaSettings
 
@@ -139,6 +141,7 @@ def produce_file(
     batch: int = 5000,
     progress: Callable[[ProduceSummary], None] | None = None,
     producer_config: Mapping[str, Any] | None = None,
+    shards: Mapping[str, int] | None = None,
 ) -> ProduceSummary:
     """Publish each line of a JSONL file to ``topic``, unchanged, keyed by ``key_field``.
 
@@ -161,6 +164,10 @@ def produce_file(
         Called after each flush with the counts so far.
     producer_config
         Extra ``KafkaProducer`` keyword arguments, over ours (tests, tuning).
+    shards
+        Sharded sources and their shard counts (``Settings.shard_counts``): an
+        event of such a source is keyed ``source#k``, k from a stable hash of its
+        id (``detectors.shards.shard_of``), so its shards spread over partitions.
 
     Returns
     -------
@@ -206,7 +213,7 @@ def produce_file(
             pending: list[tuple[int, Any, int, bool]] = []
             pending_bytes = 0
             for line_no, value in _lines(stream, counts):
-                key, is_object = _key_of(value, key_field)
+                key, is_object = _key_of(value, key_field, shards or {})
                 counts.not_json += not is_object
                 try:
                     future = producer.send(topic, key=key, value=value)
@@ -292,8 +299,8 @@ def _lines(stream: BinaryIO, counts: _Counts) -> Iterator[tuple[int, bytes]]:
         yield line_no, value
 
 
-def _key_of(value: bytes, key_field: str) -> tuple[bytes | None, bool]:
-    """(key, is a JSON object) of one line."""
+def _key_of(value: bytes, key_field: str, shards: Mapping[str, int]) -> tuple[bytes | None, bool]:
+    """(key, is a JSON object) of one line; ``source#k`` for shard k of a sharded source."""
     try:
         event = orjson.loads(value)
     except orjson.JSONDecodeError:
@@ -303,6 +310,9 @@ def _key_of(value: bytes, key_field: str) -> tuple[bytes | None, bool]:
     key = event.get(key_field)
     if not isinstance(key, str):
         key = event.get("kind")  # a source defaults to the event's kind
+    n = shards.get(key, 1) if isinstance(key, str) else 1
+    if n > 1 and isinstance(event.get("id"), str):
+        key = f"{key}#{shard_of(event['id'], n)}"
     return (key.encode("utf-8") if isinstance(key, str) else None), True
 
 

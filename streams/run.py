@@ -35,6 +35,12 @@ def run_worker(settings: Settings, *, loglevel: str = "warning") -> int:
             on_outcome=lambda hook, outcome, n: metrics.observe_delivery(hook, outcome, n=n),
             on_suppressed=lambda source, alerts: metrics.observe_suppressed(source, n=len(alerts)),
         )
+    if settings.is_sharded:
+        from streams.broker import ensure_topics, kafka_client_config, shard_summaries_topic
+
+        topics, configs = shard_summaries_topic(settings.kafka)
+        ensure_topics(settings.kafka.bootstrap_servers, topics, configs=configs,
+                      client_config=kafka_client_config(settings.kafka))
     app = worker.build()
     # Logs to stderr, line by line: stdout is block-buffered in a pipe, and a
     # worker that is killed would take its last (most telling) lines with it.
@@ -60,7 +66,7 @@ def _pipeline(settings: Settings):
 
     from streams.pipeline import Pipeline
 
-    pipeline = Pipeline(settings=settings)
+    pipeline = Pipeline(settings=settings, merge_shards=False)
     if settings.models.preload:
         threading.Thread(target=pipeline.preload, name="nwatch-preload", daemon=True).start()
     return pipeline

@@ -126,6 +126,7 @@ def exported_series() -> dict[str, tuple[str, set[str]]]:
     metrics.observe_snapshot("written")
     metrics.observe_snapshot_time("nwatch.events", 0, 0.0)
     metrics.observe_restore(1, 0, 10)
+    metrics.observe_merge("cards", "transaction", merged=4, waiting=1, statistic=0.5, threshold=9.0)
 
     out: dict[str, tuple[str, set[str]]] = {}
     for family in metrics.registry.collect():

@@ -65,17 +65,18 @@ def _drift_and_return(seed: int = 7) -> np.ndarray:
 
 def test_golden_mean_shift_detection_index() -> None:
     # 0.5 sd on 4 of 16 dims from event 2000 (a block boundary). Over 60 seeds
-    # the delay was at most 300 events; the exact index pins this seed's run.
+    # the delay was at most 300 events (k = 0.5; 200 with k = 1); the exact
+    # index pins this seed's run.
     X = _shifted(4000, 16, seed=11, start=2000, delta=0.5, dims=4)
     monitor = CentroidDriftMonitor()
     alarms = monitor.update(X, _ids(len(X)))
     assert len(alarms) == 1
     alarm = alarms[0]
     assert 2000 < alarm.events_seen <= 2300
-    assert (alarm.detected_at, alarm.events_seen) == ("e2249", 2250)
+    assert (alarm.detected_at, alarm.events_seen) == ("e2149", 2150)
     assert alarm.statistic > alarm.threshold == monitor.threshold
     assert alarm.reference_size == 1000
-    assert alarm.window_size % 50 == 0 and 250 <= alarm.window_size <= alarm.events_seen - 1000
+    assert alarm.window_size % 50 == 0 and 150 <= alarm.window_size <= alarm.events_seen - 1000
 
 
 def test_docstring_example_holds() -> None:
@@ -92,14 +93,15 @@ def test_stationary_stream_of_100k_events_raises_no_alarm() -> None:
     assert monitor.is_ready and not monitor.drift_detected
     assert 0.0 <= monitor.statistic <= monitor.threshold
     # h for alpha = 0.001 over 2000 blocks: the CUSUM maximum's 0.999 quantile
-    assert 12.0 < monitor.threshold < 17.0
+    # (6.4 with the reference value k = 1; 14.3 with k = 0.5)
+    assert 5.0 < monitor.threshold < 8.0
 
 
 @pytest.mark.parametrize(
     ("delta", "dims", "bound"),
     [
-        (0.5, 4, 300),  # measured over 60 seeds: median 250, max 300
-        (0.3, 8, 400),  # measured over 60 seeds: median 250, p90 300, max 400
+        (0.5, 4, 200),  # measured over 60 seeds: median 150, max 200 (k = 0.5: 250, 300)
+        (0.3, 8, 250),  # measured over 60 seeds: median 175, p90 200, max 250 (k = 0.5: 250, 400)
     ],
 )
 def test_small_persistent_shift_is_detected_quickly(delta: float, dims: int, bound: int) -> None:
@@ -107,6 +109,42 @@ def test_small_persistent_shift_is_detected_quickly(delta: float, dims: int, bou
     alarms = CentroidDriftMonitor().update(X, _ids(len(X)))
     assert len(alarms) == 1
     assert 0 < alarms[0].events_seen - 3000 <= bound
+
+
+def _minor_factor_shift(seed: int, delta: float = 0.8, d: int = 64) -> np.ndarray:
+    """d dims driven by a strong common factor (loading 3 on every dim) and a minor one (+-1);
+    the minor factor's mean moves by ``delta`` of its sd from event 3000."""
+    rng = np.random.default_rng(seed)
+    signs = rng.choice([-1.0, 1.0], size=d)
+    f = rng.standard_normal((6000, 2))
+    f[3000:, 1] += delta
+    return (3.0 * f[:, :1] + f[:, 1:2] * signs + rng.standard_normal((6000, d))).astype(np.float32)
+
+
+def test_principal_components_find_a_shift_the_common_factor_hides() -> None:
+    # The common factor makes the per-dimension T of all 64 dims move together,
+    # so its null is wide and a shift of the minor factor is found late; on the
+    # reference's whitened leading components it stands out. Over 30 seeds:
+    # with components (default 8) the delay was 150-300 (median 200), without
+    # 250-850 (median 500); this seed: 150 and 400.
+    X = _minor_factor_shift(seed=0)
+    with_pca = CentroidDriftMonitor().update(X, _ids(len(X)))
+    without = CentroidDriftMonitor(components=0).update(X, _ids(len(X)))
+    assert len(with_pca) == len(without) == 1
+    assert 0 < with_pca[0].events_seen - 3000 <= 300 < without[0].events_seen - 3000
+
+
+def test_old_state_without_components_restores_with_the_centroid_statistic_alone() -> None:
+    X = _minor_factor_shift(seed=0)
+    old = CentroidDriftMonitor(components=0)
+    old.update(X[:1500], _ids(1500))
+    state = old.get_state()
+    for key in ("basis", "null_tp", "null_v"):  # a state saved before the projection existed
+        del state[key]
+    del state["config"]["components"]
+    restored = CentroidDriftMonitor()
+    restored.set_state(state)
+    assert restored.update(X[1500:], _ids(4500, start=1500)) == old.update(X[1500:], _ids(4500, start=1500))
 
 
 def test_burst_of_outliers_is_not_a_drift() -> None:
@@ -128,7 +166,7 @@ def test_larger_budget_gives_lower_threshold() -> None:
     strict, loose = CentroidDriftMonitor(alpha=0.001), CentroidDriftMonitor(alpha=0.1)
     strict.update(X, _ids(1000))
     loose.update(X, _ids(1000))
-    assert loose.threshold < strict.threshold - 2.0
+    assert loose.threshold < strict.threshold - 1.0  # 5.0 against 6.4
 
 
 def test_constant_reference_stays_quiet_until_something_moves() -> None:
@@ -368,6 +406,8 @@ def test_bad_settings_are_rejected() -> None:
         CentroidDriftMonitor(block_size=2000, reference_size=1000)
     with pytest.raises(ValueError):
         CentroidDriftMonitor(alpha=0.0)
+    with pytest.raises(ValueError):
+        CentroidDriftMonitor(components=-1)
 
 
 # ------------------------------------------------------------------- slow

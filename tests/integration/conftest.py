@@ -176,6 +176,23 @@ def produce_paced(
             done.set()
 
 
+def worker_scored(port: int) -> float:
+    """``nwatch_events_total`` of one worker process (0 until it serves /metrics)."""
+    return metric_sum(port, "nwatch_events_total")
+
+
+def metric_sum(port: int, name: str, label: str = "") -> float:
+    """The sum of a labelled metric's samples on one worker's /metrics whose labels hold
+    ``label`` (e.g. ``'outcome="merged"'``); 0 until the worker serves /metrics."""
+    import urllib.request
+
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    except OSError:
+        return 0.0
+    return sum(float(x.rsplit(" ", 1)[1]) for x in body.splitlines() if x.startswith(name + "{") and label in x)
+
+
 def free_port() -> int:
     """A loopback port nothing listens on right now."""
     import socket

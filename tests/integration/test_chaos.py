@@ -30,7 +30,15 @@ from streams.pipeline import Pipeline
 from streams.runtime import stop_process_group
 from streams.samples import sample_lines
 from tests.conftest import assert_same_results
-from tests.integration.conftest import drain, free_port, produce_paced, read_topic, start_worker, worker_env
+from tests.integration.conftest import (
+    drain,
+    free_port,
+    produce_paced,
+    read_topic,
+    start_worker,
+    worker_env,
+    worker_scored,
+)
 
 pytestmark = pytest.mark.timeout(1800)
 
@@ -68,22 +76,11 @@ def _read_all(bootstrap: str, topic: str) -> list:
     return sorted(out, key=lambda r: (r.partition, r.offset))
 
 
-def _worker_scored(port: int) -> float:
-    """``nwatch_events_total`` of one worker process (0 until it serves /metrics)."""
-    import urllib.request
-
-    try:
-        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    except OSError:
-        return 0.0
-    return sum(float(x.rsplit(" ", 1)[1]) for x in body.splitlines() if x.startswith("nwatch_events_total{"))
-
-
 def _wait_for_progress(port: int, proc, log_path, timeout: float = 90.0) -> None:
     """Wait until this worker process has scored events (it is consuming)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if _worker_scored(port) > 0:
+        if worker_scored(port) > 0:
             return
         assert proc.poll() is None, log_path.read_text(errors="replace")[-3000:]
         time.sleep(0.5)

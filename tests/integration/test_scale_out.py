@@ -24,7 +24,8 @@ from streams.runtime import stop_process_group
 from streams.samples import sample_lines
 from tests.conftest import assert_same_results
 from tests.integration.conftest import free_port, read_topic, start_worker, worker_env
-from tests.integration.test_chaos import _expected, _produce, _topics, _worker_scored
+from tests.integration.conftest import worker_scored as _worker_scored
+from tests.integration.test_chaos import _expected, _produce, _topics
 
 pytestmark = pytest.mark.timeout(900)
 

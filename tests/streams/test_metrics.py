@@ -302,6 +302,7 @@ EXPECTED = {
     "nwatch_snapshot_age_seconds": "gauge",
     "nwatch_restored_sources": "counter",
     "nwatch_replayed_events": "counter",
+    "nwatch_shard_summaries": "counter", "nwatch_shard_merge_waiting": "gauge",
 }
 SUFFIXES = {
     "counter": ("_total", "_created"),
@@ -318,6 +319,7 @@ def test_names_and_labels_follow_the_prometheus_rules(run: Run):
     m.observe_suppressed("cards")
     m.observe_snapshot("written")
     m.observe_snapshot_time("nwatch.events", 0, 0.0)
+    m.observe_merge("cards", "transaction", merged=2, waiting=1, statistic=0.3, threshold=8.0)
     m.observe_restore(1, 0, 5)
     families = {f.name: f for f in m.registry.collect()}
     assert {n: f.type for n, f in families.items()} == EXPECTED
@@ -416,3 +418,13 @@ def test_http_endpoint_serves_the_registry_on_loopback():
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(server.url, timeout=2)
     server.stop()
+
+
+def test_the_merge_of_a_sharded_source_is_counted_under_its_own_name():
+    m = Metrics()
+    m.observe_merge("hot", "vector", merged=3, waiting=2, statistic=1.5, threshold=9.0, drifts=1)
+    m.observe_merge("hot", "vector", merged=2, waiting=0, statistic=0.0, threshold=9.0)
+    assert _value(m, "nwatch_shard_summaries_total", {"source": "hot", "outcome": "merged"}) == 5
+    assert _value(m, "nwatch_shard_merge_waiting", {"source": "hot"}) == 0
+    assert _value(m, "nwatch_drift_threshold", {"source": "hot", "kind": "vector"}) == 9.0
+    assert _value(m, "nwatch_drift_alarms_total", {"source": "hot", "kind": "vector"}) == 1
