@@ -214,10 +214,12 @@ class ReferenceIndex:
             # templates, texts and records recur. Each distinct row is searched
             # once (a row's answer does not depend on the other rows), which
             # took BGL log batches from ~10 distinct of 256 rows to ~10 searches.
-            U, inverse = np.unique(X, axis=0, return_inverse=True)
-            if len(U) <= _DEDUP_MAX_SHARE * n:
-                dist, slots = self._search(U, k)
-                inverse = inverse.reshape(-1)
+            # Rows are told apart by their bytes through a dict: np.unique(axis=0)
+            # sorts rows as structured records, ~2 ms for 256 rows of dim 385.
+            first: dict[bytes, int] = {}
+            inverse = np.fromiter((first.setdefault(row.tobytes(), len(first)) for row in X), np.intp, n)
+            if len(first) <= _DEDUP_MAX_SHARE * n:
+                dist, slots = self._search(X[np.unique(inverse, return_index=True)[1]], k)
                 return dist[inverse], slots[inverse]
         return self._search(X, k)
 

@@ -46,6 +46,18 @@ class Learner(Protocol):
 
 
 @runtime_checkable
+class Prefetcher(Protocol):
+    """``prefetch(events)``: compute ahead what encoding these events will need.
+
+    For model-backed encoders: every text not cached yet goes to the model in
+    one call, instead of one call per block the events are later encoded in.
+    Changes caches only, never what ``encode`` returns.
+    """
+
+    def prefetch(self, events: Sequence[Event]) -> None: ...
+
+
+@runtime_checkable
 class Stateful(Protocol):
     """``get_state() -> State`` and ``set_state(state)``: a round trip gives identical outputs."""
 

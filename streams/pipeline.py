@@ -31,7 +31,7 @@ from detectors.shards import BlockSummary, MergedDriftMonitor, ShardNull, ShardS
 from detectors.records import DriftRecord, Neighbour, ScoreRecord
 from collections import OrderedDict
 
-from models.base import Encoder, Learner, Seasonal, State, Stateful, encoder_tag
+from models.base import Encoder, Learner, Prefetcher, Seasonal, State, Stateful, encoder_tag
 from models.errors import (
     DuplicateId,
     FutureTimestamp,
@@ -243,7 +243,10 @@ class Pipeline:
         self.clock = clock
         self._text_backend = text_backend or (
             lambda: shared_backend(
-                model_path=settings.models.text_model_path, threads=settings.models.threads
+                model_path=settings.models.text_model_path,
+                threads=settings.models.threads,
+                backend=settings.models.text_backend,
+                export_dir=settings.models.export_dir,
             )
         )
         self.sources: dict[str, SourceState] = {}
@@ -375,6 +378,13 @@ class Pipeline:
             return
         t0 = time.perf_counter()
         block = state.conf.learn_block
+        if len(accepted) > block - len(state.pending) and isinstance(state.encoder, Prefetcher):
+            # The batch is scored in several segments; their new texts go to
+            # the model together, once. A bad event is left to _encode to reject.
+            try:
+                state.encoder.prefetch([e for _, e in accepted])
+            except InvalidEvent:
+                pass
         while accepted:
             room = block - len(state.pending)
             segment, accepted = accepted[:room], accepted[room:]

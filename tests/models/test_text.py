@@ -75,3 +75,80 @@ def test_real_model_embeds_offline_with_meaningful_similarity():
     assert X[0] @ X[1] > X[0] @ X[2] + 0.3
     assert torch.get_num_threads() == 1
     assert enc.name == "text-all-MiniLM-L6-v2" and enc.version.startswith("1+gt")
+
+
+def test_backend_choice_is_checked_and_shared_per_process():
+    from models.text import OpenVINOBackend, shared_backend
+
+    with pytest.raises(ValueError):
+        shared_backend(backend="onnx-int4")
+    a = shared_backend(backend="openvino-int8", export_dir="/nonexistent/never-used")
+    assert a is shared_backend(backend="openvino-int8", export_dir="/nonexistent/never-used")
+    assert isinstance(a, OpenVINOBackend) and a._request is None  # nothing loaded or exported yet
+    assert isinstance(shared_backend(backend="torch-fp32"), SentenceTransformerBackend)
+
+
+def test_backends_that_give_other_vectors_have_other_versions():
+    from models.text import OpenVINOBackend
+
+    versions = {
+        TextEncoder(backend=b).version
+        for b in (
+            SentenceTransformerBackend(),
+            OpenVINOBackend(precision="int8"),
+            OpenVINOBackend(precision="int8-static"),
+            OpenVINOBackend(precision="fp32"),
+        )
+    }
+    assert len(versions) == 4
+
+
+@pytest.mark.model
+def test_openvino_int8_export_is_cached_and_ranks_similarities_like_fp32(tmp_path):
+    from scipy.stats import spearmanr
+
+    from models.text import OpenVINOBackend
+
+    texts = [
+        "my card was declined at the shop", "the payment with my card was refused",
+        "preheat the oven to 180 degrees", "bake the cake for forty minutes",
+        "the train to Paris is delayed", "our flight was cancelled this morning",
+        "What is the capital of Australia?", "Who wrote War and Peace?",
+        "ok", "a much longer sentence about the weather, the rain, the wind and whether the match goes on",
+    ]
+    first = OpenVINOBackend(export_dir=str(tmp_path))
+    X = first.embed(texts)
+    assert first.export_seconds is not None and first.exported_path().is_file()
+    again = OpenVINOBackend(export_dir=str(tmp_path))
+    np.testing.assert_allclose(again.embed(texts[::-1])[::-1], X, atol=1e-5)  # order and batching do not matter
+    assert again.export_seconds is None  # loaded, not exported again
+    assert X.shape == (10, 384) and X.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(X, axis=1), 1.0, rtol=1e-4)
+    ref = SentenceTransformerBackend(threads=1).embed(texts)
+    assert float(np.min(np.sum(X * ref, axis=1))) > 0.99  # each vector close to fp32's
+    iu = np.triu_indices(len(texts), k=1)
+    assert spearmanr((X @ X.T)[iu], (ref @ ref.T)[iu]).statistic > 0.98
+    assert X[0] @ X[1] > X[0] @ X[2] + 0.3
+
+
+@pytest.mark.model
+def test_openvino_static_int8_ranks_similarities_like_fp32(tmp_path):
+    from scipy.stats import spearmanr
+
+    from models.text import OpenVINOBackend
+
+    texts = [
+        "my card was declined at the shop", "the payment with my card was refused",
+        "preheat the oven to 180 degrees", "bake the cake for forty minutes",
+        "the train to Paris is delayed", "our flight was cancelled this morning",
+        "What is the capital of Australia?", "Who wrote War and Peace?",
+        "How many people live in Tokyo?", "What is the boiling point of water?",
+        "a much longer sentence about the weather, the rain, the wind and whether the match goes on",
+    ]
+    b = OpenVINOBackend(export_dir=str(tmp_path), precision="int8-static")
+    X = b.embed(texts)
+    assert b.version.endswith("+ov-int8-static") and b.exported_path().is_file()
+    np.testing.assert_allclose(np.linalg.norm(X, axis=1), 1.0, rtol=1e-4)
+    ref = SentenceTransformerBackend(threads=1).embed(texts)
+    iu = np.triu_indices(len(texts), k=1)
+    assert spearmanr((X @ X.T)[iu], (ref @ ref.T)[iu]).statistic >= 0.99  # the issue's bar
