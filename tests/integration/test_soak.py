@@ -35,7 +35,14 @@ from tests.integration.conftest import (
 )
 
 SECONDS = float(os.environ.get("NWATCH_SOAK_SECONDS", "1200"))
-RATE = float(os.environ.get("NWATCH_SOAK_RATE", "200"))
+RATE = float(os.environ.get("NWATCH_SOAK_RATE", "100"))
+# The loopback broker (Tansu 0.6.0, in-memory storage) takes a whole core from
+# the first minutes of a soak and, 14-17 minutes in, stops answering aiokafka's
+# fetches (runs at 100 and 200 events/s stalled there, the worker idle in
+# select; docs/reliability.md). Score records are off by default to spare it
+# half its writes; anomalies, drift records and dead letters are still produced.
+# Until the test broker holds up, this soak fails on the backlog for that reason.
+PUBLISH_SCORES = os.environ.get("NWATCH_SOAK_PUBLISH_SCORES", "false")
 REFERENCE_SIZE = 2000  # the default per-source bound
 
 pytestmark = [pytest.mark.soak, pytest.mark.model, pytest.mark.timeout(SECONDS + 900)]
@@ -54,7 +61,7 @@ def test_steady_rate_soak_memory_flat_index_bounded_backlog_bounded(broker, tmp_
     t = worker_topics(bootstrap, "soak")
     port = free_port()
     env = worker_env(bootstrap, t, NWATCH_METRICS__PORT=str(port), NWATCH_MODELS__PRELOAD="true",
-                     NWATCH_KAFKA__PUBLISH_SCORES="true")
+                     NWATCH_KAFKA__PUBLISH_SCORES=PUBLISH_SCORES)
     n = int(RATE * SECONDS)
     produced = [0]
     stop = threading.Event()
