@@ -569,8 +569,7 @@ class CentroidDriftMonitor:
         rng = np.random.default_rng([self.seed, self._n_established])
         mu = ref.mean(axis=0)
         sd = ref.std(axis=0)
-        typical = float(np.median(sd))
-        floor = _SIGMA_FLOOR * typical if typical > 0.0 else _SIGMA_FLOOR
+        floor = sigma_floor(sd)
         sigma = np.maximum(sd, floor)
         zref = (ref - mu) / sigma
 
@@ -853,6 +852,15 @@ class CentroidDriftMonitor:
 
 
 # ------------------------------------------------------------------ helpers
+
+
+def sigma_floor(sd: np.ndarray) -> float:
+    """The smallest spread a dimension is standardised by: a share of the typical one.
+
+    Shared with the merged monitor of a sharded source (``detectors.shards``).
+    """
+    typical = float(np.median(sd))
+    return _SIGMA_FLOOR * typical if typical > 0.0 else _SIGMA_FLOOR
 
 
 def calibrated_threshold(

@@ -44,11 +44,10 @@ import numpy as np
 
 from detectors.drift import (
     _CUSUM_K,
-    _MAX_KURTOSIS,
-    _SIGMA_FLOOR,
     DriftAlarm,
     _normal_scores,
     calibrated_threshold,
+    sigma_floor,
 )
 from models.base import State
 from models.errors import StateMismatch
@@ -404,8 +403,7 @@ class MergedDriftMonitor:
         mu = s1 / n
         var = np.maximum(s2 / n - mu * mu, 0.0)
         sd = np.sqrt(var)
-        typical = float(np.median(sd))
-        floor = _SIGMA_FLOOR * typical if typical > 0.0 else _SIGMA_FLOOR
+        floor = sigma_floor(sd)
         live = var > 0.0
         m4 = (s4 - 4 * mu * s3 + 6 * mu * mu * s2) / n - 3 * mu**4
         kurtosis = float(np.mean(m4[live] / var[live] ** 2)) if live.any() else 3.0
@@ -417,7 +415,7 @@ class MergedDriftMonitor:
         self._null_t = pooled
         self._h = calibrated_threshold(
             pooled, block_size=self.window_events, reference_size=n,
-            kurtosis=min(kurtosis, _MAX_KURTOSIS), horizon_events=self.horizon_events,
+            kurtosis=kurtosis, horizon_events=self.horizon_events,
             alpha=self.alpha, seed=self.seed,
         )
         self._s = 0.0

@@ -39,7 +39,7 @@ import ssl
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -413,43 +413,58 @@ class Worker:
         finally:
             await consumer.stop()
 
-    async def _replay(self, tp: TP, start: int, end: int) -> int:
-        """Feed ``[start, end)`` of a partition through the pipeline, discarding the outputs.
+    async def _read_range(self, tp: TP, start: int | None, end: int, max_records: int) -> AsyncIterator[list]:
+        """Lists of the records of ``[start, end)`` of a partition (``start`` None: from its beginning).
 
-        A plain consumer without a group reads it, so the group's offsets are untouched.
-        Events the broker no longer holds (retention) are logged and skipped.
+        A plain consumer without a group reads them, so the group's offsets are
+        untouched. Stops at ``end``, or after 10 empty polls in a row.
         """
         from aiokafka import TopicPartition
 
-        loop = asyncio.get_running_loop()
-        ex = self._pipeline_executor()
+        if start is not None and start >= end:
+            return
         consumer = self._plain_consumer()
         await consumer.start()
-        done = 0
         try:
             part = TopicPartition(*tp)
             consumer.assign([part])
-            consumer.seek(part, start)
-            position, idle = start, 0
-            while position < end and idle < 10:
-                batch = await consumer.getmany(part, timeout_ms=1000, max_records=self.settings.batch_size)
+            if start is None:
+                await consumer.seek_to_beginning(part)
+            else:
+                consumer.seek(part, start)
+            idle = 0
+            while idle < 10:
+                batch = await consumer.getmany(part, timeout_ms=1000, max_records=max_records)
                 records = [r for r in batch.get(part, []) if r.offset < end]
                 if not records:
                     idle += 1
                     continue
                 idle = 0
-                if records[0].offset > position:
-                    log.error("partition %s[%d]: offsets [%d, %d) are gone from the broker; not replayed",
-                              tp[0], tp[1], position, records[0].offset)
-                raws = [r.value if r.value is not None else b"" for r in records]
-                result = await loop.run_in_executor(ex, self.pipeline.process_raw, raws)
-                self.durable.replayed(tp, result, len(raws), (records[-1].offset, raws[-1]))
-                done += len(raws)
-                position = records[-1].offset + 1
-            if position < end:
-                log.error("partition %s[%d]: replay stopped at %d of [%d, %d)", tp[0], tp[1], position, start, end)
+                yield records
+                if records[-1].offset >= end - 1:
+                    return
         finally:
             await consumer.stop()
+
+    async def _replay(self, tp: TP, start: int, end: int) -> int:
+        """Feed ``[start, end)`` of a partition through the pipeline, discarding the outputs.
+
+        Events the broker no longer holds (retention) are logged and skipped.
+        """
+        loop = asyncio.get_running_loop()
+        ex = self._pipeline_executor()
+        done, position = 0, start
+        async for records in self._read_range(tp, start, end, self.settings.batch_size):
+            if records[0].offset > position:
+                log.error("partition %s[%d]: offsets [%d, %d) are gone from the broker; not replayed",
+                          tp[0], tp[1], position, records[0].offset)
+            raws = [r.value if r.value is not None else b"" for r in records]
+            result = await loop.run_in_executor(ex, self.pipeline.process_raw, raws)
+            self.durable.replayed(tp, result, len(raws), (records[-1].offset, raws[-1]))
+            done += len(raws)
+            position = records[-1].offset + 1
+        if position < end:
+            log.error("partition %s[%d]: replay stopped at %d of [%d, %d)", tp[0], tp[1], position, start, end)
         return done
 
     def _outputs(self, result: BatchResult, events: Sequence[Any]) -> list[tuple[Any, bytes | None, bytes, list | None]]:
@@ -534,30 +549,11 @@ class Worker:
     async def _read_summaries(self, tp: TP, end: int) -> int:
         """Feed ``[0, end)`` of the summaries partition to the merge, discarding its drift records
         (they were published by the worker that merged them first)."""
-        from aiokafka import TopicPartition
-
         loop = asyncio.get_running_loop()
-        consumer = self._plain_consumer()
-        await consumer.start()
         done = 0
-        try:
-            part = TopicPartition(*tp)
-            consumer.assign([part])
-            await consumer.seek_to_beginning(part)
-            idle = 0
-            while idle < 10:
-                batch = await consumer.getmany(part, timeout_ms=1000, max_records=500)
-                records = [r for r in batch.get(part, []) if r.offset < end]
-                if not records:
-                    idle += 1
-                    continue
-                idle = 0
-                await loop.run_in_executor(self._pipeline_executor(), self._merge_values, records)
-                done += len(records)
-                if records[-1].offset >= end - 1:
-                    break
-        finally:
-            await consumer.stop()
+        async for records in self._read_range(tp, None, end, 500):
+            await loop.run_in_executor(self._pipeline_executor(), self._merge_values, records)
+            done += len(records)
         return done
 
     def _pipeline_executor(self) -> ThreadPoolExecutor:

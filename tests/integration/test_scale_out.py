@@ -23,8 +23,7 @@ import pytest
 from streams.runtime import stop_process_group
 from streams.samples import sample_lines
 from tests.conftest import assert_same_results
-from tests.integration.conftest import free_port, read_topic, start_worker, worker_env
-from tests.integration.conftest import worker_scored as _worker_scored
+from tests.integration.conftest import free_port, read_topic, start_worker, worker_env, worker_scored
 from tests.integration.test_chaos import _expected, _produce, _topics
 
 pytestmark = pytest.mark.timeout(900)
@@ -64,11 +63,11 @@ def test_workers_share_partitions_and_take_over_a_killed_one(broker, tmp_path, w
             logs.append(log)
         producer.start()
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and sum(_worker_scored(p) > 0 for p in ports) < workers:
+        while time.monotonic() < deadline and sum(worker_scored(p) > 0 for p in ports) < workers:
             for k, p in enumerate(procs):
                 assert p.poll() is None, (tmp_path / f"worker-{k}.log").read_text(errors="replace")[-3000:]
             time.sleep(1)
-        shares = [_worker_scored(p) for p in ports]
+        shares = [worker_scored(p) for p in ports]
         assert all(s > 0 for s in shares), shares  # every worker got partitions
         os.killpg(procs[0].pid, signal.SIGKILL)  # the others take its partitions over
         procs[0].wait(timeout=30)
@@ -81,7 +80,7 @@ def test_workers_share_partitions_and_take_over_a_killed_one(broker, tmp_path, w
             if scored >= set(ids):
                 break
             time.sleep(2)
-        after = [_worker_scored(p) for p in ports[1:]]
+        after = [worker_scored(p) for p in ports[1:]]
         took_over = "".join((tmp_path / f"worker-{k}.log").read_text(errors="replace") for k in range(1, workers))
     finally:
         for p in procs[1:]:
