@@ -386,7 +386,7 @@ class EmbeddingCache:
             for key, row in zip(keys, rows):
                 out[missing[key]] = row
                 if self.maxsize > 0:
-                    self._data[key] = row
+                    self._data[key] = row.copy()  # not a view: it would keep the backend's whole output alive
             while len(self._data) > self.maxsize:
                 self._data.popitem(last=False)
         return out

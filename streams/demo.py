@@ -56,7 +56,10 @@ def _generator(bootstrap: str, topic: str, rate: float, events: int, seed: int, 
     # Event times run ~2 s apart and end now: in the past, never "from the future".
     lines = sample_lines(events=events, seed=seed, broken=max(5, events // 1000), drift_at=min(6000, events // 2),
                          start=time.time() - 2.0 * events - 10)
-    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, acks=1)
+    # 100 ms of linger: about 30 events per batch at the default rate. The embedded
+    # broker (Tansu, in memory) slows down with the batches a partition holds
+    # (bench/broker_batches.py); one-event batches would stall a long demo.
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=100, acks=1)
     t0 = time.monotonic()
     try:
         for i, line in enumerate(lines):

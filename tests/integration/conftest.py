@@ -151,12 +151,13 @@ def source_key(line: bytes) -> bytes | None:
 def produce_paced(
     bootstrap: str, topic: str, lines, rate: float = float("inf"), *,
     stop: threading.Event | None = None, done: threading.Event | None = None, counter: list[int] | None = None,
+    linger_ms: int = 5,
 ) -> None:
     """Publish ``lines`` keyed by source at ``rate`` per second (in order: one request in flight),
     until ``stop`` is set; sets ``done`` at the end and counts in ``counter[0]``."""
     from kafka import KafkaProducer
 
-    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks="all",
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=linger_ms, acks="all",
                              max_in_flight_requests_per_connection=1, max_request_size=4 << 20)
     t0 = time.monotonic()
     try:
