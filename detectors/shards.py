@@ -102,7 +102,7 @@ class BlockSummary:
     @property
     def key(self) -> str:
         """Kafka key: one record per block (compaction keeps one copy of a block published twice)."""
-        return f"{self.source}#{self.shard}#{self.seq}"
+        return block_key(self.source, self.shard, self.seq)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -134,7 +134,62 @@ class ShardNull:
         }
 
 
-def summary_from_dict(d: dict[str, Any]) -> BlockSummary | ShardNull:
+def _pack_state(x: Any) -> Any:
+    """A monitor state as JSON: arrays as ``{"f8": base64, "shape": [...]}``."""
+    if isinstance(x, np.ndarray):
+        return {"f8": _pack(x), "shape": list(x.shape)}
+    if isinstance(x, dict):
+        return {str(k): _pack_state(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_pack_state(v) for v in x]
+    return x
+
+
+def _unpack_state(x: Any) -> Any:
+    if isinstance(x, dict):
+        if set(x) == {"f8", "shape"}:
+            return _unpack(x["f8"]).reshape([int(n) for n in x["shape"]])
+        return {k: _unpack_state(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_unpack_state(v) for v in x]
+    return x
+
+
+@dataclass(frozen=True)
+class MergeCheckpoint:
+    """The merged monitor of a source as of window ``next_window`` (every earlier window merged).
+
+    Written to the shard-summaries topic by the merging worker now and then,
+    followed by tombstones for the blocks it covers, so that compaction keeps
+    the topic bounded: a worker that rebuilds the merge starts from the newest
+    checkpoint instead of every block since the beginning. ``tombstoned_to`` is
+    the first window whose blocks were not tombstoned yet.
+    """
+
+    source: str
+    shards: int
+    next_window: int
+    tombstoned_to: int
+    state: State
+
+    @property
+    def key(self) -> str:
+        """Kafka key: compaction keeps the newest checkpoint of each source."""
+        return f"{self.source}#checkpoint"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": "checkpoint", "source": self.source, "shards": self.shards, "next_window": self.next_window,
+            "tombstoned_to": self.tombstoned_to, "state": _pack_state(self.state),
+        }
+
+
+def block_key(source: str, shard: int, seq: int) -> str:
+    """The Kafka key of block ``seq`` of ``shard`` (see :attr:`BlockSummary.key`)."""
+    return f"{source}#{shard}#{seq}"
+
+
+def summary_from_dict(d: dict[str, Any]) -> BlockSummary | ShardNull | MergeCheckpoint:
     """The inverse of ``to_dict``; raises ``KeyError``/``ValueError`` on a malformed record."""
     if d["type"] == "block":
         sums = _unpack(d["sums"]).reshape(POWERS, int(d["dim"]))
@@ -143,6 +198,12 @@ def summary_from_dict(d: dict[str, Any]) -> BlockSummary | ShardNull:
     if d["type"] == "null":
         return ShardNull(str(d["source"]), int(d["shard"]), int(d["shards"]), int(d["established"]),
                          _unpack(d["null_t"]))
+    if d["type"] == "checkpoint":
+        state = _unpack_state(d["state"])
+        if not isinstance(state, dict):
+            raise ValueError("a checkpoint's state must be an object")
+        return MergeCheckpoint(str(d["source"]), int(d["shards"]), int(d["next_window"]),
+                               int(d["tombstoned_to"]), state)
     raise ValueError(f"unknown summary type {d['type']!r}")
 
 
@@ -336,6 +397,11 @@ class MergedDriftMonitor:
         return self._windows
 
     @property
+    def next_window(self) -> int | None:
+        """Sequence number of the next window to merge (None before the first)."""
+        return self._next
+
+    @property
     def waiting(self) -> int:
         """Blocks received but not merged yet (their window still lacks a shard)."""
         return sum(len(v) for v in self._waiting.values())
@@ -492,6 +558,31 @@ class MergedDriftMonitor:
         }
 
     # ---------------------------------------------------------------- state
+    def checkpoint(self, tombstoned_to: int) -> MergeCheckpoint | None:
+        """This monitor as a :class:`MergeCheckpoint` (None before its first window)."""
+        if self._next is None:
+            return None
+        return MergeCheckpoint(self.source, self.shards, self._next, tombstoned_to, self.get_state())
+
+    def restore(self, checkpoint: MergeCheckpoint) -> list[MergedDriftAlarm]:
+        """Take ``checkpoint``'s state unless this monitor merged past it; the alarms of windows it completes.
+
+        The worker that wrote a checkpoint reads it back at or past it (at it,
+        the state is its own). A worker rebuilding the merge may have merged
+        the blocks before the checkpoint that compaction has not dropped yet,
+        from a reference of its own: up to the checkpoint's window, the
+        checkpoint wins. Blocks read before it that it does not cover are kept.
+        """
+        self._check(checkpoint.shards, 0)
+        if self._next is not None and self._next > checkpoint.next_window:
+            return []
+        waiting = [b for got in self._waiting.values() for b in got.values()]
+        self.set_state(checkpoint.state)
+        for b in waiting:
+            if b.seq >= checkpoint.next_window:
+                self._waiting.setdefault(b.seq, {}).setdefault(b.shard, b)
+        return self._drain()
+
     def _config(self) -> dict[str, Any]:
         return {"shards": self.shards, "block_size": self.block_size, "reference_size": self.reference_size,
                 "alpha": self.alpha, "horizon_events": self.horizon_events, "cooldown": self.cooldown,

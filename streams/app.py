@@ -498,9 +498,12 @@ class Worker:
     async def merge(self, events: Sequence[Any]) -> None:
         """Shard summaries in: merge them, publish the merged drift records and their alerts.
 
-        The merge state is not snapshotted: the first time this worker reads the
-        summaries partition it rebuilds the merge from the topic's start (it holds
-        every block; compaction only drops a block published twice). Never raises.
+        The first time this worker reads the summaries partition it rebuilds the
+        merge from the topic's start: the newest checkpoint of each source and
+        the blocks after it (compaction drops the blocks a checkpoint covers once
+        their tombstones are written, and a block published twice). Every
+        ``shard_checkpoint_windows`` merged windows it writes a checkpoint, then,
+        once the checkpoint is acknowledged, the tombstones. Never raises.
         """
         loop = asyncio.get_running_loop()
         ex = self._pipeline_executor()
@@ -517,6 +520,7 @@ class Worker:
             outputs.append((self.dlq_topic, *dead_letter(msg, INVALID_SUMMARY, why, cap)))
         if outputs:
             await self._send(outputs)
+        await self._checkpoint_merge()
         if self.metrics is not None:
             if bad:
                 self.metrics.observe_rejected(INVALID_SUMMARY, topic=events[0].message.topic, n=len(bad))
@@ -527,6 +531,25 @@ class Worker:
                     threshold=monitor.threshold, drifts=sum(d.source == source for d in drifts),
                 )
 
+    async def _checkpoint_merge(self) -> None:
+        """Write the merge checkpoints now due, then the tombstones of the blocks they cover."""
+        due = self.pipeline.merge_checkpoints(self.settings.kafka.shard_checkpoint_windows)
+        if not due:
+            return
+        await self._send([
+            (self.summaries_topic, cp.key.encode(), orjson.dumps(cp.to_dict() | {"kind": kind, "encoder": encoder}),
+             None)
+            for cp, _, kind, encoder in due
+        ])
+        tombstones = [(self.summaries_topic, key.encode(), None, None) for _, keys, _, _ in due for key in keys]
+        if tombstones:
+            await self._send(tombstones)
+        for cp, keys, _, _ in due:
+            log.info("shard summaries: checkpoint of %s at window %d, %d blocks tombstoned",
+                     cp.source, cp.next_window, len(keys))
+            if self.metrics is not None:
+                self.metrics.observe_checkpoint(cp.source, len(keys))
+
     def _merge_values(self, messages: Sequence[Any]) -> tuple[list[Any], list[tuple[Any, str]], dict[str, int]]:
         """Merge summaries (pipeline thread): drift records, the unreadable ones with why, blocks per source."""
         from detectors.shards import BlockSummary, summary_from_dict
@@ -535,8 +558,10 @@ class Worker:
         bad: list[tuple[Any, str]] = []
         merged: dict[str, int] = {}
         for msg in messages:
+            if msg.value is None:
+                continue  # a tombstone: its block is in a checkpoint already
             try:
-                d = orjson.loads(msg.value or b"")
+                d = orjson.loads(msg.value)
                 summary = summary_from_dict(d)
                 drifts += self.pipeline.merge(summary, str(d["kind"]), str(d["encoder"]))
             except Exception as err:
@@ -562,7 +587,7 @@ class Worker:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nwatch-pipeline")
         return self._executor
 
-    async def _send(self, outputs: list[tuple[Any, bytes | None, bytes, list | None]]) -> None:
+    async def _send(self, outputs: list[tuple[Any, bytes | None, bytes | None, list | None]]) -> None:
         """Produce and wait for the broker's acknowledgement of every record.
 
         A broker that is away is waited for (with capped backoff) rather than
@@ -586,7 +611,7 @@ class Worker:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
-    async def _produce_direct(self, outputs: list[tuple[Any, bytes | None, bytes, list | None]]) -> list[Any]:
+    async def _produce_direct(self, outputs: list[tuple[Any, bytes | None, bytes | None, list | None]]) -> list[Any]:
         """Hand every record to the aiokafka producer under faust's own; returns the ack futures.
 
         faust's ``topic.send`` builds a message object, runs sensors and

@@ -77,6 +77,11 @@ class KafkaSettings(_Frozen):
     # Block summaries of sharded sources (compacted, one partition): the
     # worker that holds its partition merges them and runs their drift test.
     shard_summaries_topic: str = "nwatch.shard-summaries"
+    # Every this many merged windows the merging worker writes a checkpoint of
+    # the merge to that topic and tombstones for the blocks it covers, so that
+    # compaction keeps the topic bounded and a take-over starts from the newest
+    # checkpoint.
+    shard_checkpoint_windows: int = Field(200, ge=1)
     publish_scores: bool = True
     # A dead letter larger than this carries the first dlq_max_value_bytes of the
     # original (headers give its size and SHA-256; the whole message stays on its

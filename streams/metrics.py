@@ -11,7 +11,9 @@ counters
     ``nwatch_alert_deliveries_total{hook,outcome}``: alert deliveries;
     ``nwatch_alerts_suppressed_total{source}``: alerts not sent (grouped, rate-limited);
     ``nwatch_shard_summaries_total{source,outcome}``: block summaries of a sharded
-    source, ``published`` by its shards' workers, ``merged`` by the merging worker.
+    source, ``published`` by its shards' workers, ``merged`` by the merging worker,
+    ``tombstoned`` once a checkpoint of the merge covers them; ``checkpoint``
+    counts the checkpoints written.
 histograms
     ``nwatch_score{source,kind}`` and ``nwatch_p_value{source,kind}``: kNN score
     and calibrated p-value of judged (not warming-up) events;
@@ -371,7 +373,8 @@ class Metrics:
             "replayed_events", "Events replayed from Kafka after a snapshot to rebuild state (no outputs).", **common
         )
         self.shard_summaries = Counter(
-            "shard_summaries", "Block summaries of sharded sources, by outcome (published, merged).",
+            "shard_summaries",
+            "Block summaries of sharded sources, by outcome (published, merged, tombstoned; checkpoint: checkpoints).",
             ("source", "outcome"), **common,
         )
         self.shard_merge_waiting = Gauge(
@@ -597,6 +600,12 @@ class Metrics:
         self.restores.labels("restored").inc(restored)
         self.restores.labels("refused").inc(refused)
         self.replayed.inc(replayed)
+
+    def observe_checkpoint(self, source: str, tombstoned: int) -> None:
+        """The merging worker wrote a checkpoint of ``source``'s merge and ``tombstoned`` tombstones."""
+        label = self.source_label(source)
+        self.shard_summaries.labels(label, "checkpoint").inc()
+        self.shard_summaries.labels(label, "tombstoned").inc(tombstoned)
 
     def observe_merge(
         self, source: str, kind: str, *, merged: int, waiting: int, statistic: float, threshold: float,

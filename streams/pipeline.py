@@ -27,7 +27,15 @@ from typing import Any
 import numpy as np
 
 from detectors.monitor import SourceMonitor
-from detectors.shards import BlockSummary, MergedDriftMonitor, ShardNull, ShardSummarizer, shard_of
+from detectors.shards import (
+    BlockSummary,
+    MergeCheckpoint,
+    MergedDriftMonitor,
+    ShardNull,
+    ShardSummarizer,
+    block_key,
+    shard_of,
+)
 from detectors.records import DriftRecord, Neighbour, ScoreRecord
 from collections import OrderedDict
 
@@ -238,6 +246,8 @@ class Pipeline:
         # ``BatchResult.summaries`` for the shard-summaries topic, merged by one worker.
         self.merge_shards = merge_shards
         self.mergers: dict[str, tuple[MergedDriftMonitor, str, str]] = {}  # source -> (monitor, kind, encoder)
+        # source -> [windows merged at the last checkpoint, first window not tombstoned yet]
+        self._merge_marks: dict[str, list[int]] = {}
         self._shard_counts: dict[str, int] = {}
         self.limits = limits
         self.clock = clock
@@ -509,10 +519,11 @@ class Pipeline:
             else:
                 result.summaries.append((msg, state.kind, state.tag))
 
-    def merge(self, msg: BlockSummary | ShardNull, kind: str, encoder: str) -> list[DriftRecord]:
+    def merge(self, msg: BlockSummary | ShardNull | MergeCheckpoint, kind: str, encoder: str) -> list[DriftRecord]:
         """Feed one shard summary to its source's merged drift monitor; returns its drift records.
 
-        The worker holding the shard-summaries partition calls this for every summary it reads.
+        The worker holding the shard-summaries partition calls this for every
+        summary it reads. A checkpoint ahead of the monitor replaces its state.
         """
         entry = self.mergers.get(msg.source)
         if entry is None:
@@ -527,11 +538,45 @@ class Pipeline:
             entry = self.mergers[msg.source] = (monitor, kind, encoder)
         monitor = entry[0]
         self.mergers[msg.source] = (monitor, kind, encoder)
-        alarms = monitor.add_null(msg) if isinstance(msg, ShardNull) else monitor.add(msg)
+        mark = self._merge_marks.setdefault(msg.source, [monitor.windows_merged, -1])
+        if isinstance(msg, MergeCheckpoint):
+            alarms = monitor.restore(msg)
+            mark[0] = max(mark[0], monitor.windows_merged if monitor.next_window == msg.next_window else 0)
+            mark[1] = max(mark[1], msg.tombstoned_to)
+        elif isinstance(msg, ShardNull):
+            alarms = monitor.add_null(msg)
+        else:
+            if mark[1] < 0:  # the oldest block still in the topic: tombstones start there
+                mark[1] = msg.seq
+            alarms = monitor.add(msg)
         return [
             DriftRecord(source=msg.source, kind=kind, ts=format_ts(a.ts), encoder=encoder, **a.to_dict())
             for a in alarms
         ]
+
+    def merge_checkpoints(self, every: int) -> list[tuple[MergeCheckpoint, list[str], str, str]]:
+        """Checkpoints due (``every`` windows merged since the last), with the block keys they cover.
+
+        Returns ``(checkpoint, tombstone keys, kind, encoder)`` per source due. The
+        caller writes the checkpoint first and the tombstones (null values under
+        those keys) after its acknowledgement: compaction may then drop the blocks.
+        At most ``10 * every`` windows are tombstoned at once (a topic written
+        before checkpoints existed is cleaned over several checkpoints).
+        """
+        out: list[tuple[MergeCheckpoint, list[str], str, str]] = []
+        for source, (monitor, kind, encoder) in self.mergers.items():
+            mark = self._merge_marks.setdefault(source, [0, -1])
+            nxt = monitor.next_window
+            if nxt is None or monitor.windows_merged - mark[0] < every:
+                continue
+            start = max(mark[1], 0)
+            stop = min(nxt, start + 10 * every)
+            keys = [block_key(source, k, seq) for seq in range(start, stop) for k in range(monitor.shards)]
+            checkpoint = monitor.checkpoint(tombstoned_to=stop)
+            assert checkpoint is not None
+            mark[0], mark[1] = monitor.windows_merged, stop
+            out.append((checkpoint, keys, kind, encoder))
+        return out
 
     def flush(self) -> BatchResult:
         """Learn every source's incomplete block now (the end of a replay: no more events come)."""

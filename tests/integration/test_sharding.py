@@ -155,6 +155,7 @@ def test_the_merge_survives_the_merging_worker_killed(broker, tmp_path):
         for k, port in enumerate(ports):
             env = worker_env(bootstrap, topics, NWATCH_METRICS__PORT=str(port), NWATCH_STATE__DIR=state_dir,
                              NWATCH_STATE__SNAPSHOT_INTERVAL="2", NWATCH_KAFKA__SHARD_SUMMARIES_TOPIC=summaries,
+                             NWATCH_KAFKA__SHARD_CHECKPOINT_WINDOWS="10",  # checkpoints before the kill
                              NWATCH_SOURCES='{"hot": {"shards": 2}}')
             proc, log = start_worker(env, tmp_path / f"worker-{k}.log")
             procs.append(proc)
@@ -182,6 +183,7 @@ def test_the_merge_survives_the_merging_worker_killed(broker, tmp_path):
         time.sleep(3)
         drifts = [orjson.loads(r.value) for r in read_topic(bootstrap, topics["drift"])]
         took_over = (tmp_path / f"worker-{survivor}.log").read_text(errors="replace")
+        written = read_topic(bootstrap, summaries)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -193,3 +195,14 @@ def test_the_merge_survives_the_merging_worker_killed(broker, tmp_path):
     assert "rebuilt the merge" in took_over
     assert [d["events_seen"] for d in drifts] == [expected.events_seen]
     assert drifts[0]["detected_at"] == expected.detected_at
+    # The merge was checkpointed, and the blocks each checkpoint covers were tombstoned after it
+    # (the loopback broker does not compact; a Kafka broker would drop them).
+    checkpoints = [(i, orjson.loads(r.value)) for i, r in enumerate(written) if r.key.endswith(b"#checkpoint")]
+    tombstones = [(i, r.key.decode()) for i, r in enumerate(written) if r.value is None]
+    blocks = {r.key.decode() for r in written if r.value is not None and b"#checkpoint" not in r.key
+              and not r.key.endswith(b"#null")}
+    print(f"summaries topic: {len(blocks)} blocks, {len(checkpoints)} checkpoints, {len(tombstones)} tombstones")
+    assert len(checkpoints) >= 2 and tombstones
+    for i, key in tombstones:
+        covering = max(cp["next_window"] for j, cp in checkpoints if j < i)
+        assert key in blocks and int(key.rsplit("#", 1)[1]) < covering

@@ -428,3 +428,6 @@ def test_the_merge_of_a_sharded_source_is_counted_under_its_own_name():
     assert _value(m, "nwatch_shard_merge_waiting", {"source": "hot"}) == 0
     assert _value(m, "nwatch_drift_threshold", {"source": "hot", "kind": "vector"}) == 9.0
     assert _value(m, "nwatch_drift_alarms_total", {"source": "hot", "kind": "vector"}) == 1
+    m.observe_checkpoint("hot", 40)
+    assert _value(m, "nwatch_shard_summaries_total", {"source": "hot", "outcome": "tombstoned"}) == 40
+    assert _value(m, "nwatch_shard_summaries_total", {"source": "hot", "outcome": "checkpoint"}) == 1

@@ -93,3 +93,56 @@ def test_produce_keys_a_sharded_source_by_its_shard():
     assert _key_of(line, "source", {"hot": 4}) == (f"hot#{shard_of('v-7', 4)}".encode(), True)
     assert _key_of(line, "source", {}) == (b"hot", True)
     assert _key_of(line, "source", {"other": 4}) == (b"hot", True)
+
+
+def _compact(log: list[tuple[str, dict | None]]) -> list[tuple[str, dict | None]]:
+    """Kafka log compaction: the newest record of each key, in log order; tombstones drop their key."""
+    last = {key: i for i, (key, _) in enumerate(log)}
+    return [(key, value) for i, (key, value) in enumerate(log) if last[key] == i and value is not None]
+
+
+def test_merge_checkpoints_and_tombstones_bound_the_topic_and_a_take_over_from_the_compacted_log_carries_on():
+    from detectors.shards import summary_from_dict
+
+    lines = _lines(drift_at=4500)
+    worker = Pipeline(settings=_settings(2), merge_shards=False)
+    summaries = [s for r in _run(worker, lines) for s in r.summaries]
+    # The merging worker: reads the summaries in order, writes its checkpoints and tombstones to the topic.
+    merger = Pipeline(settings=_settings(2))
+    log: list[tuple[str, dict | None]] = []
+    drifts_at: list[tuple[int, dict]] = []  # (log position, drift record)
+    for msg, kind, enc in summaries:
+        log.append((msg.key, msg.to_dict() | {"kind": kind, "encoder": enc}))
+        drifts_at += [(len(log), d.to_dict()) for d in merger.merge(msg, kind, enc)]
+        for cp, keys, kind_, enc_ in merger.merge_checkpoints(every=10):
+            log.append((cp.key, orjson.loads(orjson.dumps(cp.to_dict() | {"kind": kind_, "encoder": enc_}))))
+            # the merger reads its own checkpoint back: nothing changes
+            before = merger.mergers["hot"][0].get_state()
+            assert merger.merge(summary_from_dict(log[-1][1]), kind_, enc_) == []
+            assert orjson.dumps(merger.mergers["hot"][0].get_state(), option=orjson.OPT_SERIALIZE_NUMPY) == \
+                orjson.dumps(before, option=orjson.OPT_SERIALIZE_NUMPY)
+            log += [(key, None) for key in keys]
+    checkpoints = [i for i, (key, _) in enumerate(log) if key.endswith("#checkpoint")]
+    assert len(checkpoints) >= 5 and len(drifts_at) == 1
+    blocks = [key for key, v in log if v is not None and v["type"] == "block"]
+    compacted = _compact(log)
+    kept = [key for key, v in compacted if v["type"] == "block"]
+    print(f"\n{len(blocks)} blocks written, {len(kept)} left after compaction, {len(checkpoints)} checkpoints")
+    # Bounded: only the blocks of the windows since the newest checkpoint remain (and one waiting for its twin).
+    assert len(kept) <= 2 * 10 + 1 < len(blocks) // 4
+    assert sum(key.endswith("#checkpoint") for key, _ in compacted) == 1
+    # A worker that takes the partition over reads the compacted topic from its start.
+    taker = Pipeline(settings=_settings(2))
+    for _, value in compacted:
+        taker.merge(summary_from_dict(value), value["kind"], value["encoder"])
+    a, b = merger.mergers["hot"][0], taker.mergers["hot"][0]
+    assert (a.next_window, a.windows_merged, a.events_seen, a.statistic) == \
+        (b.next_window, b.windows_merged, b.events_seen, b.statistic)
+    # ... and from a checkpoint before the drift it raises the drift the merger raised, identically.
+    pos, record = drifts_at[0]
+    cut = max(i for i in checkpoints if i < pos)
+    partial = Pipeline(settings=_settings(2))
+    again = []
+    for key, value in _compact(log[: cut + 1]) + [kv for kv in log[cut + 1 :] if kv[1] is not None]:
+        again += [d.to_dict() for d in partial.merge(summary_from_dict(value), value["kind"], value["encoder"])]
+    assert again == [record]
