@@ -173,3 +173,50 @@ def test_state_round_trip_mid_stream_gives_identical_results():
     np.testing.assert_array_equal(pa, pb)
     np.testing.assert_array_equal(fa, fb)
     assert [x.detected_at for x in aa] == [x.detected_at for x in ab]
+
+
+def pattern_and_lone_outliers():
+    """Gaussian 8-d; from event 2500 a far pattern (one point, tiny noise) every 100 events,
+    and between its repeats lone outliers as far out, each in its own direction."""
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(6000, 8)).astype(np.float32)
+    pattern = np.arange(2500, 5500, 100)
+    X[pattern] = np.float32(5.0) + rng.normal(size=(len(pattern), 8)).astype(np.float32) * np.float32(0.05)
+    lone = np.arange(2550, 5550, 100)
+    d = rng.normal(size=(len(lone), 8))
+    X[lone] = (14.0 * d / np.linalg.norm(d, axis=1, keepdims=True)).astype(np.float32)
+    return X, pattern, lone
+
+
+def test_a_recurring_pattern_joins_the_reference_after_its_repeats_and_lone_outliers_never_do():
+    X, pattern, lone = pattern_and_lone_outliers()
+    off = SourceMonitor(alpha=0.01, drift=False)
+    flags_off, _, _, _ = run(off, X)
+    assert flags_off[pattern].all()  # without it: flagged at every repeat, for ever
+    mon = SourceMonitor(alpha=0.01, drift=False, admit_repeats=3)
+    flags, warm, _, _ = run(mon, X)
+    assert flags[pattern[:3]].all()
+    assert not flags[pattern[-10:]].any()
+    stored = set(mon.detector.index.ids())
+    assert stored & {f"e{i}" for i in pattern}  # (the first ones rolled out since)
+    assert not stored & {f"e{i}" for i in lone}
+    normal = np.ones(len(X), bool)
+    normal[pattern] = normal[lone] = False
+    assert flags[~warm & normal].mean() <= 0.02
+
+
+def test_state_round_trip_keeps_the_flagged_events_waiting_for_repeats():
+    X, _, _ = pattern_and_lone_outliers()
+    a = SourceMonitor(alpha=0.01, drift=False, admit_repeats=3)
+    run(a, X[:2640])  # two repeats of the pattern flagged, not yet admitted
+    assert len(a.get_state()["flagged_ids"]) >= 2
+    b = SourceMonitor(alpha=0.01, drift=False, admit_repeats=3)
+    b.set_state(a.get_state())
+    fa, _, pa, _ = run(a, X[2640:])
+    fb, _, pb, _ = run(b, X[2640:])
+    np.testing.assert_array_equal(pa, pb)
+    np.testing.assert_array_equal(fa, fb)
+    c = SourceMonitor(alpha=0.01, drift=False, admit_repeats=3)
+    older = {k: v for k, v in a.get_state().items() if not k.startswith("flagged_")}
+    c.set_state(older)  # a state saved before admit_repeats loads, with no flagged event kept
+    assert c.get_state()["flagged_ids"] == []
