@@ -33,6 +33,10 @@ VARIANTS: dict[str, dict] = {
     "k20": {"k": 20},
     "max": {"aggregate": "max"},
     "k5max": {"k": 5, "aggregate": "max"},
+    "admit3": {"admit_repeats": 3},
+    "ref5000": {"reference_size": 5000},
+    "learn10": {"learn_alpha": 0.1},
+    "learn20": {"learn_alpha": 0.2},  # the log sources' default, for transactions
 }
 
 
