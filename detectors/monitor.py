@@ -79,7 +79,7 @@ class SourceMonitor:
         index_backend: Literal["auto", "exact", "hnsw"] = "auto",
         exact_max: int = DEFAULT_EXACT_MAX,
         alpha: float = 0.01,
-        learn_alpha: float = 0.05,
+        learn_alpha: float = 0.1,
         calibration_size: int = 2000,
         min_reference: int = 200,
         drift: bool = True,

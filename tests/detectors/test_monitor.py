@@ -8,10 +8,10 @@ import pytest
 from detectors.monitor import SourceMonitor
 
 
-def run(monitor, X, batch=64):
+def run(monitor, X, batch=64, start=0):
     flags, warm, pv, alarms = [], [], [], []
     for i in range(0, len(X), batch):
-        d = monitor.process(X[i : i + batch], [f"e{j}" for j in range(i, min(i + batch, len(X)))])
+        d = monitor.process(X[i : i + batch], [f"e{j}" for j in range(start + i, start + min(i + batch, len(X)))])
         flags.append(d.is_anomaly)
         warm.append(d.warming_up)
         pv.append(d.p_values)
@@ -41,11 +41,12 @@ def test_golden_injected_anomalies():
     flags, warm, _, _ = run(SourceMonitor(alpha=0.01, drift=False), X)
     found = np.flatnonzero(flags)
     assert set(planted) <= set(found.tolist())
-    # pinned for this seed: the planted five and twelve false alarms among
-    # ~2,490 judged normal events (0.48%, inside the 1% budget)
+    # pinned for this seed: the planted five and thirteen false alarms among
+    # ~2,490 judged normal events (0.52%, inside the 1% budget); learn_alpha
+    # 0.05 (before quality3) flagged the same but 1734
     assert found.tolist() == [
-        515, 700, 776, 980, 1200, 1201, 1490, 1547, 1648, 1746, 1758, 2011, 2121, 2222, 2585, 2900,
-        2916,
+        515, 700, 776, 980, 1200, 1201, 1490, 1547, 1648, 1734, 1746, 1758, 2011, 2121, 2222, 2585,
+        2900, 2916,
     ]
 
 
@@ -194,12 +195,13 @@ def test_a_recurring_pattern_joins_the_reference_after_its_repeats_and_lone_outl
     flags_off, _, _, _ = run(off, X)
     assert flags_off[pattern].all()  # without it: flagged at every repeat, for ever
     mon = SourceMonitor(alpha=0.01, drift=False, admit_repeats=3)
-    flags, warm, _, _ = run(mon, X)
+    first = run(mon, X[:3520])  # the pattern's first ten repeats
+    assert {f"e{i}" for i in pattern[:3]} <= set(mon.detector.index.ids())
+    rest = run(mon, X[3520:], start=3520)
+    flags, warm = (np.concatenate([a, b]) for a, b in zip(first[:2], rest[:2]))
     assert flags[pattern[:3]].all()
     assert not flags[pattern[-10:]].any()
-    stored = set(mon.detector.index.ids())
-    assert stored & {f"e{i}" for i in pattern}  # (the first ones rolled out since)
-    assert not stored & {f"e{i}" for i in lone}
+    assert not set(mon.detector.index.ids()) & {f"e{i}" for i in lone}
     normal = np.ones(len(X), bool)
     normal[pattern] = normal[lone] = False
     assert flags[~warm & normal].mean() <= 0.02
