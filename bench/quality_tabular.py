@@ -33,6 +33,13 @@ VARIANTS: dict[str, dict] = {
     "k20": {"k": 20},
     "max": {"aggregate": "max"},
     "k5max": {"k": 5, "aggregate": "max"},
+    "admit3": {"admit_repeats": 3},  # the log sources' default, for transactions
+    "ref5000": {"reference_size": 5000},
+    "learn05": {"learn_alpha": 0.05},  # the default before quality3
+    "learn10": {"learn_alpha": 0.1},
+    "learn15": {"learn_alpha": 0.15},
+    "learn20": {"learn_alpha": 0.2},
+    "learn30": {"learn_alpha": 0.3},
 }
 
 

@@ -71,6 +71,12 @@ class ConformalThresholder:
             return math.inf
         return float(np.nextafter(cal[n - m], np.inf))
 
+    def score_quantile(self, q: float) -> float:
+        """The ``q`` quantile of the calibration scores (nan while the set is empty)."""
+        if self.size == 0:
+            return math.nan
+        return float(np.quantile(self._sorted_scores(), q))
+
     def _sorted_scores(self) -> np.ndarray:
         if self._sorted is None:
             self._sorted = np.sort(self._ring[: self.size])

@@ -306,7 +306,7 @@ class Pipeline:
             metric=conf.metric,
             text_cache_size=self.settings.models.text_cache_size,
         )
-        monitor = SourceMonitor(metric=encoder.metric, **conf.monitor_kwargs())  # type: ignore[arg-type]
+        monitor = SourceMonitor(metric=encoder.metric, **conf.monitor_kwargs(kind))  # type: ignore[arg-type]
         state = SourceState(name, kind, encoder, monitor, encoder_tag(encoder), conf=conf)
         if shard is not None and conf.drift:
             state.summarizer = ShardSummarizer(source=source, shard=shard, shards=conf.shards,

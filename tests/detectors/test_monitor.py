@@ -8,10 +8,10 @@ import pytest
 from detectors.monitor import SourceMonitor
 
 
-def run(monitor, X, batch=64):
+def run(monitor, X, batch=64, start=0):
     flags, warm, pv, alarms = [], [], [], []
     for i in range(0, len(X), batch):
-        d = monitor.process(X[i : i + batch], [f"e{j}" for j in range(i, min(i + batch, len(X)))])
+        d = monitor.process(X[i : i + batch], [f"e{j}" for j in range(start + i, start + min(i + batch, len(X)))])
         flags.append(d.is_anomaly)
         warm.append(d.warming_up)
         pv.append(d.p_values)
@@ -41,11 +41,12 @@ def test_golden_injected_anomalies():
     flags, warm, _, _ = run(SourceMonitor(alpha=0.01, drift=False), X)
     found = np.flatnonzero(flags)
     assert set(planted) <= set(found.tolist())
-    # pinned for this seed: the planted five and twelve false alarms among
-    # ~2,490 judged normal events (0.48%, inside the 1% budget)
+    # pinned for this seed: the planted five and thirteen false alarms among
+    # ~2,490 judged normal events (0.52%, inside the 1% budget); learn_alpha
+    # 0.05 (before quality3) flagged the same but 1734
     assert found.tolist() == [
-        515, 700, 776, 980, 1200, 1201, 1490, 1547, 1648, 1746, 1758, 2011, 2121, 2222, 2585, 2900,
-        2916,
+        515, 700, 776, 980, 1200, 1201, 1490, 1547, 1648, 1734, 1746, 1758, 2011, 2121, 2222, 2585,
+        2900, 2916,
     ]
 
 
@@ -121,16 +122,40 @@ def test_adoption_keeps_judging_and_keeps_anomalies_out_of_the_reference():
     assert not stored & {f"e{i}" for i in planted}
 
 
-def test_state_round_trip_during_recalibration_gives_identical_results():
+def test_adoption_does_not_hand_the_calibration_to_the_stretch_that_raised_the_alarm():
+    # HDFS-like: anomalies at 2.5 % from right after a drift on. A calibration
+    # set refilled from that stretch (judging once it held its 2 / alpha scores)
+    # had them among its top scores and flagged about half of them (0.52 when
+    # this test was written); the rolling set keeps flagging them (0.88).
+    rng = np.random.default_rng(5)
+    before = rng.normal(size=(4000, 8))
+    after = rng.normal(size=(3000, 8)) + np.array([1.5, -1.5, 0, 0, 0, 0, 0, 0])
+    X = np.vstack([before, after]).astype(np.float32)
+    planted = np.arange(4300, 5300, 40)
+    # about 8 standard deviations out, in random directions
+    X[planted] += np.random.default_rng(1).normal(size=(len(planted), 8)).astype(np.float32) * np.float32(8 / np.sqrt(8))
+    mon = SourceMonitor(alpha=0.01, drift_policy="adopt")
+    flags, warm, _, alarms = run(mon, X)
+    assert len(alarms) == 1 and int(alarms[0].detected_at[1:]) < 4300
+    assert not warm[4000:].any()
+    assert flags[planted].mean() >= 0.75, flags[planted].mean()
+    normal = np.ones(len(X), bool)
+    normal[planted] = False
+    assert flags[4300:][normal[4300:]].mean() <= 0.02
+
+
+def test_a_state_saved_during_an_older_recalibration_loads_and_keeps_its_rolling_set():
     rng = np.random.default_rng(5)
     X = np.vstack([rng.normal(size=(4000, 8)), rng.normal(size=(2000, 8)) + 1.5]).astype(np.float32)
     a = SourceMonitor(alpha=0.01, drift_policy="adopt")
     for end in range(64, len(X), 64):  # stop right after the adoption
         if run(a, X[end - 64 : end])[3]:
             break
-    assert a._next_thresholder is not None
+    state = a.get_state()
+    # what the older version saved besides: the second set it was refilling
+    older = dict(state, next_thresholder={"alpha": 0.01, "window": 2000, "ring": np.zeros(2000), "n": 64})
     b = SourceMonitor(alpha=0.01, drift_policy="adopt")
-    b.set_state(a.get_state())
+    b.set_state(older)
     fa, _, pa, _ = run(a, X[end:])
     fb, _, pb, _ = run(b, X[end:])
     np.testing.assert_array_equal(pa, pb)
@@ -149,3 +174,51 @@ def test_state_round_trip_mid_stream_gives_identical_results():
     np.testing.assert_array_equal(pa, pb)
     np.testing.assert_array_equal(fa, fb)
     assert [x.detected_at for x in aa] == [x.detected_at for x in ab]
+
+
+def pattern_and_lone_outliers():
+    """Gaussian 8-d; from event 2500 a far pattern (one point, tiny noise) every 100 events,
+    and between its repeats lone outliers as far out, each in its own direction."""
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(6000, 8)).astype(np.float32)
+    pattern = np.arange(2500, 5500, 100)
+    X[pattern] = np.float32(5.0) + rng.normal(size=(len(pattern), 8)).astype(np.float32) * np.float32(0.05)
+    lone = np.arange(2550, 5550, 100)
+    d = rng.normal(size=(len(lone), 8))
+    X[lone] = (14.0 * d / np.linalg.norm(d, axis=1, keepdims=True)).astype(np.float32)
+    return X, pattern, lone
+
+
+def test_a_recurring_pattern_joins_the_reference_after_its_repeats_and_lone_outliers_never_do():
+    X, pattern, lone = pattern_and_lone_outliers()
+    off = SourceMonitor(alpha=0.01, drift=False)
+    flags_off, _, _, _ = run(off, X)
+    assert flags_off[pattern].all()  # without it: flagged at every repeat, for ever
+    mon = SourceMonitor(alpha=0.01, drift=False, admit_repeats=3)
+    first = run(mon, X[:3520])  # the pattern's first ten repeats
+    assert {f"e{i}" for i in pattern[:3]} <= set(mon.detector.index.ids())
+    rest = run(mon, X[3520:], start=3520)
+    flags, warm = (np.concatenate([a, b]) for a, b in zip(first[:2], rest[:2]))
+    assert flags[pattern[:3]].all()
+    assert not flags[pattern[-10:]].any()
+    assert not set(mon.detector.index.ids()) & {f"e{i}" for i in lone}
+    normal = np.ones(len(X), bool)
+    normal[pattern] = normal[lone] = False
+    assert flags[~warm & normal].mean() <= 0.02
+
+
+def test_state_round_trip_keeps_the_flagged_events_waiting_for_repeats():
+    X, _, _ = pattern_and_lone_outliers()
+    a = SourceMonitor(alpha=0.01, drift=False, admit_repeats=3)
+    run(a, X[:2640])  # two repeats of the pattern flagged, not yet admitted
+    assert len(a.get_state()["flagged_ids"]) >= 2
+    b = SourceMonitor(alpha=0.01, drift=False, admit_repeats=3)
+    b.set_state(a.get_state())
+    fa, _, pa, _ = run(a, X[2640:])
+    fb, _, pb, _ = run(b, X[2640:])
+    np.testing.assert_array_equal(pa, pb)
+    np.testing.assert_array_equal(fa, fb)
+    c = SourceMonitor(alpha=0.01, drift=False, admit_repeats=3)
+    older = {k: v for k, v in a.get_state().items() if not k.startswith("flagged_")}
+    c.set_state(older)  # a state saved before admit_repeats loads, with no flagged event kept
+    assert c.get_state()["flagged_ids"] == []

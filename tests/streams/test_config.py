@@ -55,3 +55,13 @@ def test_secrets_are_masked_wherever_settings_are_printed(monkeypatch):
     assert out.returncode == 0
     assert "hunter2" not in out.stdout and "kafka-pass" not in out.stdout and "**********" in out.stdout
     assert s.alerts.webhook_secret.get_secret_value() == "whsec_c2VjcmV0LWtleQ=="
+
+
+def test_admit_repeats_defaults_by_kind_and_a_setting_overrides_it():
+    s = Settings(sources={"fw": {"admit_repeats": 0}, "cards": {"admit_repeats": 4}})
+    assert s.source("syslog", "log").monitor_kwargs("log")["admit_repeats"] == 3
+    assert s.source("tx", "transaction").monitor_kwargs("transaction")["admit_repeats"] == 0
+    assert s.source("fw", "log").monitor_kwargs("log")["admit_repeats"] == 0
+    assert s.source("cards", "transaction").monitor_kwargs("transaction")["admit_repeats"] == 4
+    with pytest.raises(ValidationError):
+        Settings(defaults={"admit_repeats": -1})
