@@ -998,14 +998,20 @@ def _calibrated_threshold(
     s = np.zeros(n_paths, dtype=np.float32)
     top = np.zeros(n_paths, dtype=np.float32)
     drift = (rng.normal(0.0, tau, n_paths) - _CUSUM_K).astype(np.float32)
+    # Increments are pool entries picked by 16-bit uniforms, four to a raw
+    # 64-bit draw, through a table of the pool at 2^16 evenly spaced
+    # quantiles (each entry's share is off by under 2^-16): about a fifth of
+    # the time of ``rng.integers`` and a gather, which made up most of a
+    # calibration (~0.2 s per cache miss).
+    table = pool[(np.arange(1 << 16, dtype=np.uint32) * len(pool)) >> 16]
     chunk = max(1, _DRAW_CHUNK // n_paths)
     for t0 in range(0, n_steps, chunk):
-        draws = pool[
-            rng.integers(0, len(pool), size=(min(chunk, n_steps - t0), n_paths), dtype=np.int16)
-        ]
+        rows = min(chunk, n_steps - t0)
+        codes = rng.bit_generator.random_raw((rows * n_paths + 3) // 4).view(np.uint16)[: rows * n_paths]
+        draws = table[codes].reshape(rows, n_paths)
+        draws += drift
         for row in draws:
             s += row
-            s += drift
             np.maximum(s, 0.0, out=s)
             np.maximum(top, s, out=top)
     top = np.sort(top.astype(np.float64))[::-1]
