@@ -658,7 +658,9 @@ class Worker:
                     if batch.append(key=k, value=v, timestamp=None, headers=h or []) is None:  # full
                         futures.append(await producer.send_batch(batch, name, partition=part))
                         batch = producer.create_batch()
-                        batch.append(key=k, value=v, timestamp=None, headers=h or [])  # a first record always fits
+                        # aiokafka takes a batch's first record whatever its size; never lose one silently
+                        if batch.append(key=k, value=v, timestamp=None, headers=h or []) is None:
+                            raise RuntimeError(f"a record of {len(v)} bytes fits no batch of {name}")
                 futures.append(await producer.send_batch(batch, name, partition=part))
         return futures
 
