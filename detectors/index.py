@@ -45,12 +45,55 @@ _DEDUP_MAX_SHARE = 0.8
 _SPARE_CANDIDATES = 8
 
 
-def _order(dist: np.ndarray, slots: np.ndarray) -> np.ndarray:
-    """Per row, positions by increasing distance, ties by slot: the same whatever order argpartition left."""
-    n, c = dist.shape
-    rows = np.repeat(np.arange(n), c)
-    flat = np.lexsort((slots.ravel(), dist.ravel(), rows))
-    return (flat - rows * c).reshape(n, c)
+# Candidate selection of the exact scan: the columns of each row are folded
+# into groups of up to this many (by stride), the row's c-th smallest group
+# minimum is a threshold at or above its c-th smallest entry, and every entry
+# at or below it is a candidate. A partial sort of ~m/16 group minima instead
+# of argpartition over all m entries: argpartition cost ~20 us per row of
+# 2,000 (most of the tabular pipeline's kNN time; `nwatch bench speed`).
+_FOLD = 16
+# A row with more candidates than this many times c (ties: a reference full of
+# one repeated vector) takes argpartition's c instead.
+_MAX_CANDIDATE_FACTOR = 4
+
+
+def _candidates(D: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, cols)`` of entries of ``D`` (n, m) holding, per row, at least its ``c`` smallest.
+
+    Rows ascending; at least ``c`` entries per row (every column when ``c >= m``).
+    """
+    n, m = D.shape
+    if c >= m:
+        return np.repeat(np.arange(n), m), np.tile(np.arange(m), n)
+    g = min(_FOLD, m // (4 * c))
+    if g > 1:
+        groups = m // g
+        folded = D[:, : groups * g].reshape(n, g, groups).min(axis=1)  # strided groups: contiguous minima
+        if groups * g < m:
+            folded = np.concatenate([folded, D[:, groups * g :]], axis=1)
+    else:
+        folded = D
+    t = np.partition(folded, c - 1, axis=1)[:, c - 1]
+    rows, cols = np.nonzero(D <= t[:, None])
+    counts = np.bincount(rows, minlength=n)
+    heavy = np.flatnonzero(counts > _MAX_CANDIDATE_FACTOR * c)
+    if len(heavy):
+        keep = counts[rows] <= _MAX_CANDIDATE_FACTOR * c
+        part = np.argpartition(D[heavy], c - 1, axis=1)[:, :c]
+        rows = np.concatenate([rows[keep], np.repeat(heavy, c)])
+        cols = np.concatenate([cols[keep], part.ravel()])
+    return rows, cols
+
+
+def _nearest(rows: np.ndarray, cols: np.ndarray, dist: np.ndarray, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of ``n``, the ``k`` candidates of least distance, ties by column: ``(dist, cols)`` (n, k).
+
+    The same whatever order the candidates came in; every row has at least ``k``.
+    """
+    flat = np.lexsort((cols, dist, rows))
+    starts = np.searchsorted(rows[flat], np.arange(n))
+    pick = flat[starts[:, None] + np.arange(k)]
+    return dist[pick], cols[pick]
 
 
 class ReferenceIndex:
@@ -242,26 +285,25 @@ class ReferenceIndex:
         """
         m = self.size
         V = self._vecs[:m]
-        G = X @ V.T
+        # Turned into distances in place. A few wide rows (log lines, texts:
+        # repeated rows are searched once) go faster through OpenBLAS as
+        # V @ X.T: 0.35 ms instead of 0.68 ms for 10 x 385 against 2,000.
+        D = np.ascontiguousarray((V @ X.T).T) if 4 * len(X) <= X.shape[1] else X @ V.T
         if self.metric == "cosine":
-            D = 1.0 - G
+            np.subtract(1.0, D, out=D)
         else:
-            D = self._sqnorm[:m][None, :] - 2.0 * G
+            D *= -2.0
+            D += self._sqnorm[:m][None, :]
             D += np.einsum("ij,ij->i", X, X)[:, None]
         c = min(m, k + _SPARE_CANDIDATES)
-        if c < m:
-            part = np.argpartition(D, c - 1, axis=1)[:, :c]
-        else:
-            part = np.broadcast_to(np.arange(m), D.shape).copy()
-        cand = V[part]  # (n, c, dim)
+        rows, cols = _candidates(D, c)
+        cand = V[cols]  # (pairs, dim)
         if self.metric == "cosine":
-            dpart = 1.0 - (cand * X[:, None, :]).sum(axis=2)
+            dpart = 1.0 - (cand * X[rows]).sum(axis=1)
         else:
-            diff = cand - X[:, None, :]
-            dpart = (diff * diff).sum(axis=2)
-        order = _order(dpart, part)[:, :k]
-        slots = np.take_along_axis(part, order, axis=1)
-        dist = np.take_along_axis(dpart, order, axis=1)
+            diff = cand - X[rows]
+            dpart = (diff * diff).sum(axis=1)
+        dist, slots = _nearest(rows, cols, dpart, len(X), k)
         dist = np.maximum(dist, 0.0)
         if self.metric == "l2":
             dist = np.sqrt(dist)

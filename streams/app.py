@@ -71,6 +71,12 @@ FETCH_MAX_WAIT_MS = 50
 # The aiokafka input path hands a batch to the pipeline while the one before
 # waits for its acks; at most this many batches are between fetch and commit.
 MAX_BATCHES_IN_FLIGHT = 2
+# aiokafka's producer sends one request per broker at a time, with one batch
+# per partition in it: at faust's 16 KiB a batch of 256 score records (~150 KiB,
+# one partition) went out in ~10 round trips one after the other, most of a
+# worker batch's time under paced load (py-spy, `nwatch bench speed --kafka`).
+# 512 KiB stays under Kafka's default message.max.bytes (1 MiB).
+PRODUCER_MAX_BATCH_BYTES = 512 * 1024
 # Consumer lag is read this often: cheap (cached high-water marks) and fine
 # enough for a dashboard that scrapes every 15 s.
 LAG_INTERVAL_SECONDS = 5.0
@@ -145,6 +151,23 @@ def dead_letter(msg: Any, reason: str, message: str, max_bytes: int) -> tuple[by
     return msg.key, value, headers
 
 
+class NwatchApp(faust.App):
+    """faust's App with a hook called as it starts, before its services (consumer, group join) start.
+
+    The aiokafka input path starts its own consumer there, so its group join
+    (~5 s on Tansu) overlaps faust's start and group join instead of following
+    them: `nwatch bench speed --kafka` measured start-up to the first result
+    at 12 s with the join after faust's start.
+    """
+
+    on_starting: Callable[[], Any] | None = None
+
+    async def on_first_start(self) -> None:
+        await super().on_first_start()
+        if self.on_starting is not None:
+            self.on_starting()
+
+
 class Worker:
     """Holds the pipeline, the faust app and its agents for one worker process.
 
@@ -183,6 +206,8 @@ class Worker:
         self._declared: set[str] = set()
         self._taking: dict[TP, asyncio.Future] = {}  # partition take-overs under way
         self._input_consumer: Any = None  # the aiokafka input path's consumer, while it runs
+        self._input_opening: asyncio.Future | None = None  # its start, begun as the faust app starts
+        self._inflight: deque[tuple[asyncio.Future, dict]] = deque()  # its batches between fetch and commit
         self._merging = False  # this worker holds the shard-summaries partition and its merge state
         self._issue_lock = asyncio.Lock()  # output topics declared for the direct produce path
         self.app: faust.App | None = None
@@ -201,7 +226,7 @@ class Worker:
     # -- the faust app ------------------------------------------------------------------
     def build(self) -> faust.App:
         k = self.settings.kafka
-        app = faust.App(
+        app = NwatchApp(
             # With the aiokafka input path the group id belongs to the input
             # consumer (whose assignor differs from faust's: one group cannot
             # hold both); faust's own consumer (alerts agents) takes another.
@@ -224,6 +249,7 @@ class Worker:
             broker_heartbeat_interval=3.0,
             broker_commit_interval=1.0,
             producer_acks=-1,
+            producer_max_batch_size=PRODUCER_MAX_BATCH_BYTES,
             topic_allow_declare=True,
             topic_replication_factor=1,
             key_serializer="raw",
@@ -248,6 +274,7 @@ class Worker:
                     await self.merge(events)
 
         if k.input_path == "aiokafka":
+            app.on_starting = self.open_input
 
             @app.task
             async def detect_batches() -> None:
@@ -612,34 +639,54 @@ class Worker:
                 delay = min(delay * 2, 10.0)
 
     async def _produce_direct(self, outputs: list[tuple[Any, bytes | None, bytes | None, list | None]]) -> list[Any]:
-        """Hand every record to the aiokafka producer under faust's own; returns the ack futures.
+        """Hand the records to the aiokafka producer under faust's own, a record batch per partition;
+        returns the ack futures (one per record batch). A ``None`` value is a tombstone.
 
         faust's ``topic.send`` builds a message object, runs sensors and
         signals and resolves the topic per record: most of the cost of a
-        worker that writes one score per event. aiokafka's ``send`` only
-        appends the record to its accumulator (partitioned by key with the
-        same default partitioner, so a source's records still share a
-        partition and keep their order); the records go out in the
-        accumulator's batches, and each future resolves on the broker's ack.
+        worker that writes one score per event. aiokafka's ``send`` still
+        makes a future and takes the accumulator's path per record (a quarter
+        of the event loop's time at 4,000 events/s, py-spy); here the records
+        of each partition are appended to one record batch (``create_batch``)
+        that is queued whole (``send_batch``). Partitions come from the
+        producer's own partitioner on the record key, as ``send`` picks them,
+        so a source's records still share a partition and keep their order.
         The producer is faust's (same settings, acks=all, credentials), so the
         app still owns its start and stop.
         """
         assert self.app is not None
         producer = self.app.producer._ensure_producer()  # faust's AIOKafkaProducer
-        send = producer.send
         # One batch's records are all issued before the next batch's: batches
         # reach this point in pipeline order (one pipeline thread, first in
         # first out), and the lock keeps a later batch out while an earlier one
         # is suspended here (declaring a topic, or a full accumulator).
         async with self._issue_lock:
+            by_partition: dict[tuple[str, int], list[tuple[bytes | None, bytes | None, list | None]]] = {}
+            partition_of: dict[tuple[str, bytes], int] = {}
             for t in {id(t): t for t, _, _, _ in outputs}.values():
                 name = t.get_topic_name()
                 if name not in self._declared:  # as faust's topic.send would (topic_allow_declare)
                     await t.maybe_declare()
                     self._declared.add(name)
-            futures = []
+                await producer.partitions_for(name)  # metadata in hand for the partitioner
             for t, k, v, h in outputs:
-                futures.append(await send(t.get_topic_name(), v, key=k, headers=h))
+                name = t.get_topic_name()
+                if k is None:  # the partitioner picks at random: per record
+                    part = producer._partition(name, None, None, None, k, v)
+                elif (part := partition_of.get((name, k))) is None:
+                    part = partition_of[(name, k)] = producer._partition(name, None, None, None, k, v)
+                by_partition.setdefault((name, part), []).append((k, v, h))
+            futures = []
+            for (name, part), records in by_partition.items():
+                batch = producer.create_batch()
+                for k, v, h in records:
+                    if batch.append(key=k, value=v, timestamp=None, headers=h or []) is None:  # full
+                        futures.append(await producer.send_batch(batch, name, partition=part))
+                        batch = producer.create_batch()
+                        # aiokafka takes a batch's first record whatever its size; never lose one silently
+                        if batch.append(key=k, value=v, timestamp=None, headers=h or []) is None:
+                            raise RuntimeError(f"a record of {len(v or b'')} bytes fits no batch of {name}")
+                futures.append(await producer.send_batch(batch, name, partition=part))
         return futures
 
     async def _dead_letter_all(self, events: Sequence[Any], err: Exception) -> None:
@@ -652,17 +699,20 @@ class Worker:
             outputs.append((self.dlq_topic, key, value, headers))
         await self._send(outputs)
 
-    async def consume_batches(self) -> None:
-        """The aiokafka input path: batches by ``getmany``, offsets committed after the outputs' acks.
+    def open_input(self) -> asyncio.Future:
+        """Start the aiokafka input path's consumer (once); resolves to the started consumer.
 
-        Same order of work as the faust agent (``handle`` produces and awaits
-        every output first), so a batch's offsets are committed only once its
-        results are on the broker: at least once. A commit refused because the
-        group rebalanced meanwhile is logged; the new owner of the partition
-        reprocesses from the last committed offset.
+        ``consumer.start()`` returns once the cluster's metadata is in; the
+        group join (~5 s on Tansu) then runs in the consumer's background
+        task. Called as the faust app starts (:class:`NwatchApp`), so the join
+        runs alongside faust's own start and group join rather than after them.
         """
+        if self._input_opening is None:
+            self._input_opening = asyncio.ensure_future(self._start_input_consumer())
+        return self._input_opening
+
+    async def _start_input_consumer(self) -> Any:
         from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
-        from aiokafka.errors import CommitFailedError, KafkaError
 
         from streams.broker import aiokafka_client_config
 
@@ -677,14 +727,13 @@ class Worker:
             heartbeat_interval_ms=3_000,
             max_poll_records=self.settings.batch_size,
         )
-        inflight: deque[tuple[asyncio.Future, dict]] = deque()
         worker = self
 
         class Rebalance(ConsumerRebalanceListener):
             async def on_partitions_revoked(self, revoked: Any) -> None:
                 # Finish and commit what is in flight, then save and drop the partitions' state.
-                while inflight:
-                    await finish_oldest()
+                while worker._inflight:
+                    await worker._finish_oldest(consumer)
                 tps = [(tp.topic, tp.partition) for tp in revoked]
                 await asyncio.get_running_loop().run_in_executor(
                     worker._pipeline_executor(), worker.durable.release, tps
@@ -696,27 +745,42 @@ class Worker:
         consumer.subscribe(list(k.input_topics), listener=Rebalance())
         await consumer.start()
         self._input_consumer = consumer
-        log.info("neighbourwatch worker consuming %s in batches", ", ".join(k.input_topics))
+        return consumer
 
-        async def finish_oldest() -> None:
-            task, offsets = inflight.popleft()
-            await task  # handle() never raises; its outputs are acknowledged when it returns
-            try:
-                await consumer.commit(offsets)
-            except (CommitFailedError, KafkaError) as err:
-                log.warning("committing input offsets failed (%s); the batch may be processed again", err)
+    async def _finish_oldest(self, consumer: Any) -> None:
+        """Wait for the oldest batch in flight (its outputs acknowledged), then commit its offsets."""
+        from aiokafka.errors import CommitFailedError, KafkaError
 
+        task, offsets = self._inflight.popleft()
+        await task  # handle() never raises; its outputs are acknowledged when it returns
+        try:
+            await consumer.commit(offsets)
+        except (CommitFailedError, KafkaError) as err:
+            log.warning("committing input offsets failed (%s); the batch may be processed again", err)
+
+    async def consume_batches(self) -> None:
+        """The aiokafka input path: batches by ``getmany``, offsets committed after the outputs' acks.
+
+        Same order of work as the faust agent (``handle`` produces and awaits
+        every output first), so a batch's offsets are committed only once its
+        results are on the broker: at least once. A commit refused because the
+        group rebalanced meanwhile is logged; the new owner of the partition
+        reprocesses from the last committed offset.
+        """
+        consumer = await self.open_input()
+        log.info("neighbourwatch worker consuming %s in batches", ", ".join(self.settings.kafka.input_topics))
+        inflight = self._inflight
         try:
             while True:
                 batches = await consumer.getmany(
                     timeout_ms=int(BATCH_WAIT_SECONDS * 1000), max_records=self.settings.batch_size
                 )
                 while inflight and inflight[0][0].done():
-                    await finish_oldest()
+                    await self._finish_oldest(consumer)
                 if self.durable.due():
                     # A consistent state needs every batch acknowledged: drain, then save.
                     while inflight:
-                        await finish_oldest()
+                        await self._finish_oldest(consumer)
                     await asyncio.get_running_loop().run_in_executor(self._pipeline_executor(), self.durable.snapshot)
                 records = [InputRecord(r) for recs in batches.values() for r in recs]
                 if not records:
@@ -729,10 +793,10 @@ class Worker:
                 # offsets are committed in order, each after its batch's acks.
                 inflight.append((asyncio.ensure_future(self.handle(records)), offsets))
                 while len(inflight) >= MAX_BATCHES_IN_FLIGHT:
-                    await finish_oldest()
+                    await self._finish_oldest(consumer)
         finally:
-            for task, _ in inflight:
-                task.cancel()  # not committed: processed again after a restart (at least once)
+            while inflight:
+                inflight.popleft()[0].cancel()  # not committed: processed again after a restart (at least once)
             self._input_consumer = None
             await consumer.stop()
 

@@ -15,7 +15,9 @@ the batch hand-off to faust's aiokafka producer):
 - latency: a fresh worker, warmed up, then events produced at half the
   measured saturation rate for ``latency_seconds``; produce-to-result latency
   is the time from handing an event to the producer to reading its score
-  record back (p50, p95, p99).
+  record back (p50, p95, p99); with the worker's mean batch (events and
+  seconds per batch, from its /metrics), which tells a worker keeping up in
+  small batches from one falling behind in full ones.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ class _Run:
         self.log_path = log_dir / f"worker-{self.input_path}-{self.output_path}-{suffix}.log"
         self.proc: subprocess.Popen | None = None
         self.spawned_at = 0.0
+        self.metrics_port = _free_port()
 
     def start(self) -> None:
         env = dict(os.environ)
@@ -95,7 +98,7 @@ class _Run:
             "NWATCH_KAFKA__GROUP_ID": f"g-{t['events']}",
             "NWATCH_KAFKA__OUTPUT_PATH": self.output_path,
             "NWATCH_KAFKA__INPUT_PATH": self.input_path,
-            "NWATCH_METRICS__PORT": str(_free_port()),
+            "NWATCH_METRICS__PORT": str(self.metrics_port),
             "HF_HUB_OFFLINE": "1",
         })
         log = open(self.log_path, "wb")
@@ -103,6 +106,27 @@ class _Run:
         self.proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "run"], env=env, stdout=log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
+
+    def batches(self) -> dict[str, float]:
+        """The worker's batches so far, from its /metrics: count, mean events and mean seconds per batch."""
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        sums = {}
+        for family in text_string_to_metric_families(text):
+            if family.name in ("nwatch_batch_size", "nwatch_batch_seconds"):
+                for s in family.samples:
+                    if s.name.endswith(("_sum", "_count")):
+                        sums[s.name] = sums.get(s.name, 0.0) + s.value
+        n = sums.get("nwatch_batch_size_count", 0.0)
+        return {
+            "batches": n,
+            "events_per_batch": sums.get("nwatch_batch_size_sum", 0.0) / n if n else float("nan"),
+            "seconds_per_batch": sums.get("nwatch_batch_seconds_sum", 0.0) / n if n else float("nan"),
+        }
 
     def stop(self) -> None:
         from streams.runtime import stop_process_group
@@ -199,6 +223,7 @@ async def _latency(bootstrap: str, design: tuple[str, str], warm: list[bytes], r
             await asyncio.sleep(0.005)
         await p.flush()
         await reader
+        batches = run.batches()  # warm-up included
     finally:
         run.stop()
         await p.stop()
@@ -206,6 +231,7 @@ async def _latency(bootstrap: str, design: tuple[str, str], warm: list[bytes], r
     lat = [seen[i][0] - t for i, t in sent.items() if i in seen]
     out = {"design": design_name(design), "rate": rate, "seconds": seconds, "sent": len(sent), "scored": len(lat)}
     out.update(percentiles(lat))
+    out.update(batches)
     return out
 
 
@@ -238,7 +264,9 @@ def bench_kafka(data_dir: Path, *, events: int = 20_000, latency_seconds: float 
             print(f"kafka [{name:>24}] saturation {rate:,.0f} events/s ({rate / in_process:.0%} of in-process), "
                   f"start-up to first result {sat['startup_seconds']:.1f} s; at {lat.get('rate', 0):,.0f} events/s: "
                   f"p50 {lat.get('p50_ms', float('nan')):.0f} ms, p95 {lat.get('p95_ms', float('nan')):.0f} ms, "
-                  f"p99 {lat.get('p99_ms', float('nan')):.0f} ms ({lat.get('scored', 0):,} of {lat.get('sent', 0):,} back)",
+                  f"p99 {lat.get('p99_ms', float('nan')):.0f} ms ({lat.get('scored', 0):,} of {lat.get('sent', 0):,} back; "
+                  f"worker batches of {lat.get('events_per_batch', float('nan')):.0f} events, "
+                  f"{lat.get('seconds_per_batch', float('nan')) * 1000:.0f} ms each)",
                   flush=True)
     result["worker_logs"] = str(log_dir)
     return result

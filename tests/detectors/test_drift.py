@@ -423,3 +423,19 @@ def test_false_alarm_rate_within_budget() -> None:
         monitor = CentroidDriftMonitor(alpha=0.1, horizon_events=10_000)
         alarmed += bool(monitor.update(X, _ids(len(X))))
     assert alarmed <= 25
+
+
+@pytest.mark.parametrize("n, d", [(400, 30), (40, 120)])
+def test_principal_basis_whitens_the_leading_components_the_svd_finds(n, d) -> None:
+    from detectors.drift import _principal_basis
+
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) * np.linspace(3.0, 0.1, d)
+    z[:, 0] = 0.0  # a dimension without spread
+    basis = _principal_basis(z, 8)
+    zc = z - z.mean(axis=0)
+    _, sv, vt = np.linalg.svd(zc, full_matrices=False)
+    assert basis.shape == (d, 8)
+    # the same axes (up to sign), each scaled to unit spread of the projection
+    np.testing.assert_allclose(np.abs(basis * (sv[:8] / np.sqrt(n))), np.abs(vt[:8].T), atol=1e-8)
+    np.testing.assert_allclose((zc @ basis).std(axis=0), 1.0, rtol=1e-8)

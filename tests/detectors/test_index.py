@@ -140,3 +140,34 @@ def test_a_batch_of_distinct_rows_is_not_changed_by_the_repeat_path(rng):
     d2, s2 = idx.query(Q2, 5)
     assert (s2[:40] == s).all() and (s2[40:] == s[:30]).all()
     np.testing.assert_allclose(d2[:40], d, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("dim", [12, 200])
+def test_exact_scan_is_brute_force_with_ties_and_answers_each_row_as_alone(metric, dim, rng):
+    # A reference mostly of three repeated vectors: queries equal to one of them
+    # tie with hundreds of stored rows (more candidates than the threshold keeps);
+    # wide rows with few queries take the other product orientation.
+    base = rng.normal(size=(3, dim)).astype(np.float32)
+    X = np.where(rng.random((2000, 1)) < 0.9, base[rng.integers(0, 3, 2000)],
+                 rng.normal(size=(2000, dim))).astype(np.float32)
+    idx = ReferenceIndex(dim=dim, capacity=2000, metric=metric, backend="exact")
+    _fill(idx, X)
+    Q = np.concatenate([base, rng.normal(size=(5, dim)).astype(np.float32)])
+    V = idx.vectors()
+    if metric == "cosine":
+        Vn = V / np.linalg.norm(V, axis=1, keepdims=True)
+        Qn = Q / np.linalg.norm(Q, axis=1, keepdims=True)
+        brute = 1.0 - Qn @ Vn.T
+    else:
+        brute = np.linalg.norm(Q[:, None] - V[None], axis=2)
+    d, s = idx.query(Q, 10)
+    np.testing.assert_allclose(d, np.sort(brute, axis=1)[:, :10], rtol=1e-4, atol=1e-5)
+    oldest = idx._added - idx.size  # slot -> position in vectors()
+    for j in range(len(Q)):
+        pos = (s[j] - oldest) % idx.capacity
+        np.testing.assert_allclose(brute[j, pos], d[j], rtol=1e-4, atol=1e-5)  # the slots hold those distances
+        d1, s1 = idx.query(Q[j : j + 1], 10)
+        assert (s1[0] == s[j]).all() and (d1[0] == d[j]).all()
+    ties = s[0][d[0] <= d[0][0]]  # a query equal to a stored vector: ties broken by slot
+    assert (np.diff(ties) > 0).all()
