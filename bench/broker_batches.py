@@ -10,10 +10,11 @@ records, for comparison.
     python bench/broker_batches.py                       # checkpoints 20k 50k 64k 67k 75k
     python bench/broker_batches.py --checkpoints 10000 30000 --per-batch 10
 
-Measured 2026-11-29 (Tansu 0.6.0, 300-byte records, one record per batch):
-middle fetch of 1,000 records 0.13 s at 50,000 batches, 0.58 s at 64,000,
-0.81 s at 67,000, and 79 records in 10 s at 75,000 (broker at a full core);
-at 100,000 neither aiokafka nor kafka-python got a record in 20 s. Another
+Measured 2026-11-29 on a quiet machine (Tansu 0.6.0, 300-byte records, one
+record per batch): middle fetch of 1,000 records 0.10 s at 50,000 batches,
+0.29 s at 64,000, 0.47 s at 75,000, 74 records in 10 s at 90,000 (the broker at
+a full core), none at 110,000; the same records ten to a batch: 0.06 s
+throughout. Under load it dies earlier (79 records in 10 s at 75,000). Another
 partition of the same broker with 20,000 batches answered in 0.1 s
 throughout: the cost is per partition. This is why the soak's producer
 lingers (tests/integration/test_soak.py).

@@ -42,13 +42,13 @@ RATE = float(os.environ.get("NWATCH_SOAK_RATE", "100"))
 PUBLISH_SCORES = os.environ.get("NWATCH_SOAK_PUBLISH_SCORES", "true")
 # The loopback broker (Tansu 0.6.0, in-memory storage) slows down with the number
 # of record batches a partition holds: a fetch from the middle of a partition of
-# 64,000 one-record batches takes 0.6 s, and past about 70,000 batches no fetch
-# answers at all, from aiokafka or kafka-python (bench/broker_batches.py). A
-# producer lingering 5 ms at 100 events/s sends one record per batch, so an
-# earlier version of this soak stalled 14-17 minutes in. Real Kafka indexes its
-# segments by offset and does not care; the soak's producer lingers 100 ms (about
-# ten records per batch at 100/s) so that the test broker holds the run. The
-# worker is the same either way.
+# 75,000 one-record batches takes 0.5 s, and past 75,000-90,000 batches (fewer
+# under load) no fetch answers at all, from aiokafka or kafka-python
+# (bench/broker_batches.py). A producer lingering 5 ms at 100 events/s sends one
+# record per batch, so an earlier version of this soak stalled 14-17 minutes in.
+# Real Kafka indexes its segments by offset and does not care; the soak's
+# producer lingers 100 ms (about ten records per batch at 100/s) so that the
+# test broker holds the run. The worker is the same either way.
 LINGER_MS = int(os.environ.get("NWATCH_SOAK_LINGER_MS", "100"))
 REFERENCE_SIZE = 2000  # the default per-source bound
 
