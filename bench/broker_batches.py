@@ -68,21 +68,19 @@ def main(argv: list[str] | None = None) -> int:
         cpu = psutil.Process(broker.pid)
         single = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=0, max_in_flight_requests_per_connection=1)
         batched = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=1000, batch_size=1 << 20)
-        held = held_batched = 0
+        held = 0  # records in each partition
         print("| one-record batches in the partition | middle fetch of 1,000 records | broker CPU | "
               f"same records, {args.per_batch} per batch |")
-        print("|---|---|---|---|---|")
+        print("|---|---|---|---|")
         for target in sorted(args.checkpoints):
-            while held < target:
+            for _ in range(held, target):
                 single.send("single", RECORD)
                 single.flush()  # one request per record: one batch per record
-                held += 1
-            while held_batched < target:
-                n = min(args.per_batch, target - held_batched)
-                for _ in range(n):
+            for start in range(held, target, args.per_batch):
+                for _ in range(min(args.per_batch, target - start)):
                     batched.send("batched", RECORD)
-                batched.flush()  # one batch of n records
-                held_batched += n
+                batched.flush()  # one batch of up to per_batch records
+            held = max(held, target)
             used = sum(cpu.cpu_times()[:2])
             got, took = _fetch_middle(bootstrap, "single", held // 2, 1000, args.timeout)
             used = sum(cpu.cpu_times()[:2]) - used

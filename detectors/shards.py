@@ -49,7 +49,7 @@ from detectors.drift import (
     calibrated_threshold,
     sigma_floor,
 )
-from models.base import State
+from models.base import State, join_arrays, split_arrays
 from models.errors import StateMismatch
 
 _STATE_VERSION = 1
@@ -134,27 +134,6 @@ class ShardNull:
         }
 
 
-def _pack_state(x: Any) -> Any:
-    """A monitor state as JSON: arrays as ``{"f8": base64, "shape": [...]}``."""
-    if isinstance(x, np.ndarray):
-        return {"f8": _pack(x), "shape": list(x.shape)}
-    if isinstance(x, dict):
-        return {str(k): _pack_state(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_pack_state(v) for v in x]
-    return x
-
-
-def _unpack_state(x: Any) -> Any:
-    if isinstance(x, dict):
-        if set(x) == {"f8", "shape"}:
-            return _unpack(x["f8"]).reshape([int(n) for n in x["shape"]])
-        return {k: _unpack_state(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_unpack_state(v) for v in x]
-    return x
-
-
 @dataclass(frozen=True)
 class MergeCheckpoint:
     """The merged monitor of a source as of window ``next_window`` (every earlier window merged).
@@ -178,9 +157,11 @@ class MergeCheckpoint:
         return f"{self.source}#checkpoint"
 
     def to_dict(self) -> dict[str, Any]:
+        tree, arrays = split_arrays(self.state)
         return {
             "type": "checkpoint", "source": self.source, "shards": self.shards, "next_window": self.next_window,
-            "tombstoned_to": self.tombstoned_to, "state": _pack_state(self.state),
+            "tombstoned_to": self.tombstoned_to, "state": tree,
+            "arrays": {name: {"f8": _pack(a), "shape": list(a.shape)} for name, a in arrays.items()},
         }
 
 
@@ -199,7 +180,8 @@ def summary_from_dict(d: dict[str, Any]) -> BlockSummary | ShardNull | MergeChec
         return ShardNull(str(d["source"]), int(d["shard"]), int(d["shards"]), int(d["established"]),
                          _unpack(d["null_t"]))
     if d["type"] == "checkpoint":
-        state = _unpack_state(d["state"])
+        arrays = {name: _unpack(a["f8"]).reshape([int(n) for n in a["shape"]]) for name, a in d["arrays"].items()}
+        state = join_arrays(d["state"], arrays)
         if not isinstance(state, dict):
             raise ValueError("a checkpoint's state must be an object")
         return MergeCheckpoint(str(d["source"]), int(d["shards"]), int(d["next_window"]),

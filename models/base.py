@@ -80,3 +80,52 @@ class Seasonal(Protocol):
 
 def encoder_tag(encoder: Encoder) -> str:
     return f"{encoder.name}@{encoder.version}"
+
+
+_ARRAY = "__array__"
+
+
+def split_arrays(state: Any) -> tuple[Any, dict[str, np.ndarray]]:
+    """A state as JSON values with ``{"__array__": name}`` in place of each array, and the arrays by name.
+
+    The one walker of saved state: file snapshots (``streams.snapshots``) and
+    the merge checkpoints of sharded sources (``detectors.shards``) store the
+    arrays their own way. Refuses what would need pickling.
+    """
+    arrays: dict[str, np.ndarray] = {}
+
+    def walk(x: Any) -> Any:
+        if isinstance(x, np.ndarray):
+            if x.dtype == object:
+                raise TypeError("object arrays cannot be saved (they would need pickling)")
+            name = f"a{len(arrays)}"
+            arrays[name] = x
+            return {_ARRAY: name}
+        if isinstance(x, dict):
+            if _ARRAY in x:
+                raise ValueError(f"a state key may not be {_ARRAY!r}")
+            return {str(k): walk(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [walk(v) for v in x]
+        if isinstance(x, np.generic):
+            return x.item()
+        if x is None or isinstance(x, (str, int, float, bool)):
+            return x
+        raise TypeError(f"cannot save a {type(x).__name__} in a snapshot")
+
+    return walk(state), arrays
+
+
+def join_arrays(tree: Any, arrays: dict[str, np.ndarray]) -> Any:
+    """The inverse of :func:`split_arrays`."""
+
+    def walk(x: Any) -> Any:
+        if isinstance(x, dict):
+            if set(x) == {_ARRAY}:
+                return arrays[x[_ARRAY]]
+            return {k: walk(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [walk(v) for v in x]
+        return x
+
+    return walk(tree)

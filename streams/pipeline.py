@@ -246,7 +246,7 @@ class Pipeline:
         # ``BatchResult.summaries`` for the shard-summaries topic, merged by one worker.
         self.merge_shards = merge_shards
         self.mergers: dict[str, tuple[MergedDriftMonitor, str, str]] = {}  # source -> (monitor, kind, encoder)
-        # source -> [windows merged at the last checkpoint, first window not tombstoned yet]
+        # source -> [next window of the last checkpoint, first window not tombstoned yet]
         self._merge_marks: dict[str, list[int]] = {}
         self._shard_counts: dict[str, int] = {}
         self.limits = limits
@@ -538,16 +538,15 @@ class Pipeline:
             entry = self.mergers[msg.source] = (monitor, kind, encoder)
         monitor = entry[0]
         self.mergers[msg.source] = (monitor, kind, encoder)
-        mark = self._merge_marks.setdefault(msg.source, [monitor.windows_merged, -1])
         if isinstance(msg, MergeCheckpoint):
             alarms = monitor.restore(msg)
-            mark[0] = max(mark[0], monitor.windows_merged if monitor.next_window == msg.next_window else 0)
-            mark[1] = max(mark[1], msg.tombstoned_to)
+            mark = self._merge_marks.setdefault(msg.source, [msg.next_window, msg.tombstoned_to])
+            mark[0], mark[1] = max(mark[0], msg.next_window), max(mark[1], msg.tombstoned_to)
         elif isinstance(msg, ShardNull):
             alarms = monitor.add_null(msg)
         else:
-            if mark[1] < 0:  # the oldest block still in the topic: tombstones start there
-                mark[1] = msg.seq
+            # the oldest block still in the topic: windows count and tombstones start there
+            self._merge_marks.setdefault(msg.source, [msg.seq, msg.seq])
             alarms = monitor.add(msg)
         return [
             DriftRecord(source=msg.source, kind=kind, ts=format_ts(a.ts), encoder=encoder, **a.to_dict())
@@ -565,16 +564,15 @@ class Pipeline:
         """
         out: list[tuple[MergeCheckpoint, list[str], str, str]] = []
         for source, (monitor, kind, encoder) in self.mergers.items():
-            mark = self._merge_marks.setdefault(source, [0, -1])
-            nxt = monitor.next_window
-            if nxt is None or monitor.windows_merged - mark[0] < every:
+            mark, nxt = self._merge_marks.get(source), monitor.next_window
+            if mark is None or nxt is None or nxt - mark[0] < every:
                 continue
-            start = max(mark[1], 0)
+            start = mark[1]
             stop = min(nxt, start + 10 * every)
             keys = [block_key(source, k, seq) for seq in range(start, stop) for k in range(monitor.shards)]
             checkpoint = monitor.checkpoint(tombstoned_to=stop)
             assert checkpoint is not None
-            mark[0], mark[1] = monitor.windows_merged, stop
+            mark[0], mark[1] = nxt, stop
             out.append((checkpoint, keys, kind, encoder))
         return out
 

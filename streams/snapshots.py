@@ -28,10 +28,9 @@ from urllib.parse import quote
 
 import numpy as np
 
-from models.base import State
+from models.base import State, join_arrays, split_arrays
 
 SNAPSHOT_FORMAT = 1
-_ARRAY = "__array__"
 _META = "__meta__"
 
 
@@ -55,42 +54,12 @@ class Snapshot:
 
 def pack(state: Any) -> tuple[bytes, dict[str, np.ndarray]]:
     """Split a state into JSON (with array references) and its arrays."""
-    arrays: dict[str, np.ndarray] = {}
-
-    def walk(x: Any) -> Any:
-        if isinstance(x, np.ndarray):
-            if x.dtype == object:
-                raise TypeError("object arrays cannot be saved (they would need pickling)")
-            name = f"a{len(arrays)}"
-            arrays[name] = x
-            return {_ARRAY: name}
-        if isinstance(x, dict):
-            if _ARRAY in x:
-                raise ValueError(f"a state key may not be {_ARRAY!r}")
-            return {str(k): walk(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [walk(v) for v in x]
-        if isinstance(x, np.generic):
-            return x.item()
-        if x is None or isinstance(x, (str, int, float, bool)):
-            return x
-        raise TypeError(f"cannot save a {type(x).__name__} in a snapshot")
-
-    meta = json.dumps(walk(state), separators=(",", ":")).encode()
-    return meta, arrays
+    tree, arrays = split_arrays(state)
+    return json.dumps(tree, separators=(",", ":")).encode(), arrays
 
 
 def unpack(meta: bytes, arrays: dict[str, np.ndarray]) -> Any:
-    def walk(x: Any) -> Any:
-        if isinstance(x, dict):
-            if set(x) == {_ARRAY}:
-                return arrays[x[_ARRAY]]
-            return {k: walk(v) for k, v in x.items()}
-        if isinstance(x, list):
-            return [walk(v) for v in x]
-        return x
-
-    return walk(json.loads(meta))
+    return join_arrays(json.loads(meta), arrays)
 
 
 class SnapshotStore:
