@@ -325,15 +325,15 @@ class OpenVINOBackend:
             order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
             for start, stop in _batches([len(ids[i]) for i in order], self.batch_size, _CALL_TOKENS):
                 rows = order[start:stop]
-                width = len(ids[rows[-1]])
-                batch = np.full((len(rows), width), self._pad_id, dtype=np.int64)
-                mask = np.zeros((len(rows), width), dtype=np.int64)
-                for r, i in enumerate(rows):
-                    n = len(ids[i])
-                    batch[r, :n] = ids[i]
-                    mask[r, :n] = 1
+                n_rows, width = _shape(len(rows), len(ids[rows[-1]]))
+                batch = np.full((n_rows, width), self._pad_id, dtype=np.int64)
+                mask = np.zeros((n_rows, width), dtype=np.int64)
+                for r in range(n_rows):  # rows beyond the batch's repeat its first text
+                    row = ids[rows[r] if r < len(rows) else rows[0]]
+                    batch[r, : len(row)] = row
+                    mask[r, : len(row)] = 1
                 result = self._request.infer({"input_ids": batch, "attention_mask": mask})
-                out[rows] = result[0]
+                out[rows] = result[0][: len(rows)]
         return out
 
 
@@ -341,19 +341,31 @@ class OpenVINOBackend:
 # thread, time = 0.9 ms + 69 us x (rows x width), fitted on shapes from 1 x 8 to
 # 32 x 32 (best of 7 each, 2026-11-29).
 _CALL_TOKENS = 13
+# The input shapes the model is run at: rows padded up to one of _ROWS, tokens
+# to a multiple of _WIDTH_STEP. The runtime keeps kernels and repacked int8
+# weights per shape (~2 MB each with int8-sq): unbounded shapes grew resident
+# memory by ~1 GB over 150 batches of random sizes (bench/text_shape_memory.py).
+_ROWS = (1, 2, 4, 8, 16, 32)
+_WIDTH_STEP = 8
+
+
+def _shape(rows: int, width: int) -> tuple[int, int]:
+    """The shape a batch of ``rows`` texts of at most ``width`` tokens runs at."""
+    return next((r for r in _ROWS if r >= rows), rows), -(-width // _WIDTH_STEP) * _WIDTH_STEP
 
 
 def _batches(lengths: Sequence[int], max_rows: int, call_cost: float) -> list[tuple[int, int]]:
     """Cut texts sorted by token count into batches of the least model cost.
 
-    A batch of rows ``start..stop-1`` costs ``call_cost + rows x width`` (each
-    padded to the batch's longest); the cuts minimising the sum are found by
-    dynamic programming over the sorted lengths (at most ``max_rows`` per batch).
-    Fixed batches of 16 pad the 133 BGL templates to 1.9x their tokens, these
-    to 1.2x (calls included); VADER texts 1.12x -> 1.07x.
+    A batch of rows ``start..stop-1`` costs ``call_cost + rows x width`` at its
+    padded shape (:func:`_shape`); the cuts minimising the sum are found by
+    dynamic programming over the sorted lengths (at most ``max_rows`` per
+    batch). Fixed batches of 16 padded the 133 BGL templates to 1.9x their
+    tokens and VADER texts to 1.12x (calls included); these cuts, on the shape
+    grid, to 1.27x and 1.18x (1.18x and 1.07x without the grid).
 
-    >>> _batches([3, 3, 3, 40], 16, 13)
-    [(0, 3), (3, 4)]
+    >>> _batches([3, 3, 3, 3, 40], 16, 13)
+    [(0, 4), (4, 5)]
     """
     n = len(lengths)
     best = [0.0] + [math.inf] * n
@@ -361,7 +373,8 @@ def _batches(lengths: Sequence[int], max_rows: int, call_cost: float) -> list[tu
     for stop in range(1, n + 1):
         width = lengths[stop - 1]
         for start in range(max(0, stop - max_rows), stop):
-            cost = best[start] + call_cost + (stop - start) * width
+            rows, padded = _shape(stop - start, width)
+            cost = best[start] + call_cost + rows * padded
             if cost < best[stop]:
                 best[stop], cut[stop] = cost, start
     out = []
