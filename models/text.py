@@ -165,6 +165,7 @@ class OpenVINOBackend:
         self._request = None
         self._tokenizer = None
         self._pad_id = 0
+        self._shapes: set[tuple[int, int]] = set()  # input shapes the runtime has met
         self._lock = threading.Lock()
 
     @property
@@ -323,9 +324,11 @@ class OpenVINOBackend:
                 self._load()
             ids = [e.ids for e in self._tokenizer.encode_batch(list(texts))]
             order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-            for start, stop in _batches([len(ids[i]) for i in order], self.batch_size, _CALL_TOKENS):
+            cuts = _batches([len(ids[i]) for i in order], self.batch_size, known=self._shapes)
+            for start, stop in cuts:
                 rows = order[start:stop]
                 n_rows, width = _shape(len(rows), len(ids[rows[-1]]))
+                self._shapes.add((n_rows, width))
                 batch = np.full((n_rows, width), self._pad_id, dtype=np.int64)
                 mask = np.zeros((n_rows, width), dtype=np.int64)
                 for r in range(n_rows):  # rows beyond the batch's repeat its first text
@@ -339,8 +342,10 @@ class OpenVINOBackend:
 
 # What one model call costs beyond its tokens, in tokens: int8-sq on one
 # thread, time = 0.9 ms + 69 us x (rows x width), fitted on shapes from 1 x 8 to
-# 32 x 32 (best of 7 each, 2026-11-29).
+# 32 x 32 (best of 7 each, 2026-11-29). The first call at a shape the runtime
+# has not met costs ~13-18 ms more (kernels made for it): ~200 tokens.
 _CALL_TOKENS = 13
+_NEW_SHAPE_TOKENS = 200
 # The input shapes the model is run at: rows padded up to one of _ROWS, tokens
 # to a multiple of _WIDTH_STEP. The runtime keeps kernels and repacked int8
 # weights per shape (~2 MB each with int8-sq): unbounded shapes grew resident
@@ -354,18 +359,28 @@ def _shape(rows: int, width: int) -> tuple[int, int]:
     return next((r for r in _ROWS if r >= rows), rows), -(-width // _WIDTH_STEP) * _WIDTH_STEP
 
 
-def _batches(lengths: Sequence[int], max_rows: int, call_cost: float) -> list[tuple[int, int]]:
+def _batches(
+    lengths: Sequence[int],
+    max_rows: int,
+    *,
+    known: set[tuple[int, int]] = frozenset(),  # type: ignore[assignment]
+    call_cost: float = _CALL_TOKENS,
+    new_shape_cost: float = _NEW_SHAPE_TOKENS,
+) -> list[tuple[int, int]]:
     """Cut texts sorted by token count into batches of the least model cost.
 
     A batch of rows ``start..stop-1`` costs ``call_cost + rows x width`` at its
-    padded shape (:func:`_shape`); the cuts minimising the sum are found by
-    dynamic programming over the sorted lengths (at most ``max_rows`` per
-    batch). Fixed batches of 16 padded the 133 BGL templates to 1.9x their
-    tokens and VADER texts to 1.12x (calls included); these cuts, on the shape
-    grid, to 1.27x and 1.18x (1.18x and 1.07x without the grid).
+    padded shape (:func:`_shape`), plus ``new_shape_cost`` if that shape is not
+    in ``known``; the cuts minimising the sum are found by dynamic programming
+    over the sorted lengths (at most ``max_rows`` per batch). Fixed batches of
+    16 padded the 133 BGL templates to 1.9x their tokens and VADER texts to
+    1.12x (calls included); these cuts, on the shape grid, to 1.27x and 1.18x
+    once their shapes are known (1.18x and 1.07x without the grid).
 
-    >>> _batches([3, 3, 3, 3, 40], 16, 13)
-    [(0, 4), (4, 5)]
+    >>> _batches([3] * 8 + [12], 16)  # one new shape, 16 x 16
+    [(0, 9)]
+    >>> _batches([3] * 8 + [12], 16, known={(8, 8), (1, 16)})
+    [(0, 8), (8, 9)]
     """
     n = len(lengths)
     best = [0.0] + [math.inf] * n
@@ -373,8 +388,10 @@ def _batches(lengths: Sequence[int], max_rows: int, call_cost: float) -> list[tu
     for stop in range(1, n + 1):
         width = lengths[stop - 1]
         for start in range(max(0, stop - max_rows), stop):
-            rows, padded = _shape(stop - start, width)
-            cost = best[start] + call_cost + rows * padded
+            shape = _shape(stop - start, width)
+            cost = best[start] + call_cost + shape[0] * shape[1]
+            if shape not in known:
+                cost += new_shape_cost
             if cost < best[stop]:
                 best[stop], cut[stop] = cost, start
     out = []

@@ -167,3 +167,20 @@ def test_default_text_backend_is_the_static_int8_export():
     m = Settings().models
     b = shared_backend(backend=m.text_backend, export_dir="/nonexistent/never-used")
     assert isinstance(b, OpenVINOBackend) and b.precision == "int8-sq" == OpenVINOBackend().precision
+
+
+def test_batches_cover_the_texts_in_order_on_the_shape_grid():
+    from models.text import _CALL_TOKENS, _ROWS, _WIDTH_STEP, _batches, _shape
+
+    rng = np.random.default_rng(0)
+    for n in (1, 5, 33, 256):
+        lengths = sorted(rng.integers(3, 90, size=n).tolist())
+        cuts = _batches(lengths, 32)
+        assert [a for a, _ in cuts] == [0] + [b for _, b in cuts[:-1]] and cuts[-1][1] == n
+        assert all(0 < b - a <= 32 for a, b in cuts)
+        shapes = [_shape(b - a, lengths[b - 1]) for a, b in cuts]
+        assert all(r in _ROWS and w % _WIDTH_STEP == 0 and w >= lengths[b - 1] for (r, w), (_, b) in zip(shapes, cuts))
+        # never worse than fixed batches of 16 at the same shapes
+        fixed = sum(_CALL_TOKENS + r * w for r, w in (_shape(len(lengths[s:s + 16]), lengths[s:s + 16][-1])
+                                                      for s in range(0, n, 16)))
+        assert sum(_CALL_TOKENS + r * w for r, w in shapes) <= fixed
