@@ -292,6 +292,9 @@ def _float_array(values: Any, name: str, max_len: int) -> np.ndarray:
     return _numeric_array(values, name, 1)
 
 
+_FLOATS = {float}
+
+
 def _parse_transaction(obj: dict, limits: Limits) -> dict[str, float | str]:
     fields = _require(obj, "fields")
     if not isinstance(fields, dict):
@@ -301,7 +304,7 @@ def _parse_transaction(obj: dict, limits: Limits) -> dict[str, float | str]:
     if len(fields) > limits.max_fields:
         raise Oversized(f"'fields' has more than {limits.max_fields} entries", field="fields")
     values = fields.values()
-    if all(type(v) is float for v in values) and all(map(math.isfinite, values)):
+    if set(map(type, values)) == _FLOATS and all(map(math.isfinite, values)):
         # The common record of numbers only: what the loop below would build,
         # without a type dispatch per field (a fifth of decoding a 36-field record).
         return dict(fields)
