@@ -398,38 +398,48 @@ class TransactionEncoder:
         """
         n, S = len(events), self.numeric_slots
         values: list = []
-        slot_arrays: list[np.ndarray] = []
-        lengths: list[int] = []
+        used: list[_Plan] = []  # the plan of each event
         cats: list[tuple[int, str, str]] = []
         new_numeric: list[str] = []
         new_categorical: list[str] = []
-        plan_for = self._plan
-        shared = unslotted = False
-        cats_append = cats.append
+        plans_get, plan_for = self._plans.get, self._plan
+        cats_append, used_append, extend = cats.append, used.append, values.extend
         for i, e in enumerate(events):
-            payload = _payload(e)
+            payload = e.payload
+            if type(payload) is not dict or e.kind != "transaction":
+                payload = _payload(e)  # raises WrongType (or takes a dict subclass)
             names = tuple(payload)
             vals = tuple(payload.values())
             # Events of one source nearly always share a schema: one cached
             # plan per (names, types) replaces a dict lookup per field.
-            plan = plan_for(names, tuple(map(type, vals)))
-            picked = plan.numeric(vals)
-            values.extend(picked)
-            slot_arrays.append(plan.slots)
-            shared = shared or plan.shared
-            unslotted = unslotted or plan.unslotted
-            lengths.append(len(picked))
-            for j in plan.categorical:
-                cats_append((i, names[j], vals[j]))
+            types = tuple(map(type, vals))
+            plan = plans_get((names, types)) or plan_for(names, types)
+            extend(plan.numeric(vals))
+            used_append(plan)
+            if plan.categorical:
+                for j in plan.categorical:
+                    cats_append((i, names[j], vals[j]))
             if find_new:
                 new_numeric.extend(plan.new_numeric)
                 new_categorical.extend(plan.new_categorical)
         vals_arr = np.asarray(values, dtype=np.float64)
+        one = used[0] if used and used.count(used[0]) == n else None  # one schema in the whole batch
+        if one is not None:
+            lengths = [len(one.slots)] * n
+        else:
+            lengths = [len(plan.slots) for plan in used]
         if not np.isfinite(vals_arr).all():
             first = np.flatnonzero(~np.isfinite(vals_arr))[0]
             bad = int(np.searchsorted(np.cumsum(lengths), first, side="right"))
             raise NonFinite(f"event {events[bad].id[:40]!r} has a non-finite field", field="fields")
-        slots = np.concatenate(slot_arrays)
+        if one is not None and not one.shared and not one.unslotted:
+            # One schema, a slot per field: the values fill those columns.
+            raw = np.full((n, S), np.nan)
+            raw[:, one.slots] = vals_arr.reshape(n, len(one.slots))
+            return raw, cats, new_numeric, new_categorical
+        shared = any(plan.shared for plan in used)
+        unslotted = any(plan.unslotted for plan in used)
+        slots = np.concatenate([plan.slots for plan in used])
         idx = slots + np.repeat(np.arange(n, dtype=np.intp) * S, lengths)
         if unslotted:
             keep = slots >= 0
