@@ -130,6 +130,16 @@ def _replaced(sorted_: np.ndarray, leaving: np.ndarray, coming: np.ndarray) -> n
     pos = np.searchsorted(sorted_, leaving, side="left") + (
         np.arange(len(leaving)) - np.searchsorted(leaving, leaving, side="left")
     )
-    kept = np.delete(sorted_, pos)
+    keep = np.ones(len(sorted_), dtype=bool)
+    keep[pos] = False
+    kept = sorted_[keep]
+    # merged: the new values at their places among the kept (np.insert's
+    # order for equal values), the kept ones around them
     coming = np.sort(coming)
-    return np.insert(kept, np.searchsorted(kept, coming, side="left"), coming)
+    at = np.searchsorted(kept, coming, side="left") + np.arange(len(coming))
+    out = np.empty(len(kept) + len(coming))
+    out[at] = coming
+    rest = np.ones(len(out), dtype=bool)
+    rest[at] = False
+    out[rest] = kept
+    return out

@@ -162,13 +162,14 @@ class ReferenceIndex:
         self.ef_construction = ef_construction
         self.ef_search = ef_search
         self.seed = seed
-        self._ids: list[str | None] = [None] * capacity
+        # an object array: the ids of a batch's neighbours are one gather (ids_of)
+        self._ids = np.full(capacity, None, dtype=object)
         self._added = 0  # total ever added; slot of sequence number s is s % capacity
         self._vecs: np.ndarray | None = None  # exact backend
         self._sqnorm: np.ndarray | None = None
-        # exact backend: stored vectors non-zero per column, the columns with any
-        # (None: too many to be worth it) and _vecs restricted to them
-        self._nonzero: np.ndarray | None = None
+        # exact backend: columns that may hold a non-zero (every column some
+        # stored vector fills, and perhaps a few no longer filled), their
+        # indices (None: too many to be worth it) and _vecs restricted to them
         self._active_mask: np.ndarray | None = None
         self._active: np.ndarray | None = None
         self._compact: np.ndarray | None = None
@@ -219,7 +220,6 @@ class ReferenceIndex:
         if self.is_exact:
             self._vecs = np.zeros((self.capacity, self.dim), dtype=np.float32)
             self._sqnorm = np.zeros(self.capacity, dtype=np.float32)
-            self._nonzero = np.zeros(self.dim, dtype=np.int64)
             self._set_active(np.zeros(self.dim, dtype=bool))
         else:
             import hnswlib
@@ -248,15 +248,16 @@ class ReferenceIndex:
         seq = np.arange(self._added, self._added + len(X), dtype=np.int64)
         slots = seq % self.capacity
         if self.is_exact:
-            evicted = slots[seq >= self.capacity]
-            if len(evicted):
-                self._nonzero -= np.count_nonzero(self._vecs[evicted], axis=0)
-            self._nonzero += np.count_nonzero(X, axis=0)
             self._vecs[slots] = X
             self._sqnorm[slots] = np.einsum("ij,ij->i", X, X)
-            active = self._nonzero > 0
-            if not np.array_equal(active, self._active_mask):
-                self._set_active(active)
+            mask = self._active_mask
+            if (self._added + len(X)) // self.capacity > self._added // self.capacity:
+                # A reference's worth inserted since the last count: columns
+                # whose vectors were all evicted leave (a count per insert cost
+                # more than the scan saved).
+                self._set_active(np.any(self._vecs[: min(self._added + len(X), self.capacity)] != 0, axis=0))
+            elif not mask.all() and (X[:, ~mask] != 0).any():
+                self._set_active(mask | np.any(X != 0, axis=0))
             elif self._compact is not None:
                 self._compact[slots] = X[:, self._active]
         else:
@@ -267,12 +268,11 @@ class ReferenceIndex:
             # as "already deleted"; chroma-core/chroma#2621 reproduces it), so
             # it is not used.
             self._hnsw.add_items(X, slots, num_threads=1)
-        for s, i in zip(slots.tolist(), ids):
-            self._ids[s] = i
+        self._ids[slots] = ids
         self._added += len(X)
 
     def _set_active(self, mask: np.ndarray) -> None:
-        """Take ``mask`` as the columns any stored vector is non-zero in; rebuild the compact copy."""
+        """Take ``mask`` as the columns stored vectors may be non-zero in; rebuild the compact copy."""
         self._active_mask = mask
         active = np.flatnonzero(mask)
         if len(active) > _COMPACT_MAX_SHARE * self.dim:
@@ -364,8 +364,7 @@ class ReferenceIndex:
         return dist.astype(np.float32), slots.astype(np.int64)
 
     def ids_of(self, slots: np.ndarray) -> list[list[str]]:
-        ids = self._ids
-        return [[ids[s] for s in row] for row in slots.tolist()]
+        return self._ids[slots].tolist()
 
     def vectors(self) -> np.ndarray:
         """The stored vectors, oldest first (a copy). Exact search over them is the recall oracle."""
@@ -414,15 +413,14 @@ class ReferenceIndex:
                 f"(dim {self.dim}, capacity {self.capacity}, metric {self.metric})".format(**state)
             )
         self._added = int(state["added"])
-        self._ids = [i if i != "" else None for i in state["ids"]]
+        self._ids = np.array([i if i != "" else None for i in state["ids"]], dtype=object)
         self._vecs = self._sqnorm = self._hnsw = None
-        self._nonzero = self._active_mask = self._active = self._compact = None
+        self._active_mask = self._active = self._compact = None
         if self.is_exact:
             if "vectors" in state:
                 self._vecs = np.array(state["vectors"], dtype=np.float32)
                 self._sqnorm = np.einsum("ij,ij->i", self._vecs, self._vecs)
-                self._nonzero = np.count_nonzero(self._vecs, axis=0).astype(np.int64)
-                self._set_active(self._nonzero > 0)
+                self._set_active(np.any(self._vecs != 0, axis=0))
         elif "hnsw" in state:
             import hnswlib
 
