@@ -340,13 +340,14 @@ class ReferenceIndex:
         # Turned into distances in place. A few wide rows (log lines, texts:
         # repeated rows are searched once) go faster through OpenBLAS as
         # V @ X.T: 0.35 ms instead of 0.68 ms for 10 x 385 against 2,000.
-        D = np.ascontiguousarray((V @ Xa.T).T) if 4 * len(Xa) <= Xa.shape[1] else Xa @ V.T
-        if self.metric == "cosine":
-            np.subtract(1.0, D, out=D)
-        else:
-            D *= -2.0
+        # Only the order within a row picks candidates, so D leaves out what is
+        # the same along a row (1 for cosine, |x|^2 for l2) and the factor -2
+        # goes into the query before the product: one pass over D instead of
+        # three.
+        Q = Xa * (-1.0 if self.metric == "cosine" else -2.0)
+        D = np.ascontiguousarray((V @ Q.T).T) if 4 * len(Q) <= Q.shape[1] else Q @ V.T
+        if self.metric == "l2":
             D += self._sqnorm[:m][None, :]
-            D += np.einsum("ij,ij->i", X, X)[:, None]
         c = min(m, k + _SPARE_CANDIDATES)
         rows, cols = _candidates(D, c)
         cand = V[cols]  # (pairs, columns)
