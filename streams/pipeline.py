@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -69,6 +70,10 @@ STATE_FORMAT = 1
 # Normal events carry their nearest few neighbours; anomalies carry all k,
 # which is what an analyst opens first.
 NEIGHBOURS_FOR_NORMAL = 3
+
+# Neighbour from an (id, distance) pair by tuple's own constructor: a named
+# tuple's __new__ is Python code, and score records carry 3 to 10 per event.
+_neighbour = partial(tuple.__new__, Neighbour)
 
 
 @dataclass(frozen=True, slots=True)
@@ -453,7 +458,7 @@ class Pipeline:
         # cost a third more in a frozen dataclass).
         for (i, e), score, pv, flag, w, nd, ni in zip(items, scores, pvals, flags, warm, dists, d.neighbour_ids):
             m = len(nd) if flag else NEIGHBOURS_FOR_NORMAL
-            neighbours = tuple(map(Neighbour, ni[:m], nd[:m]))
+            neighbours = tuple(map(_neighbour, zip(ni[:m], nd[:m])))
             append((i, ScoreRecord(e.id, e.source, e.kind, format_ts(e.ts), score, pv, flag, w, neighbours, tag, e.label)))
 
     def _learn(self, state: SourceState, result: BatchResult) -> None:
