@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -384,14 +385,15 @@ class Pipeline:
         """Score and learn a batch of ``(position, event)`` pairs."""
         result = BatchResult()
         groups: dict[str, list[tuple[int, Event]]] = {}
+        shards = self._shard_counts
         for i, e in events:
-            key = self.state_key(e)
+            key = e.source if shards.get(e.source) == 1 else self.state_key(e)
             groups.setdefault(key, []).append((i, e))
             if key != e.source:
                 result.state_keys[i] = key
         for group in groups.values():
             self._process_source(group, result)
-        result.scores.sort(key=lambda t: t[0])
+        result.scores.sort(key=itemgetter(0))
         return result
 
     def _process_source(self, group: list[tuple[int, Event]], result: BatchResult) -> None:
@@ -401,7 +403,10 @@ class Pipeline:
         max_future = self.limits.max_future_seconds
         for i, e in group:
             try:
-                state = self._source(e)
+                # One state per group (its events share a state key); _source
+                # again only to refuse an event of another kind.
+                if state is None or e.kind != state.kind:
+                    state = self._source(e)
                 state.admit(e, now=now, max_future=max_future)
             except InvalidEvent as err:
                 result.rejects.append(Reject(i, err.reason, str(err)))
