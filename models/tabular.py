@@ -85,6 +85,7 @@ class _Plan:
     new_categorical: tuple[str, ...]
     shared: bool  # two fields of the schema share a slot (hash overflow)
     unslotted: bool  # some numeric field has no slot yet (slot -1)
+    takes_all: bool  # every value is numeric: ``numeric`` returns them all, in order
 
 
 def _getter(positions: list[int]) -> Callable[[tuple], tuple]:
@@ -404,6 +405,7 @@ class TransactionEncoder:
             new_categorical=tuple(new_categorical),
             shared=len(set(s for s in num_slots if s >= 0)) < sum(s >= 0 for s in num_slots),
             unslotted=bool(new_numeric),
+            takes_all=num_pos == list(range(len(names))),
         )
         if len(self._plans) >= _PLAN_LIMIT:
             self._plans.clear()
@@ -424,6 +426,9 @@ class TransactionEncoder:
         new_categorical: list[str] = []
         plans_get, plan_for = self._plans.get, self._plan
         cats_append, used_append, extend = cats.append, used.append, values.extend
+        last_names: tuple | None = None
+        last_types: tuple | None = None
+        last_plan: _Plan | None = None
         for i, e in enumerate(events):
             payload = e.payload
             if type(payload) is not dict or e.kind != "transaction":
@@ -431,10 +436,17 @@ class TransactionEncoder:
             names = tuple(payload)
             vals = tuple(payload.values())
             # Events of one source nearly always share a schema: one cached
-            # plan per (names, types) replaces a dict lookup per field.
+            # plan per (names, types) replaces a dict lookup per field, and
+            # the previous event's plan is tried first (comparing the tuples
+            # is cheaper than hashing them: decoded names are one shared
+            # string per name, so the comparison is mostly by identity).
             types = tuple(map(type, vals))
-            plan = plans_get((names, types)) or plan_for(names, types)
-            extend(plan.numeric(vals))
+            if names == last_names and types == last_types:
+                plan = last_plan
+            else:
+                plan = plans_get((names, types)) or plan_for(names, types)
+                last_names, last_types, last_plan = names, types, plan
+            extend(vals if plan.takes_all else plan.numeric(vals))
             used_append(plan)
             if plan.categorical:
                 for j in plan.categorical:
@@ -538,8 +550,10 @@ class TransactionEncoder:
                 _prune(table)
 
     def _time(self, events: Sequence[Event]) -> np.ndarray:
-        ts = np.fromiter((e.ts for e in events), dtype=np.float64, count=len(events))
         has = np.fromiter((e.has_ts for e in events), dtype=bool, count=len(events))
+        if not has.any():  # no event time in the batch: the centre of both circles
+            return np.zeros((len(events), _TIME_DIMS))
+        ts = np.fromiter((e.ts for e in events), dtype=np.float64, count=len(events))
         day = ts / _SECONDS_PER_DAY
         hour_angle = 2.0 * np.pi * (day % 1.0)
         week_angle = 2.0 * np.pi * (((day + _EPOCH_WEEKDAY_SHIFT) % 7.0) / 7.0)
