@@ -40,6 +40,10 @@ VARIANTS: dict[str, dict] = {
     "learn15": {"learn_alpha": 0.15},
     "learn20": {"learn_alpha": 0.2},
     "learn30": {"learn_alpha": 0.3},
+    # the kNN distance combined with isolation trees on the reference (opt-in)
+    "forest50": {"forest_trees": 50},
+    "forest100": {"forest_trees": 100},
+    "forest50k20": {"forest_trees": 50, "k": 20},
 }
 
 
