@@ -72,90 +72,89 @@ class IsolationForest:
 
     def fit(self, R: np.ndarray) -> None:
         """Grow every tree afresh from subsamples of the rows of ``R``."""
-        R = np.asarray(R, dtype=np.float32)
-        self._forest = [self._grow(R) for _ in range(self.trees)]
+        self._forest = self._grow(np.asarray(R, dtype=np.float32), self.trees)
         self._next = 0
         self._packed = None
 
-    def regrow(self, R: np.ndarray) -> None:
-        """Replace the oldest tree by one grown on a subsample of ``R``."""
+    def regrow(self, R: np.ndarray, count: int = 1) -> None:
+        """Replace the ``count`` oldest trees by trees grown on subsamples of ``R``."""
         if not self.is_ready:
             self.fit(R)
             return
-        self._forest[self._next] = self._grow(np.asarray(R, dtype=np.float32))
-        self._next = (self._next + 1) % self.trees
+        count = min(count, self.trees)
+        for i, tree in enumerate(self._grow(np.asarray(R, dtype=np.float32), count)):
+            self._forest[(self._next + i) % self.trees] = tree
+        self._next = (self._next + count) % self.trees
         self._packed = None
 
-    def _grow(self, R: np.ndarray) -> dict[str, np.ndarray]:
-        """One tree, grown a level at a time (every node of a level in one pass of NumPy)."""
+    def _grow(self, R: np.ndarray, count: int) -> list[dict[str, np.ndarray]]:
+        """``count`` trees, each on its own subsample, grown together a level at a time.
+
+        Every node of a level, in every tree, is split in one pass of NumPy: a
+        feature drawn uniformly among those that vary in the node, at a point
+        uniform in its range; a node of one row, of identical rows, or at the
+        depth limit is a leaf, scored ``depth + c(rows)``.
+        """
         rng = np.random.default_rng([self.seed, self._grown])
-        self._grown += 1
+        self._grown += count
         m = min(self.sample_size, len(R))
-        S = R[rng.choice(len(R), size=m, replace=False)] if m < len(R) else R
-        feature = [np.zeros(1, np.int32)]
-        threshold = [np.zeros(1, np.float32)]
-        left = [np.zeros(1, np.int32)]
-        right = [np.zeros(1, np.int32)]
-        leaf_depth = [np.zeros(1)]
+        S = np.concatenate([R[rng.choice(len(R), size=m, replace=False)] for _ in range(count)])
+        d = S.shape[1]
+        parts: list[tuple[np.ndarray, ...]] = []  # per level: feature, threshold, left, right, leaf, tree
         rows = np.arange(len(S))
-        node_of = np.zeros(len(S), np.int64)  # the node (of the current level) each live row is in
-        first = 0  # id of the level's first node
-        n_nodes = 1
+        node_of = np.repeat(np.arange(count), m)  # the node each live row is in (global id)
+        tree_of_level = np.arange(count)
+        first, n_nodes = 0, count  # the level's nodes are first .. n_nodes - 1
         for depth in range(self.depth + 1):
-            order = np.argsort(node_of, kind="stable")
-            rows, node_of = rows[order], node_of[order]
             level = n_nodes - first
-            local = node_of - first
+            order = np.argsort(node_of, kind="stable")
+            rows, local = rows[order], node_of[order] - first
             sizes = np.bincount(local, minlength=level)
             starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-            sub = S[rows]
             occupied = sizes > 0
-            lo = np.zeros((level, S.shape[1]), S.dtype)
-            hi = np.zeros((level, S.shape[1]), S.dtype)
+            lo = np.zeros((level, d), S.dtype)
+            hi = np.zeros((level, d), S.dtype)
             if occupied.any():
+                sub = S[rows]
                 lo[occupied] = np.minimum.reduceat(sub, starts[occupied], axis=0)
                 hi[occupied] = np.maximum.reduceat(sub, starts[occupied], axis=0)
             varying = hi > lo
             n_varying = varying.sum(axis=1)
             splits = (sizes > 1) & (n_varying > 0) & (depth < self.depth)
-            # a feature drawn uniformly among those that vary in the node, a point uniform in its range
             pick = np.minimum((rng.random(level) * n_varying).astype(np.int64), np.maximum(n_varying - 1, 0))
-            f = (np.cumsum(varying, axis=1) <= pick[:, None]).sum(axis=1)
-            f = np.minimum(f, S.shape[1] - 1)
+            f = np.minimum((np.cumsum(varying, axis=1) <= pick[:, None]).sum(axis=1), d - 1)
             ar = np.arange(level)
             t = lo[ar, f] + rng.random(level).astype(S.dtype) * (hi[ar, f] - lo[ar, f])
-            ids = first + ar
             n_split = int(splits.sum())
             child = np.full(level, -1, np.int64)
             child[splits] = n_nodes + 2 * np.arange(n_split)
-            lvl_feature = np.where(splits, f, 0).astype(np.int32)
-            lvl_threshold = np.where(splits, t, 0).astype(np.float32)
-            lvl_left = np.where(splits, child, ids).astype(np.int32)
-            lvl_right = np.where(splits, child + 1, ids).astype(np.int32)
-            lvl_leaf = np.where(splits, 0.0, depth + average_path(sizes.astype(np.float64)))
-            if depth == 0:
-                feature[0], threshold[0], left[0], right[0], leaf_depth[0] = (
-                    lvl_feature, lvl_threshold, lvl_left, lvl_right, lvl_leaf)
-            else:
-                feature.append(lvl_feature)
-                threshold.append(lvl_threshold)
-                left.append(lvl_left)
-                right.append(lvl_right)
-                leaf_depth.append(lvl_leaf)
+            ids = first + ar
+            f = np.where(splits, f, 0).astype(np.int32)
+            t = np.where(splits, t, 0).astype(np.float32)
+            parts.append((f, t, np.where(splits, child, ids), np.where(splits, child + 1, ids),
+                          np.where(splits, 0.0, depth + average_path(sizes.astype(np.float64))),
+                          tree_of_level))
             if not n_split:
                 break
             live = splits[local]
             rows, local = rows[live], local[live]
-            go_right = S[rows, lvl_feature[local]] >= lvl_threshold[local]
-            node_of = child[local] + go_right
+            node_of = child[local] + (S[rows, f[local]] >= t[local])
+            tree_of_level = np.repeat(tree_of_level[splits], 2)
             first, n_nodes = n_nodes, n_nodes + 2 * n_split
-        return {
-            "feature": np.concatenate(feature),
-            "threshold": np.concatenate(threshold),
-            "left": np.concatenate(left),
-            "right": np.concatenate(right),
-            "leaf_depth": np.concatenate(leaf_depth),
-        }
+        feature, threshold, left, right, leaf, tree_of = (np.concatenate(c) for c in zip(*parts))
+        trees = []
+        for i in range(count):
+            idx = np.flatnonzero(tree_of == i)  # breadth first, its root first
+            local_id = np.zeros(len(tree_of), np.int64)
+            local_id[idx] = np.arange(len(idx))
+            trees.append({
+                "feature": feature[idx],
+                "threshold": threshold[idx],
+                "left": local_id[left[idx]].astype(np.int32),
+                "right": local_id[right[idx]].astype(np.int32),
+                "leaf_depth": leaf[idx],
+            })
+        return trees
 
     def _pack(self) -> tuple[np.ndarray, ...]:
         """All trees in one node array (child indices offset), and each tree's root."""

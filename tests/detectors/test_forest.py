@@ -55,6 +55,10 @@ def test_regrow_replaces_the_oldest_tree_only_and_state_round_trips():
     after = [t["threshold"] for t in a.get_state()["forest"]]
     changed = [not (len(x) == len(y) and np.array_equal(x, y)) for x, y in zip(before, after)]
     assert changed == [True] + [False] * 7
+    a.regrow(R, count=3)
+    again = [t["threshold"] for t in a.get_state()["forest"]]
+    changed = [not (len(x) == len(y) and np.array_equal(x, y)) for x, y in zip(after, again)]
+    assert changed == [False] + [True] * 3 + [False] * 4
     b = IsolationForest(trees=8, sample_size=64, seed=3)
     b.set_state(a.get_state())
     Q = rng.normal(size=(30, 3)).astype(np.float32)
