@@ -55,7 +55,7 @@ def main(names: list[str]) -> None:
         judged = {n: r["nwatch"]["roc_auc_judged"] for n, r in res.items()}
         far = max(r["nwatch"]["false_alarm_rate"] for r in res.values())
         print(f"{name:<8} " + " ".join(f"{n.split('_', 1)[1]} {v:.3f}" for n, v in judged.items())
-              + f" | mean {np.mean(list(judged.values())):.3f} | worst FAR {far:.4f}", flush=True)
+              + f" | mean {np.mean(list(judged.values())):.4f} | worst FAR {far:.4f}", flush=True)
 
 
 if __name__ == "__main__":
