@@ -88,12 +88,13 @@ class SourceSettings(_Frozen):
 ADMIT_REPEATS: dict[str, int] = {"log": 3}
 
 # forest_trees by kind: 0 (kNN alone) for every kind. With 100 trees the ADBench
-# transaction streams gain (judged ROC-AUC, mean of the seven 0.887 -> 0.91,
-# cardio 0.80 -> 0.88, mammography 0.81 -> 0.84; `python bench/quality_tabular.py
-# default forest100`) but tabular throughput falls about 3.5 times (`nwatch bench
-# speed --only tabular` with NWATCH_SOURCES='{"tab": {"forest_trees": 100}}'),
-# and the HDFS sessions, also transactions, lose F1 0.605 -> 0.554 (`python
-# bench/quality_hdfs.py`): docs/quality-notes.md.
+# transaction streams gain (judged ROC-AUC, mean of the seven 0.887 -> 0.911,
+# cardio 0.802 -> 0.896, mammography 0.806 -> 0.840; `python bench/quality_tabular.py
+# default forest100`) but tabular throughput halves against river's HST in the
+# same run (`nwatch bench speed --only tabular`, then with
+# NWATCH_SOURCES='{"tab": {"forest_trees": 100}}'), and the HDFS sessions, also
+# transactions, lose F1 0.605 -> 0.554 (`python bench/quality_hdfs.py`):
+# docs/quality-notes.md.
 FOREST_TREES: dict[str, int] = {}
 
 PIPELINE_FIELDS = frozenset({"learn_block", "dedup_window", "max_lateness", "shards"})
