@@ -43,6 +43,7 @@ VARIANTS: dict[str, dict] = {
     # the kNN distance combined with isolation trees on the reference (opt-in)
     "forest50": {"forest_trees": 50},
     "forest100": {"forest_trees": 100},
+    "forest200": {"forest_trees": 200},
     "forest50k20": {"forest_trees": 50, "k": 20},
 }
 
