@@ -108,6 +108,8 @@ class Pending:
     flags: list[bool] = field(default_factory=list)
     keep: list[bool] = field(default_factory=list)
     warming: bool = True  # the monitor's state at the start of the block
+    # the monitor's component scores, with forest_trees (SourceMonitor.commit)
+    components: list[np.ndarray] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.events)
@@ -118,6 +120,7 @@ class Pending:
         self.scores.clear()
         self.flags.clear()
         self.keep.clear()
+        self.components.clear()
 
 
 @dataclass
@@ -209,6 +212,7 @@ class SourceState:
                 "flags": np.asarray(p.flags, bool),
                 "keep": np.asarray(p.keep, bool),
                 "warming": p.warming,
+                "components": np.stack(p.components) if p.components else np.zeros((0, 3)),
             },
             "seen": list(self.seen),
             "watermark": self.watermark,
@@ -242,6 +246,8 @@ class SourceState:
             flags=[bool(x) for x in p["flags"]],
             keep=[bool(x) for x in p["keep"]],
             warming=bool(p["warming"]),
+            # absent from states saved before forest_trees: commit computes them again
+            components=[np.asarray(c, np.float64) for c in p.get("components", ())],
         )
         self.seen = OrderedDict.fromkeys(state["seen"])
         self.watermark = None if state["watermark"] is None else float(state["watermark"])
@@ -454,6 +460,8 @@ class Pipeline:
         p.scores.extend(scores)
         p.flags.extend(flags)
         p.keep.extend(d.learned.tolist())
+        if d.components is not None:
+            p.components.extend(d.components)
         pvals = d.p_values.tolist()
         warm = d.warming_up.tolist()
         dists = d.distances.tolist()
@@ -492,8 +500,10 @@ class Pipeline:
             if normal:
                 state.encoder.learn(normal)
         ids = [e.id for e in events]
+        components = np.stack(p.components) if len(p.components) == len(events) else None
         alarms = state.monitor.commit(
-            X, ids, np.asarray(p.scores), np.asarray(p.flags, bool), keep, drift_X=state.drift_view(X)
+            X, ids, np.asarray(p.scores), np.asarray(p.flags, bool), keep, drift_X=state.drift_view(X),
+            components=components,
         )
         p.clear()
         if state.summarizer is not None:
