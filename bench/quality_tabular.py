@@ -40,6 +40,11 @@ VARIANTS: dict[str, dict] = {
     "learn15": {"learn_alpha": 0.15},
     "learn20": {"learn_alpha": 0.2},
     "learn30": {"learn_alpha": 0.3},
+    # the kNN distance combined with isolation trees on the reference (opt-in)
+    "forest50": {"forest_trees": 50},
+    "forest100": {"forest_trees": 100},
+    "forest200": {"forest_trees": 200},
+    "forest50k20": {"forest_trees": 50, "k": 20},
 }
 
 
@@ -51,7 +56,7 @@ def main(names: list[str]) -> None:
         judged = {n: r["nwatch"]["roc_auc_judged"] for n, r in res.items()}
         far = max(r["nwatch"]["false_alarm_rate"] for r in res.values())
         print(f"{name:<8} " + " ".join(f"{n.split('_', 1)[1]} {v:.3f}" for n, v in judged.items())
-              + f" | mean {np.mean(list(judged.values())):.3f} | worst FAR {far:.4f}", flush=True)
+              + f" | mean {np.mean(list(judged.values())):.4f} | worst FAR {far:.4f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -97,9 +97,17 @@ class ConformalThresholder:
         if len(scores) > self.window:
             scores = scores[-self.window :]
         slots = np.arange(self._n, self._n + len(scores)) % self.window
+        sorted_ = self._sorted
+        if sorted_ is not None and self._n >= self.window and 4 * len(scores) <= self.window:
+            # A full set trades a few scores: the sorted copy drops the ones
+            # leaving and takes the new ones in place (the same array as a
+            # sort of the ring), instead of sorting 2,000 scores every block.
+            sorted_ = _replaced(sorted_, self._ring[slots], scores)
+        else:
+            sorted_ = None
         self._ring[slots] = scores
         self._n += len(scores)
-        self._sorted = None
+        self._sorted = sorted_
 
     def reset(self) -> None:
         """Forget the calibration set (after the reference adopted a new normal)."""
@@ -113,3 +121,25 @@ class ConformalThresholder:
         self._ring = np.array(state["ring"], dtype=np.float64)
         self._n = int(state["n"])
         self._sorted = None
+
+
+def _replaced(sorted_: np.ndarray, leaving: np.ndarray, coming: np.ndarray) -> np.ndarray:
+    """``sorted_`` (ascending) without the values ``leaving`` (each present) and with ``coming``, sorted."""
+    leaving = np.sort(leaving)
+    # equal values leaving take consecutive positions of their run
+    pos = np.searchsorted(sorted_, leaving, side="left") + (
+        np.arange(len(leaving)) - np.searchsorted(leaving, leaving, side="left")
+    )
+    keep = np.ones(len(sorted_), dtype=bool)
+    keep[pos] = False
+    kept = sorted_[keep]
+    # merged: the new values at their places among the kept (np.insert's
+    # order for equal values), the kept ones around them
+    coming = np.sort(coming)
+    at = np.searchsorted(kept, coming, side="left") + np.arange(len(coming))
+    out = np.empty(len(kept) + len(coming))
+    out[at] = coming
+    rest = np.ones(len(out), dtype=bool)
+    rest[at] = False
+    out[rest] = kept
+    return out

@@ -84,6 +84,20 @@ class RobustScaler:
         rows = self._rows[: min(self._seen, self.reservoir)]
         if len(rows) == 0:
             return
+        # Columns without a single value (slots no field was given yet: a
+        # 9-field source leaves 55 of 64 empty) keep centre 0 and scale 1
+        # without being sorted.
+        filled = ~np.isnan(rows).all(axis=0)
+        if not filled.all():
+            center, scale = np.zeros(self.dim), np.ones(self.dim)
+            center[filled], scale[filled] = self._estimate(rows[:, filled])
+            self._center, self._scale = center, scale
+            return
+        self._center, self._scale = self._estimate(rows)
+
+    @staticmethod
+    def _estimate(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Centre (median) and scale (IQR, else standard deviation, else 1) of each column of ``rows``."""
         # Quartiles read off one sort (NaNs sort last), with the linear
         # interpolation of np.nanpercentile at a fraction of its cost.
         ordered = np.sort(rows, axis=0)
@@ -110,8 +124,7 @@ class RobustScaler:
         # Binary or mostly-constant columns have IQR 0: fall back to the std.
         scale = np.where(scale > 1e-12, scale, std)
         scale = np.where(np.isfinite(scale) & (scale > 1e-12), scale, 1.0)
-        self._center = np.where(np.isfinite(med), med, 0.0)
-        self._scale = scale
+        return np.where(np.isfinite(med), med, 0.0), scale
 
     def transform(self, X: np.ndarray) -> np.ndarray:
         X = np.asarray(X, dtype=np.float64)

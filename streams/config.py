@@ -55,6 +55,10 @@ class SourceSettings(_Frozen):
     # A flagged event joins the reference, with its look-alikes, once this many
     # of them were flagged (0: never). None: the kind's default (ADMIT_REPEATS).
     admit_repeats: int | None = Field(None, ge=0)
+    # Opt-in: this many isolation trees grown on the reference give a second
+    # score, combined with the kNN distance (detectors.monitor.SourceMonitor
+    # ._combined); 0: the kNN distance alone. None: the kind's default (FOREST_TREES).
+    forest_trees: int | None = Field(None, ge=0, le=1000)
     # The pipeline's own settings (not the monitor's): the reference and the
     # encoder statistics learn every learn_block events of the source, so a
     # result depends on the event sequence alone, never on how it was batched.
@@ -71,6 +75,8 @@ class SourceSettings(_Frozen):
         kwargs = self.model_dump(exclude={"kind", "metric", *PIPELINE_FIELDS})
         if kwargs["admit_repeats"] is None:
             kwargs["admit_repeats"] = ADMIT_REPEATS.get(kind, 0)
+        if kwargs["forest_trees"] is None:
+            kwargs["forest_trees"] = FOREST_TREES.get(kind, 0)
         return kwargs
 
 
@@ -80,6 +86,16 @@ class SourceSettings(_Frozen):
 # attack or a recurring failure looks like (http, the HDFS sessions: F1 0.605
 # -> 0.571): they stay flagged.
 ADMIT_REPEATS: dict[str, int] = {"log": 3}
+
+# forest_trees by kind: 0 (kNN alone) for every kind. With 100 trees the ADBench
+# transaction streams gain (judged ROC-AUC, mean of the seven 0.887 -> 0.911,
+# cardio 0.802 -> 0.896, mammography 0.806 -> 0.840; `python bench/quality_tabular.py
+# default forest100`) but tabular throughput halves against river's HST in the
+# same run (`nwatch bench speed --only tabular`, then with
+# NWATCH_SOURCES='{"tab": {"forest_trees": 100}}'), and the HDFS sessions, also
+# transactions, lose F1 0.605 -> 0.554 (`python bench/quality_hdfs.py`):
+# docs/quality-notes.md.
+FOREST_TREES: dict[str, int] = {}
 
 PIPELINE_FIELDS = frozenset({"learn_block", "dedup_window", "max_lateness", "shards"})
 

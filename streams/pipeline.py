@@ -22,6 +22,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -70,6 +72,10 @@ STATE_FORMAT = 1
 # which is what an analyst opens first.
 NEIGHBOURS_FOR_NORMAL = 3
 
+# Neighbour from an (id, distance) pair by tuple's own constructor: a named
+# tuple's __new__ is Python code, and score records carry 3 to 10 per event.
+_neighbour = partial(tuple.__new__, Neighbour)
+
 
 @dataclass(frozen=True, slots=True)
 class Reject:
@@ -97,11 +103,13 @@ class Pending:
     """The block in progress: events scored since the last learning step, with what scoring found."""
 
     events: list[Event] = field(default_factory=list)
-    vectors: list[np.ndarray] = field(default_factory=list)
+    vectors: list[np.ndarray] = field(default_factory=list)  # (rows, dim) arrays, one per scored segment
     scores: list[float] = field(default_factory=list)
     flags: list[bool] = field(default_factory=list)
     keep: list[bool] = field(default_factory=list)
     warming: bool = True  # the monitor's state at the start of the block
+    # the monitor's component scores, with forest_trees (SourceMonitor.commit)
+    components: list[np.ndarray] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.events)
@@ -112,6 +120,7 @@ class Pending:
         self.scores.clear()
         self.flags.clear()
         self.keep.clear()
+        self.components.clear()
 
 
 @dataclass
@@ -127,6 +136,23 @@ class SourceState:
     watermark: float | None = None  # newest event time seen (events with their own ts only)
     home: tuple[str, int] | None = None  # the input partition its events arrive on (set by the worker)
     summarizer: ShardSummarizer | None = None  # one shard of a sharded source (name ``source#k``)
+    # What the encoder is, asked once: an isinstance check against a runtime
+    # Protocol walks its members (~5% of the learning step of a tabular source).
+    is_learner: bool = field(init=False)
+    is_prefetcher: bool = field(init=False)
+    _drift_columns: slice | tuple[int, ...] | None = field(init=False)  # kept (slice) or dropped (tuple)
+
+    def __post_init__(self) -> None:
+        self.is_learner = isinstance(self.encoder, Learner)
+        self.is_prefetcher = isinstance(self.encoder, Prefetcher)
+        seasonal = tuple(self.encoder.seasonal_dims) if isinstance(self.encoder, Seasonal) else ()
+        dim = self.encoder.dim
+        if not seasonal:
+            self._drift_columns = None
+        elif dim is not None and sorted(seasonal) == list(range(dim - len(seasonal), dim)):
+            self._drift_columns = slice(0, dim - len(seasonal))  # the last columns: a view
+        else:
+            self._drift_columns = seasonal
 
     @property
     def source(self) -> str:
@@ -135,9 +161,10 @@ class SourceState:
 
     def drift_view(self, X: np.ndarray) -> np.ndarray | None:
         """``X`` without the encoder's seasonal dimensions, for the drift test (None: all of X)."""
-        if not isinstance(self.encoder, Seasonal) or not self.encoder.seasonal_dims:
+        cols = self._drift_columns
+        if cols is None:
             return None
-        return np.delete(X, list(self.encoder.seasonal_dims), axis=1)
+        return X[:, cols] if isinstance(cols, slice) else np.delete(X, list(cols), axis=1)
 
     def admit(self, e: Event, *, now: float, max_future: float) -> None:
         """Refuse a repeated id, or an event time too far ahead of ``now`` or too far behind the
@@ -169,7 +196,7 @@ class SourceState:
 
     def get_state(self) -> State:
         p = self.pending
-        width = self.encoder.dim or (len(p.vectors[0]) if p.vectors else 0)
+        width = self.encoder.dim or (p.vectors[0].shape[1] if p.vectors else 0)
         return {
             "format": STATE_FORMAT,
             "name": self.name,
@@ -180,11 +207,12 @@ class SourceState:
             "monitor": self.monitor.get_state(),
             "pending": {
                 "events": [event_to_state(e) for e in p.events],
-                "vectors": np.stack(p.vectors) if p.vectors else np.zeros((0, width), np.float32),
+                "vectors": np.concatenate(p.vectors) if p.vectors else np.zeros((0, width), np.float32),
                 "scores": np.asarray(p.scores, np.float64),
                 "flags": np.asarray(p.flags, bool),
                 "keep": np.asarray(p.keep, bool),
                 "warming": p.warming,
+                "components": np.stack(p.components) if p.components else np.zeros((0, 3)),
             },
             "seen": list(self.seen),
             "watermark": self.watermark,
@@ -213,11 +241,13 @@ class SourceState:
         p = state["pending"]
         self.pending = Pending(
             events=[event_from_state(e) for e in p["events"]],
-            vectors=[np.asarray(v, np.float32) for v in p["vectors"]],
+            vectors=[np.asarray(p["vectors"], np.float32)] if len(p["vectors"]) else [],
             scores=[float(x) for x in p["scores"]],
             flags=[bool(x) for x in p["flags"]],
             keep=[bool(x) for x in p["keep"]],
             warming=bool(p["warming"]),
+            # absent from states saved before forest_trees: commit computes them again
+            components=[np.asarray(c, np.float64) for c in p.get("components", ())],
         )
         self.seen = OrderedDict.fromkeys(state["seen"])
         self.watermark = None if state["watermark"] is None else float(state["watermark"])
@@ -361,14 +391,15 @@ class Pipeline:
         """Score and learn a batch of ``(position, event)`` pairs."""
         result = BatchResult()
         groups: dict[str, list[tuple[int, Event]]] = {}
+        shards = self._shard_counts
         for i, e in events:
-            key = self.state_key(e)
+            key = e.source if shards.get(e.source) == 1 else self.state_key(e)
             groups.setdefault(key, []).append((i, e))
             if key != e.source:
                 result.state_keys[i] = key
         for group in groups.values():
             self._process_source(group, result)
-        result.scores.sort(key=lambda t: t[0])
+        result.scores.sort(key=itemgetter(0))
         return result
 
     def _process_source(self, group: list[tuple[int, Event]], result: BatchResult) -> None:
@@ -378,7 +409,10 @@ class Pipeline:
         max_future = self.limits.max_future_seconds
         for i, e in group:
             try:
-                state = self._source(e)
+                # One state per group (its events share a state key); _source
+                # again only to refuse an event of another kind.
+                if state is None or e.kind != state.kind:
+                    state = self._source(e)
                 state.admit(e, now=now, max_future=max_future)
             except InvalidEvent as err:
                 result.rejects.append(Reject(i, err.reason, str(err)))
@@ -388,7 +422,7 @@ class Pipeline:
             return
         t0 = time.perf_counter()
         block = state.conf.learn_block
-        if len(accepted) > block - len(state.pending) and isinstance(state.encoder, Prefetcher):
+        if len(accepted) > block - len(state.pending) and state.is_prefetcher:
             # The batch is scored in several segments; their new texts go to
             # the model together, once. A bad event is left to _encode to reject.
             try:
@@ -422,36 +456,23 @@ class Pipeline:
         scores = d.scores.tolist()
         flags = d.is_anomaly.tolist()
         p.events.extend(e for _, e in items)
-        p.vectors.extend(X)
+        p.vectors.append(X)
         p.scores.extend(scores)
         p.flags.extend(flags)
         p.keep.extend(d.learned.tolist())
+        if d.components is not None:
+            p.components.extend(d.components)
         pvals = d.p_values.tolist()
         warm = d.warming_up.tolist()
         dists = d.distances.tolist()
-        for j, (i, e) in enumerate(items):
-            m = len(dists[j]) if flags[j] else min(NEIGHBOURS_FOR_NORMAL, len(dists[j]))
-            neighbours = tuple(
-                Neighbour(nid, dist) for nid, dist in zip(d.neighbour_ids[j][:m], dists[j][:m])
-            )
-            result.scores.append(
-                (
-                    i,
-                    ScoreRecord(
-                        id=e.id,
-                        source=e.source,
-                        kind=e.kind,
-                        ts=format_ts(e.ts),
-                        score=scores[j],
-                        p_value=pvals[j],
-                        is_anomaly=flags[j],
-                        warming_up=warm[j],
-                        neighbours=neighbours,
-                        encoder=state.tag,
-                        label=e.label,
-                    ),
-                )
-            )
+        tag = state.tag
+        append = result.scores.append
+        # One pass, positional constructors: this loop runs per event (keywords
+        # cost a third more in a frozen dataclass).
+        for (i, e), score, pv, flag, w, nd, ni in zip(items, scores, pvals, flags, warm, dists, d.neighbour_ids):
+            m = len(nd) if flag else NEIGHBOURS_FOR_NORMAL
+            neighbours = tuple(map(_neighbour, zip(ni[:m], nd[:m])))
+            append((i, ScoreRecord(e.id, e.source, e.kind, format_ts(e.ts), score, pv, flag, w, neighbours, tag, e.label)))
 
     def _learn(self, state: SourceState, result: BatchResult) -> None:
         """End of a block: the encoder, the reference, the calibration and the drift monitor learn it."""
@@ -459,9 +480,9 @@ class Pipeline:
         if not p:
             return
         events = list(p.events)
-        X = np.stack(p.vectors)
+        X = np.concatenate(p.vectors)
         keep = np.asarray(p.keep, bool)
-        learner = isinstance(state.encoder, Learner)
+        learner = state.is_learner
         if learner and p.warming:
             # While warming up nothing is judged, so the encoder learns the block
             # first and the reference gets the block encoded with what it learnt:
@@ -479,8 +500,10 @@ class Pipeline:
             if normal:
                 state.encoder.learn(normal)
         ids = [e.id for e in events]
+        components = np.stack(p.components) if len(p.components) == len(events) else None
         alarms = state.monitor.commit(
-            X, ids, np.asarray(p.scores), np.asarray(p.flags, bool), keep, drift_X=state.drift_view(X)
+            X, ids, np.asarray(p.scores), np.asarray(p.flags, bool), keep, drift_X=state.drift_view(X),
+            components=components,
         )
         p.clear()
         if state.summarizer is not None:

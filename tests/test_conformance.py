@@ -186,6 +186,8 @@ DETECTORS: dict[str, Callable[[], object]] = {
     "knn-hnsw": lambda: KNNDetector(k=5, capacity=200, backend="hnsw"),
     "monitor": lambda: SourceMonitor(reference_size=200, calibration_size=400, min_reference=50,
                                      drift_reference_size=200, drift_block=20),
+    "monitor-forest": lambda: SourceMonitor(reference_size=200, calibration_size=400, min_reference=50,
+                                            drift_reference_size=200, drift_block=20, forest_trees=10),
     "drift": lambda: CentroidDriftMonitor(reference_size=200, block_size=20, bootstrap=500),
 }
 
@@ -212,7 +214,8 @@ def _probe(det, Q):
         return det.score(Q)
     if isinstance(det, SourceMonitor):
         r = det.detector.query(Q)
-        return np.concatenate([r.scores, det.thresholder.p_values(r.scores)])
+        d = det.score(Q)  # the decision's own score: the combined one with forest_trees
+        return np.concatenate([r.scores, det.thresholder.p_values(r.scores), d.scores, d.p_values])
     return np.array([det.statistic, det.threshold])
 
 

@@ -171,3 +171,55 @@ def test_exact_scan_is_brute_force_with_ties_and_answers_each_row_as_alone(metri
         assert (s1[0] == s[j]).all() and (d1[0] == d[j]).all()
     ties = s[0][d[0] <= d[0][0]]  # a query equal to a stored vector: ties broken by slot
     assert (np.diff(ties) > 0).all()
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_exact_scan_over_the_filled_columns_is_brute_force_as_columns_come_and_go(metric, rng):
+    # A fixed-width encoder fills few of its columns: 6 of 40 at first, then
+    # later vectors fill 3 more and stop filling 2 of the first (evicted in
+    # time). Queries also carry values where no stored vector has any.
+    dim, cap = 40, 300
+    idx = ReferenceIndex(dim=dim, capacity=cap, metric=metric, backend="exact")
+
+    def rows(n, cols):
+        X = np.zeros((n, dim), np.float32)
+        X[:, cols] = rng.normal(size=(n, len(cols)))
+        return X
+
+    def check(Q):
+        V = idx.vectors()
+        if metric == "cosine":
+            brute = 1.0 - (Q / np.linalg.norm(Q, axis=1, keepdims=True)) @ (V / np.linalg.norm(V, axis=1, keepdims=True)).T
+        else:
+            brute = np.linalg.norm(Q[:, None] - V[None], axis=2)
+        d, s = idx.query(Q, 10)
+        np.testing.assert_allclose(d, np.sort(brute, axis=1)[:, :10], rtol=1e-4, atol=1e-5)
+        oldest = idx._added - idx.size
+        for j in range(len(Q)):
+            np.testing.assert_allclose(brute[j, (s[j] - oldest) % cap], d[j], rtol=1e-4, atol=1e-5)
+            d1, s1 = idx.query(Q[j : j + 1], 10)
+            assert (s1[0] == s[j]).all() and (d1[0] == d[j]).all()
+
+    first, later = [0, 1, 2, 3, 4, 5], [2, 3, 4, 5, 20, 21, 39]
+    _fill(idx, rows(cap, first))
+    assert idx._compact is not None and idx._compact.shape[1] == 6
+    Q = rows(12, first)
+    Q[:4, 30] = 2.0  # where the reference is all zeros
+    check(Q)
+    _fill(idx, rows(150, later))  # half the reference turned over: 9 columns filled
+    assert idx._compact.shape[1] == 9
+    check(np.concatenate([rows(6, first), rows(6, later)]))
+    _fill(idx, rows(cap, later))  # the first columns' vectors all evicted: 0 and 1 empty again
+    assert idx._compact.shape[1] == len(later)
+    check(np.concatenate([rows(6, first), rows(6, later)]))
+    # a state round trip keeps the same columns and answers
+    again = ReferenceIndex(dim=dim, capacity=cap, metric=metric, backend="exact")
+    again.set_state(idx.get_state())
+    Q = rows(8, later + [0])
+    assert (again._active == idx._active).all()
+    for a, b in zip(again.query(Q, 10), idx.query(Q, 10)):
+        assert (a == b).all()
+    # filling most columns switches the compact copy off, with the same answers
+    _fill(idx, rows(cap, list(range(dim))))
+    assert idx._compact is None
+    check(rows(8, list(range(dim))))

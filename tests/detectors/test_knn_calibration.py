@@ -59,3 +59,17 @@ def test_not_ready_until_twice_one_over_alpha():
     assert t.is_ready
     with pytest.raises(ValueError):
         ConformalThresholder(alpha=0.001, window=100)
+
+
+def test_rolling_calibration_keeps_its_sorted_scores_equal_to_a_fresh_sort(rng):
+    # Blocks of scores with many ties (rounded), read between blocks so the
+    # sorted copy is rolled forward rather than rebuilt.
+    t = ConformalThresholder(alpha=0.05, window=200)
+    for step in range(60):
+        block = np.round(rng.exponential(size=int(rng.integers(1, 40))), 1)
+        t.learn(block)
+        expected = np.sort(t._ring[: t.size])
+        assert np.array_equal(t._sorted_scores(), expected)
+        q = np.round(rng.exponential(size=5), 1)
+        n_ge = (expected[None, :] >= q[:, None]).sum(axis=1)
+        assert np.array_equal(t.p_values(q), (1.0 + n_ge) / (t.size + 1.0))

@@ -373,3 +373,29 @@ def test_a_field_seen_as_number_and_as_string_gets_both_kinds_of_slot():
     v = enc.encode([tx({"x": "code"}), tx({"x": 3.0})])
     assert v[0, names.index("num:x")] == 0.0 and v[0, names.index("rarity:x")] > 0.0
     assert v[1, names.index("num:x")] != 0.0 and v[1, names.index("rarity:x")] == 0.0
+
+
+def test_learning_what_was_just_encoded_learns_what_learning_alone_learns():
+    # learn() takes the rows encode() gathered for the same events (numbers only,
+    # every field with its slot); a new field, a string field, an event encoded
+    # twice, or events never encoded take the full path. Both encoders must end
+    # in the same state and encode alike.
+    rng = np.random.default_rng(3)
+
+    def batch(i0, n, **extra):
+        return [tx({"a": float(rng.normal()), "b": float(rng.exponential())} | extra, i=i0 + i) for i in range(n)]
+
+    blocks = [batch(0, 40), batch(40, 40), batch(80, 40, c=1.5), batch(120, 40, c=2.5),
+              batch(160, 40, country="FR"), batch(200, 40)]
+    cached, plain = small(), small()
+    for j, block in enumerate(blocks):
+        if j != 5:  # the last block is learnt without being encoded
+            cached.encode(block[:25])
+            cached.encode(block[25:])
+        if j == 1:
+            cached.encode(blocks[0])  # other events encoded in between: not learnt now
+        cached.learn(block[::2] if j == 3 else block)  # a subset of what was encoded
+        plain.learn(block[::2] if j == 3 else block)
+        assert state_equal(cached.get_state(), plain.get_state())
+    probe = batch(300, 20, c=0.5)
+    np.testing.assert_array_equal(cached.encode(probe), plain.encode(probe))

@@ -7,6 +7,7 @@ import sys
 import pytest
 from pydantic import ValidationError
 
+from detectors.monitor import SourceMonitor
 from streams.config import Settings, load_settings
 
 
@@ -65,3 +66,14 @@ def test_admit_repeats_defaults_by_kind_and_a_setting_overrides_it():
     assert s.source("cards", "transaction").monitor_kwargs("transaction")["admit_repeats"] == 4
     with pytest.raises(ValidationError):
         Settings(defaults={"admit_repeats": -1})
+
+
+def test_forest_is_opt_in_for_every_kind_and_reaches_the_monitor():
+    s = Settings(sources={"cards": {"forest_trees": 100}})
+    for kind in ("transaction", "log", "text", "audio", "vector"):
+        assert s.source("tx", kind).monitor_kwargs(kind)["forest_trees"] == 0
+    kwargs = s.source("cards", "transaction").monitor_kwargs("transaction")
+    assert kwargs["forest_trees"] == 100
+    assert SourceMonitor(**kwargs).forest.trees == 100
+    with pytest.raises(ValidationError):
+        Settings(defaults={"forest_trees": -1})

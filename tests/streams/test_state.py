@@ -85,6 +85,27 @@ def test_restored_pipeline_continues_like_an_uninterrupted_one(lines, tmp_path):
         assert ma.events_seen == mb.events_seen and ma.detector.size == mb.detector.size
 
 
+def test_forest_source_ignores_batching_and_restores_mid_block(lines, tmp_path):
+    # the combined kNN + forest score: its components wait in the block in progress,
+    # and a snapshot taken mid-block must carry them
+    forest = Settings(sources={"cards": SourceSettings(forest_trees=10)})
+    whole = _run(_pipeline(forest), lines, [200] * 100)
+    assert_same_results(_run(_pipeline(forest), lines, _random_sizes(4, 97)), whole, "sizes<97")
+    cut = 1237
+    first = _pipeline(forest)
+    head = _run(first, lines[:cut], [200] * 100)
+    store = SnapshotStore(tmp_path / "state")
+    store.save("nwatch.events", 0, offset=cut, sources=first.source_states(first.sources))
+    assert len(first.sources["cards"].pending.components) > 0
+    second = _pipeline(forest)
+    assert second.restore_sources(store.load("nwatch.events", 0).sources) == []
+    tail = _run(second, lines[cut:], [57] * 100)
+    assert_same_results(head[0] + tail[0], whole[0])
+    plain = _run(_pipeline(), lines, [200] * 100)
+    cards = [i for i, s in enumerate(whole[0]) if s["source"] == "cards" and not s["warming_up"]]
+    assert any(whole[0][i]["score"] != plain[0][i]["score"] for i in cards)
+
+
 def test_snapshot_of_another_encoder_version_or_settings_is_refused_not_mixed(lines, tmp_path):
     first = _pipeline()
     _run(first, lines[:1500], [300] * 10)
