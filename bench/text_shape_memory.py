@@ -1,7 +1,7 @@
 """Resident memory of the text model as a stream brings batch shapes it has not met.
 
 Encodes batches of 1-32 random texts of 1-60 words through the default text
-backend (OpenVINO int8), ``--batches`` of them with new shapes, then the same
+backend (OpenVINO int8-sq), ``--batches`` of them with new shapes, then the same
 batches twice more, and prints resident memory and model time. ``--variant``
 sets the OpenVINO CPU runtime cache and the oneDNN primitive cache, which
 keep kernels and buffers per input shape:
@@ -15,6 +15,8 @@ One process per variant: the oneDNN setting is read when the library loads.
 Measured 2026-11-29, 300 batches, one run each (docs/reliability.md): default
 362 -> 572 MB, new shapes 32.7 s, repeats 32.1 s; runtime32 -> 520 MB;
 onednn16 -> 589 MB; both -> 413 MB and flat, new shapes 47.7 s, repeats 33.9 s.
+With the int8-sq default and its grid of shapes (textspeed4): 487 -> 566 MB,
+new shapes 21.4 s, repeats 21.6 s (main in the same minutes: 424 -> 634 MB).
 """
 
 from __future__ import annotations

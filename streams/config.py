@@ -177,16 +177,17 @@ class ModelSettings(_Frozen):
     # 1 thread against 8,700 with 2 (first detection 26 s vs 41 s).
     threads: int = Field(1, ge=1)
     text_cache_size: int = Field(10_000, ge=0)
-    # Inference backend of the text model: "openvino-int8" (default: exported
-    # once to OpenVINO IR with int8 weights), "openvino-int8-static" (weights
-    # and activations in int8 but the feed-forward output layers, calibrated
-    # on the model README's sentences: faster, a little further from fp32),
+    # Inference backend of the text model: "openvino-int8-sq" (default:
+    # exported once to OpenVINO IR, weights and activations of every layer in
+    # int8 after SmoothQuant, calibrated on the model README's sentences),
+    # "openvino-int8" (int8 weights only: closest to fp32, ~1.5x slower),
+    # "openvino-int8-static" (static int8 but the feed-forward output layers),
     # "openvino-fp32", or "torch-fp32" (plain sentence-transformers). Figures
     # in docs/speed.md. Their vectors differ, so the encoder version differs:
     # a snapshot of one is not restored into another.
-    text_backend: Literal["openvino-int8", "openvino-int8-static", "openvino-fp32", "torch-fp32"] = (
-        "openvino-int8"
-    )
+    text_backend: Literal[
+        "openvino-int8-sq", "openvino-int8", "openvino-int8-static", "openvino-fp32", "torch-fp32"
+    ] = "openvino-int8-sq"
     # Where the exported model is cached (None: ~/.cache/neighbourwatch/models,
     # or under $XDG_CACHE_HOME). The first use exports it (~10 s on 2 cores).
     export_dir: str | None = None

@@ -95,12 +95,13 @@ def test_backends_that_give_other_vectors_have_other_versions():
         TextEncoder(backend=b).version
         for b in (
             SentenceTransformerBackend(),
+            OpenVINOBackend(precision="int8-sq"),
             OpenVINOBackend(precision="int8"),
             OpenVINOBackend(precision="int8-static"),
             OpenVINOBackend(precision="fp32"),
         )
     }
-    assert len(versions) == 4
+    assert len(versions) == 5
 
 
 @pytest.mark.model
@@ -116,10 +117,10 @@ def test_openvino_int8_export_is_cached_and_ranks_similarities_like_fp32(tmp_pat
         "What is the capital of Australia?", "Who wrote War and Peace?",
         "ok", "a much longer sentence about the weather, the rain, the wind and whether the match goes on",
     ]
-    first = OpenVINOBackend(export_dir=str(tmp_path))
+    first = OpenVINOBackend(export_dir=str(tmp_path), precision="int8")
     X = first.embed(texts)
     assert first.export_seconds is not None and first.exported_path().is_file()
-    again = OpenVINOBackend(export_dir=str(tmp_path))
+    again = OpenVINOBackend(export_dir=str(tmp_path), precision="int8")
     np.testing.assert_allclose(again.embed(texts[::-1])[::-1], X, atol=1e-5)  # order and batching do not matter
     assert again.export_seconds is None  # loaded, not exported again
     assert X.shape == (10, 384) and X.dtype == np.float32
@@ -132,7 +133,8 @@ def test_openvino_int8_export_is_cached_and_ranks_similarities_like_fp32(tmp_pat
 
 
 @pytest.mark.model
-def test_openvino_static_int8_ranks_similarities_like_fp32(tmp_path):
+@pytest.mark.parametrize("precision", ["int8-sq", "int8-static"])
+def test_openvino_static_int8_ranks_similarities_like_fp32(tmp_path, precision):
     from scipy.stats import spearmanr
 
     from models.text import OpenVINOBackend
@@ -145,10 +147,40 @@ def test_openvino_static_int8_ranks_similarities_like_fp32(tmp_path):
         "How many people live in Tokyo?", "What is the boiling point of water?",
         "a much longer sentence about the weather, the rain, the wind and whether the match goes on",
     ]
-    b = OpenVINOBackend(export_dir=str(tmp_path), precision="int8-static")
+    b = OpenVINOBackend(export_dir=str(tmp_path), precision=precision)
     X = b.embed(texts)
-    assert b.version.endswith("+ov-int8-static") and b.exported_path().is_file()
+    assert b.version.endswith(f"+ov-{precision}") and b.exported_path().is_file()
     np.testing.assert_allclose(np.linalg.norm(X, axis=1), 1.0, rtol=1e-4)
+    # a text's vector does not depend on the batch it came in (token-length batches, padding)
+    np.testing.assert_array_equal(np.vstack([b.embed([t]) for t in texts]), X)
+    np.testing.assert_array_equal(b.embed(texts[::-1] + ["x " * 200])[: len(texts)][::-1], X)
     ref = SentenceTransformerBackend(threads=1).embed(texts)
     iu = np.triu_indices(len(texts), k=1)
     assert spearmanr((X @ X.T)[iu], (ref @ ref.T)[iu]).statistic >= 0.99  # the bar
+    assert X[0] @ X[1] > X[0] @ X[2] + 0.3
+
+
+def test_default_text_backend_is_the_static_int8_export():
+    from models.text import OpenVINOBackend, shared_backend
+    from streams.config import Settings
+
+    m = Settings().models
+    b = shared_backend(backend=m.text_backend, export_dir="/nonexistent/never-used")
+    assert isinstance(b, OpenVINOBackend) and b.precision == "int8-sq" == OpenVINOBackend().precision
+
+
+def test_batches_cover_the_texts_in_order_on_the_shape_grid():
+    from models.text import _CALL_TOKENS, _ROWS, _WIDTH_STEP, _batches, _shape
+
+    rng = np.random.default_rng(0)
+    for n in (1, 5, 33, 256):
+        lengths = sorted(rng.integers(3, 90, size=n).tolist())
+        cuts = _batches(lengths, 32)
+        assert [a for a, _ in cuts] == [0] + [b for _, b in cuts[:-1]] and cuts[-1][1] == n
+        assert all(0 < b - a <= 32 for a, b in cuts)
+        shapes = [_shape(b - a, lengths[b - 1]) for a, b in cuts]
+        assert all(r in _ROWS and w % _WIDTH_STEP == 0 and w >= lengths[b - 1] for (r, w), (_, b) in zip(shapes, cuts))
+        # never worse than fixed batches of 16 at the same shapes
+        fixed = sum(_CALL_TOKENS + r * w for r, w in (_shape(len(lengths[s:s + 16]), lengths[s:s + 16][-1])
+                                                      for s in range(0, n, 16)))
+        assert sum(_CALL_TOKENS + r * w for r, w in shapes) <= fixed
