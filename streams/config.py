@@ -200,14 +200,7 @@ class Settings(BaseSettings):
     state: StateSettings = StateSettings()
     defaults: SourceSettings = SourceSettings()
     sources: dict[str, SourceSettings] = {}
-    # Events per batch at most (the pipeline's results do not depend on it). The
-    # worker pays a fixed cost per batch on its event loop (fetch, one produce
-    # request, one commit, metrics) and gives up the GIL to the pipeline thread
-    # at each hand-over: with 1024 instead of 256 its event loop spent ~11
-    # instead of ~15-19 us per event at saturation (`nwatch bench speed
-    # --kafka`, docs/speed.md). Under light load a batch is what arrived
-    # within the batch wait, so latency is unchanged.
-    batch_size: int = Field(1024, ge=1)
+    batch_size: int = Field(256, ge=1)
     data_dir: str = "../shared/data"
 
     @classmethod
