@@ -738,7 +738,7 @@ class Worker:
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
             session_timeout_ms=10_000,  # as the faust app's: a fast group join on Tansu
             heartbeat_interval_ms=3_000,
-            max_poll_records=self.settings.batch_size,
+            max_poll_records=k.input_batch_size,
         )
         worker = self
 
@@ -793,7 +793,7 @@ class Worker:
         try:
             while True:
                 batches = await consumer.getmany(
-                    timeout_ms=int(BATCH_WAIT_SECONDS * 1000), max_records=self.settings.batch_size
+                    timeout_ms=int(BATCH_WAIT_SECONDS * 1000), max_records=self.settings.kafka.input_batch_size
                 )
                 while inflight and inflight[0][0].done():
                     await self._finish_oldest(consumer)
