@@ -39,18 +39,13 @@ def children_cpu(pid):
 
 async def sat(bootstrap, lines, broker_pid, bare=False, spy=None):
     log_dir = Path(tempfile.mkdtemp(prefix="k4-"))
-    run = bk._Run(bootstrap, ("aiokafka", "aiokafka"), log_dir)
+    run = bk._Run(bootstrap, ("bare", "bare") if bare else ("aiokafka", "aiokafka"), log_dir)
     p = await bk._producer(bootstrap, linger_ms=20)
     futs = [await p.send(run.topics["events"], l, key=b"tab") for l in lines]
     await asyncio.gather(*futs); await p.stop()
     consumer = await bk._reader(bootstrap, run.topics["scores"])
     seen = {}
-    if bare:
-        run.spawned_at = time.time()
-        run.proc = subprocess.Popen([sys.executable, "-c", "import asyncio, sys; from streams.bench_kafka import _bare_loop; "
-                                     "asyncio.run(_bare_loop(*sys.argv[1:4]))", bootstrap, run.topics["events"], run.topics["scores"]])
-    else:
-        run.start()
+    run.start()  # its own session: stopping it stops its group only
     # wait for first results, then measure cpu over the window
     await bk._read_until(consumer, WARMUP, 120, seen, run.proc)
     th0 = threads_cpu(run.proc.pid)
