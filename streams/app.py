@@ -328,11 +328,15 @@ class Worker:
         """Process one batch; never raises (see the module docstring)."""
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
+        msgs = [e.message for e in events]  # one attribute read per event, not one per use
+        tps = [(m.topic, m.partition) for m in msgs]
         firsts: dict[TP, int] = {}
-        for e in events:
-            tp = (e.message.topic, e.message.partition)
-            if not self.durable.is_ready(tp) and tp not in firsts:
-                firsts[tp] = e.message.offset
+        seen: set[TP] = set()
+        for tp, m in zip(tps, msgs):  # a batch holds few partitions: ask once per partition
+            if tp not in seen:
+                seen.add(tp)
+                if not self.durable.is_ready(tp):
+                    firsts[tp] = m.offset
         for tp, first in firsts.items():
             # One take-over per partition, even with several batches in flight.
             task = self._taking.get(tp)
@@ -344,10 +348,14 @@ class Worker:
                 if task.done():
                     self._taking.pop(tp, None)
         skip = self.durable.skip_below
-        events = [e for e in events if e.message.offset >= skip[(e.message.topic, e.message.partition)]]
+        if any(m.offset < skip[tp] for tp, m in zip(tps, msgs)):
+            keep = [i for i, (tp, m) in enumerate(zip(tps, msgs)) if m.offset >= skip[tp]]
+            events = [events[i] for i in keep]
+            msgs = [msgs[i] for i in keep]
+            tps = [tps[i] for i in keep]
         if not events:
             return  # already in the restored state, outputs produced before the snapshot
-        raws = [e.message.value if e.message.value is not None else b"" for e in events]
+        raws = [m.value if m.value is not None else b"" for m in msgs]
         self.durable.begin()
         try:
             result = await loop.run_in_executor(self._pipeline_executor(), self.pipeline.process_raw, raws)
@@ -363,9 +371,7 @@ class Worker:
             await self._dead_letter_all(events, err)
             return
         await self._send(outputs)
-        self.durable.done(
-            [(e.message.topic, e.message.partition) for e in events], [e.message.offset for e in events], result, raws
-        )
+        self.durable.done(tps, [m.offset for m in msgs], result, raws)
         if self.durable.due() and not self.durable.in_flight:
             await loop.run_in_executor(self._pipeline_executor(), self.durable.snapshot)
         self.batches += 1
@@ -373,9 +379,9 @@ class Worker:
         if self.metrics is not None:
             try:
                 self.metrics.observe_batch(
-                    result, pipeline=self.pipeline, input_topic=events[0].message.topic,
+                    result, pipeline=self.pipeline, input_topic=tps[0][0],
                     batch_seconds=time.perf_counter() - t0,
-                    event_times=[e.message.timestamp for e in events],
+                    event_times=[m.timestamp for m in msgs],
                 )
             except Exception:  # metrics must never stop detection
                 log.exception("metrics failed")
@@ -662,20 +668,27 @@ class Worker:
         # is suspended here (declaring a topic, or a full accumulator).
         async with self._issue_lock:
             by_partition: dict[tuple[str, int], list[tuple[bytes | None, bytes | None, list | None]]] = {}
-            partition_of: dict[tuple[str, bytes], int] = {}
+            names: dict[int, str] = {}  # topic object -> name, resolved once per batch, not per record
             for t in {id(t): t for t, _, _, _ in outputs}.values():
-                name = t.get_topic_name()
+                name = names[id(t)] = t.get_topic_name()
                 if name not in self._declared:  # as faust's topic.send would (topic_allow_declare)
                     await t.maybe_declare()
                     self._declared.add(name)
                 await producer.partitions_for(name)  # metadata in hand for the partitioner
+            # (topic, key) -> the records list of its partition; a source's score
+            # records share a key, so the partitioner runs once per key and batch.
+            target: dict[tuple[str, bytes], list[tuple[bytes | None, bytes | None, list | None]]] = {}
             for t, k, v, h in outputs:
-                name = t.get_topic_name()
+                name = names[id(t)]
                 if k is None:  # the partitioner picks at random: per record
                     part = producer._partition(name, None, None, None, k, v)
-                elif (part := partition_of.get((name, k))) is None:
-                    part = partition_of[(name, k)] = producer._partition(name, None, None, None, k, v)
-                by_partition.setdefault((name, part), []).append((k, v, h))
+                    by_partition.setdefault((name, part), []).append((k, v, h))
+                elif (records := target.get((name, k))) is not None:
+                    records.append((k, v, h))
+                else:
+                    part = producer._partition(name, None, None, None, k, v)
+                    records = target[(name, k)] = by_partition.setdefault((name, part), [])
+                    records.append((k, v, h))
             futures = []
             for (name, part), records in by_partition.items():
                 batch = producer.create_batch()
@@ -725,7 +738,7 @@ class Worker:
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
             session_timeout_ms=10_000,  # as the faust app's: a fast group join on Tansu
             heartbeat_interval_ms=3_000,
-            max_poll_records=self.settings.batch_size,
+            max_poll_records=k.input_batch_size,
         )
         worker = self
 
@@ -748,11 +761,18 @@ class Worker:
         return consumer
 
     async def _finish_oldest(self, consumer: Any) -> None:
-        """Wait for the oldest batch in flight (its outputs acknowledged), then commit its offsets."""
+        """Wait for the oldest batch in flight (its outputs acknowledged), then commit its offsets,
+        with those of the batches after it that are finished too: one commit for all of them."""
         from aiokafka.errors import CommitFailedError, KafkaError
 
         task, offsets = self._inflight.popleft()
         await task  # handle() never raises; its outputs are acknowledged when it returns
+        while self._inflight and self._inflight[0][0].done():
+            # Finished in order behind the oldest (outputs acknowledged): a later
+            # offset of a partition covers the earlier one.
+            task, later = self._inflight.popleft()
+            await task
+            offsets = offsets | later
         try:
             await consumer.commit(offsets)
         except (CommitFailedError, KafkaError) as err:
@@ -773,7 +793,7 @@ class Worker:
         try:
             while True:
                 batches = await consumer.getmany(
-                    timeout_ms=int(BATCH_WAIT_SECONDS * 1000), max_records=self.settings.batch_size
+                    timeout_ms=int(BATCH_WAIT_SECONDS * 1000), max_records=self.settings.kafka.input_batch_size
                 )
                 while inflight and inflight[0][0].done():
                     await self._finish_oldest(consumer)

@@ -68,6 +68,51 @@ def saturation_rate(create_ms: list[int], *, skip: int) -> float:
     return (len(ts) - 1 - skip) / span if span > 0 else float("inf")
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds of a process and its threads so far (Linux /proc; NaN elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+async def _bare_loop(bootstrap: str, source: str, target: str) -> None:
+    """The ceiling of one Python process between two topics: getmany, decode each event, produce a
+    record of the score record's size per event (one record batch), commit after the acks. Runs
+    until stopped."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    consumer = AIOKafkaConsumer(source, bootstrap_servers=bootstrap, group_id=f"bare-{source}",
+                                enable_auto_commit=False, auto_offset_reset="earliest", fetch_max_wait_ms=50)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", max_batch_size=512 * 1024)
+    await consumer.start()
+    await producer.start()
+    try:
+        while True:
+            batches = await consumer.getmany(timeout_ms=50, max_records=256)
+            futures = []
+            for recs in batches.values():
+                batch = producer.create_batch()
+                for r in recs:
+                    d = orjson.loads(r.value)
+                    value = orjson.dumps({"id": d["id"], "source": d["source"], "kind": d.get("kind"), "ts": d.get("ts"),
+                                          "score": 0.5, "p_value": 0.5, "is_anomaly": False, "warming_up": False,
+                                          "neighbours": [{"id": d["id"], "distance": 0.5}] * 10, "encoder": "bare"})
+                    if batch.append(key=r.key, value=value, timestamp=None, headers=[]) is None:
+                        futures.append(await producer.send_batch(batch, target, partition=0))
+                        batch = producer.create_batch()
+                        batch.append(key=r.key, value=value, timestamp=None, headers=[])
+                futures.append(await producer.send_batch(batch, target, partition=0))
+            await asyncio.gather(*futures)
+            if batches:
+                await consumer.commit({tp: recs[-1].offset + 1 for tp, recs in batches.items() if recs})
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
 class _Run:
     """One worker on fresh topics of the broker."""
 
@@ -103,8 +148,12 @@ class _Run:
         })
         log = open(self.log_path, "wb")
         self.spawned_at = time.time()
-        self.proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "run"], env=env, stdout=log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        command = [sys.executable, "-m", "streams.cli", "run"]
+        if self.input_path == "bare":
+            command = [sys.executable, "-c", "import asyncio, sys; from streams.bench_kafka import _bare_loop; "
+                       "asyncio.run(_bare_loop(*sys.argv[1:4]))",
+                       self.bootstrap, t["events"], t["scores"]]
+        self.proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
 
     def batches(self) -> dict[str, float]:
@@ -171,7 +220,8 @@ async def _read_until(consumer: Any, count: int, timeout: float, seen: dict[str,
             raise RuntimeError(f"the worker exited with {proc.returncode}")
 
 
-async def _saturation(bootstrap: str, design: tuple[str, str], lines: list[bytes], log_dir: Path, timeout: float) -> dict[str, Any]:
+async def _saturation(bootstrap: str, design: tuple[str, str], lines: list[bytes], log_dir: Path, timeout: float,
+                      broker_pid: int | None = None) -> dict[str, Any]:
     run = _Run(bootstrap, design, log_dir)
     p = await _producer(bootstrap, linger_ms=20)
     futs = [await p.send(run.topics["events"], line, key=b"tab") for line in lines]
@@ -181,16 +231,23 @@ async def _saturation(bootstrap: str, design: tuple[str, str], lines: list[bytes
     seen: dict[str, tuple[float, int]] = {}
     run.start()
     try:
+        await _read_until(consumer, WARMUP, timeout, seen, run.proc)
+        # CPU seconds of the worker, the broker and this process (the reader) while the rest is scored
+        cpu0 = (cpu_seconds(run.proc.pid), cpu_seconds(broker_pid), time.process_time(), len(seen))
         await _read_until(consumer, len(lines), timeout, seen, run.proc)
+        cpu1 = (cpu_seconds(run.proc.pid), cpu_seconds(broker_pid), time.process_time(), len(seen))
     finally:
         run.stop()
         await consumer.stop()
     stamps = [ts for _, ts in seen.values()]
     first = min(stamps) / 1000.0 if stamps else float("nan")
+    per_1000 = 1000.0 / max(1, cpu1[3] - cpu0[3])
     return {
         "design": design_name(design), "events": len(lines), "scored": len(seen),
         "events_per_second": saturation_rate(stamps, skip=WARMUP),
         "startup_seconds": first - run.spawned_at,
+        "cpu_seconds_per_1000": {"worker": (cpu1[0] - cpu0[0]) * per_1000, "broker": (cpu1[1] - cpu0[1]) * per_1000,
+                                 "reader": (cpu1[2] - cpu0[2]) * per_1000},
     }
 
 
@@ -235,13 +292,23 @@ async def _latency(bootstrap: str, design: tuple[str, str], warm: list[bytes], r
     return out
 
 
+def _cpu_text(sat: dict[str, Any]) -> str:
+    cpu = sat["cpu_seconds_per_1000"]
+    return (f"CPU s per 1,000 events: worker {cpu['worker']:.3f}, broker {cpu['broker']:.3f}, "
+            f"reader {cpu['reader']:.3f}")
+
+
 def design_name(design: tuple[str, str]) -> str:
+    if design[0] == "bare":
+        return "bare aiokafka loop"
     return f"in {design[0]} / out {design[1]}"
 
 
 def bench_kafka(data_dir: Path, *, events: int = 20_000, latency_seconds: float = 15.0,
-                designs: tuple[tuple[str, str], ...] = DESIGNS) -> dict[str, Any]:
-    """Both output paths through the embedded broker, with the in-process pipeline on the same events."""
+                designs: tuple[tuple[str, str], ...] = DESIGNS, bare: bool = True) -> dict[str, Any]:
+    """Both output paths through the embedded broker, with the in-process pipeline on the same events;
+    with ``bare`` also the saturation of a bare aiokafka loop (:func:`_bare_loop`) on the same broker:
+    what one Python process moves between two topics with no detection, the ceiling of the design."""
     from streams.broker import EmbeddedBroker
 
     X, _ = load_tabular(data_dir, "32_shuttle", limit=events)
@@ -255,7 +322,8 @@ def bench_kafka(data_dir: Path, *, events: int = 20_000, latency_seconds: float 
         result["broker_startup_seconds"] = broker.startup_seconds
         for design in designs:
             name = design_name(design)
-            sat = asyncio.run(_saturation(broker.bootstrap_servers, design, lines, log_dir, timeout=300.0))
+            sat = asyncio.run(_saturation(broker.bootstrap_servers, design, lines, log_dir, timeout=300.0,
+                                          broker_pid=broker.pid))
             rate = sat["events_per_second"]
             lat = asyncio.run(_latency(broker.bootstrap_servers, design, lines[:WARMUP + 500], rate / 2,
                                        latency_seconds, log_dir)) if rate == rate else {}
@@ -266,7 +334,15 @@ def bench_kafka(data_dir: Path, *, events: int = 20_000, latency_seconds: float 
                   f"p50 {lat.get('p50_ms', float('nan')):.0f} ms, p95 {lat.get('p95_ms', float('nan')):.0f} ms, "
                   f"p99 {lat.get('p99_ms', float('nan')):.0f} ms ({lat.get('scored', 0):,} of {lat.get('sent', 0):,} back; "
                   f"worker batches of {lat.get('events_per_batch', float('nan')):.0f} events, "
-                  f"{lat.get('seconds_per_batch', float('nan')) * 1000:.0f} ms each)",
-                  flush=True)
+                  f"{lat.get('seconds_per_batch', float('nan')) * 1000:.0f} ms each); "
+                  f"{_cpu_text(sat)}", flush=True)
+        if bare:
+            sat = asyncio.run(_saturation(broker.bootstrap_servers, ("bare", "bare"), lines, log_dir, timeout=300.0,
+                                          broker_pid=broker.pid))
+            rate = sat["events_per_second"]
+            sat["ratio_to_in_process"] = rate / in_process
+            result["bare_loop"] = sat
+            print(f"kafka [{design_name(('bare', 'bare')):>24}] saturation {rate:,.0f} events/s "
+                  f"({rate / in_process:.0%} of in-process); {_cpu_text(sat)}", flush=True)
     result["worker_logs"] = str(log_dir)
     return result

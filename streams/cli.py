@@ -256,9 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from streams.runtime import configure_threads
+    from streams.runtime import configure_gc, configure_threads
 
     configure_threads()
+    configure_gc()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -136,6 +136,15 @@ class KafkaSettings(_Frozen):
     # Switching between the two in a running group: the input offsets are the
     # group's either way, but stop the old workers first.
     input_path: Literal["faust", "aiokafka"] = "faust"
+    # Events per batch of the "aiokafka" input path (``batch_size`` is the
+    # faust path's). Its event loop pays a fixed cost per batch (fetch, one
+    # produce request, one commit, metrics) and hands the GIL to the pipeline
+    # thread at each batch: at 1024 instead of 256 it spent ~11 instead of
+    # ~15-19 us per event at saturation (`nwatch bench speed --kafka`,
+    # docs/speed.md). Under light load a batch is what arrived within the batch
+    # wait, so latency stays. (The faust path's take_events waits to fill its
+    # batch: at 1024 it had p99 2.2 s at half saturation.)
+    input_batch_size: int = Field(1024, ge=1)
     group_id: str = "neighbourwatch"
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None

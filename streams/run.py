@@ -15,6 +15,7 @@ def run_worker(settings: Settings, *, loglevel: str = "warning") -> int:
     from streams.alerts import OUTCOMES, Deliverer, hooks_from_settings
     from streams.app import Worker
     from streams.metrics import Metrics, start_http_server
+    from streams.runtime import freeze_startup_objects
 
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # kafka-python and aiokafka log every connection at INFO
@@ -42,6 +43,7 @@ def run_worker(settings: Settings, *, loglevel: str = "warning") -> int:
         ensure_topics(settings.kafka.bootstrap_servers, topics, configs=configs,
                       client_config=kafka_client_config(settings.kafka))
     app = worker.build()
+    freeze_startup_objects()
     # Logs to stderr, line by line: stdout is block-buffered in a pipe, and a
     # worker that is killed would take its last (most telling) lines with it.
     runner = faust.Worker(app, loglevel=loglevel, logfile=sys.stderr, quiet=True, redirect_stdouts=False)

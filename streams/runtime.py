@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -21,6 +22,27 @@ def configure_threads(blas_threads: int = 1) -> None:
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=blas_threads, user_api="blas")
+
+
+# Allocations between young-generation collections (CPython's default: 700).
+# A worker allocates several objects per event on its event loop (Kafka
+# records, score dicts, record bytes), so at 700 the collector ran every few
+# events and its older generations, holding the pipeline's state, every few
+# hundred: with 20,000 the pipeline thread of `nwatch run` spent ~40 instead of
+# ~45 us per event (`nwatch bench speed --kafka`, see docs/speed.md).
+GC_THRESHOLDS = (20_000, 50, 100)
+
+
+def configure_gc(thresholds: tuple[int, int, int] = GC_THRESHOLDS) -> None:
+    """Collect cycles less often than CPython's default (see ``GC_THRESHOLDS``)."""
+    gc.set_threshold(*thresholds)
+
+
+def freeze_startup_objects() -> None:
+    """Move every object alive now (modules, the app, loaded models) out of the
+    collector's scans: called once start-up is done, before the stream runs."""
+    gc.collect()
+    gc.freeze()
 
 
 def stop_process_group(proc: subprocess.Popen, *, timeout: float = 20.0) -> int:

@@ -120,3 +120,18 @@ def test_index_memory_is_measured_in_a_fresh_interpreter_per_index():
 def test_bench_speed_is_a_bench_choice():
     args = build_parser().parse_args(["bench", "speed", "--only", "tabular", "--events", "5000", "--kafka"])
     assert args.what == "speed" and args.only == ["tabular"] and args.events == 5000 and args.kafka
+
+
+def test_cpu_seconds_counts_this_process_and_nan_for_none():
+    import os
+    import time
+
+    from streams.bench_kafka import cpu_seconds
+
+    before = cpu_seconds(os.getpid())
+    end = time.process_time() + 0.3
+    while time.process_time() < end:  # busy for 0.3 s of CPU
+        pass
+    after = cpu_seconds(os.getpid())
+    assert after - before >= 0.2
+    assert np.isnan(cpu_seconds(None))

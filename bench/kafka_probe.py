@@ -1,0 +1,83 @@
+"""Where the Kafka path's time goes: saturation of `nwatch run` (aiokafka input and output) on the
+embedded broker, with CPU microseconds per event of each of the worker's threads (pipeline thread,
+event loop), CPU seconds per 1,000 events of worker, broker and this process, and the in-process
+pipeline on the same events first.
+
+    python bench/kafka_probe.py worker bare          # worker, then a bare aiokafka loop
+    python bench/kafka_probe.py spy:/tmp/profile.txt  # worker under py-spy record (py-spy in .venv)
+
+K4_EVENTS (default 30000) shuttle events; NWATCH_* settings pass through to the worker.
+"""
+import asyncio, os, sys, time, subprocess, tempfile, json
+from pathlib import Path
+sys.path.insert(0, os.getcwd())
+from streams.runtime import configure_threads; configure_threads(1)
+from streams import bench_kafka as bk
+from streams.bench_kafka import cpu_seconds as cpu
+from streams.bench_speed import WARMUP, load_tabular, tabular_lines
+
+def threads_cpu(pid):
+    out = {}
+    for t in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{t}/stat") as f:
+                parts = f.read().rsplit(")", 1)[1].split()
+            out[t] = (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+        except Exception:
+            pass
+    return out
+
+def children_cpu(pid):
+    # cpu of pid and its descendants
+    tot = 0.0
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout.split()
+    for c in out:
+        tot += children_cpu(int(c))
+    return tot + cpu(pid)
+
+
+
+async def sat(bootstrap, lines, broker_pid, bare=False, spy=None):
+    log_dir = Path(tempfile.mkdtemp(prefix="k4-"))
+    run = bk._Run(bootstrap, ("bare", "bare") if bare else ("aiokafka", "aiokafka"), log_dir)
+    p = await bk._producer(bootstrap, linger_ms=20)
+    futs = [await p.send(run.topics["events"], l, key=b"tab") for l in lines]
+    await asyncio.gather(*futs); await p.stop()
+    consumer = await bk._reader(bootstrap, run.topics["scores"])
+    seen = {}
+    run.start()  # its own session: stopping it stops its group only
+    # wait for first results, then measure cpu over the window
+    await bk._read_until(consumer, WARMUP, 120, seen, run.proc)
+    th0 = threads_cpu(run.proc.pid)
+    c0 = (children_cpu(run.proc.pid), cpu(broker_pid), time.process_time(), len(seen), time.time())
+    spyp = None
+    if spy:
+        spyp = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "py-spy"), "record", "-p", str(run.proc.pid), "-d", "3", "-f", "raw", "-o", spy, "-r", "250"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    await bk._read_until(consumer, len(lines), 300, seen, run.proc)
+    th1 = threads_cpu(run.proc.pid)
+    c1 = (children_cpu(run.proc.pid), cpu(broker_pid), time.process_time(), len(seen), time.time())
+    if spyp: spyp.wait()
+    run.stop(); await consumer.stop()
+    n = c1[3] - c0[3]
+    stamps = [ts for _, ts in seen.values()]
+    rate = bk.saturation_rate(stamps, skip=WARMUP)
+    thr = sorted(((round((th1[t] - th0.get(t, 0)) / (c1[3]-c0[3]) * 1e6, 1), t) for t in th1), reverse=True)[:6]
+    return {"threads_us_per_event": thr, "log": str(run.log_path), "bare": bare, "rate": round(rate), "wall": round(c1[4]-c0[4], 2), "events": n,
+            "cpu_s_per_1000": {"worker": round((c1[0]-c0[0])/n*1000, 4), "broker": round((c1[1]-c0[1])/n*1000, 4), "bench": round((c1[2]-c0[2])/n*1000, 4)}}
+
+def main():
+    from streams.broker import EmbeddedBroker
+    events = int(os.environ.get("K4_EVENTS", "30000"))
+    X, _ = load_tabular(Path("/work/shared/data"), "32_shuttle", limit=events)
+    lines = tabular_lines(X, kind="transaction", prefix="k")
+    modes = sys.argv[1:] or ["worker"]
+    from streams.bench_speed import run_pipeline, make_pipeline
+    c0 = time.process_time(); n, secs, _ = run_pipeline(make_pipeline(), lines); c1 = time.process_time()
+    print(json.dumps({"in_process": round(n / secs), "cpu_s_per_1000": round((c1 - c0) / n * 1000, 4)}), flush=True)
+    with EmbeddedBroker() as b:
+        bpid = b._proc.pid
+        for m in modes:
+            r = asyncio.run(sat(b.bootstrap_servers, lines, bpid, bare=(m == "bare"), spy=(None if not m.startswith("spy") else m.split(":",1)[1])))
+            print(json.dumps(r), flush=True)
+
+main()
