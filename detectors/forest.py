@@ -49,7 +49,7 @@ class IsolationForest:
 
     ``score(X)`` is the mean path length over the trees, negated (higher = more
     anomalous, as every detector here); ``fit(R)`` grows every tree from
-    subsamples of ``R``; ``regrow(R)`` replaces the oldest tree only.
+    subsamples of ``R``; ``regrow(R, count)`` replaces the ``count`` oldest trees.
     """
 
     def __init__(self, *, trees: int = 50, sample_size: int = 256, seed: int = 0) -> None:

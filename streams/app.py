@@ -681,14 +681,11 @@ class Worker:
             for t, k, v, h in outputs:
                 name = names[id(t)]
                 if k is None:  # the partitioner picks at random: per record
-                    part = producer._partition(name, None, None, None, k, v)
-                    by_partition.setdefault((name, part), []).append((k, v, h))
-                elif (records := target.get((name, k))) is not None:
-                    records.append((k, v, h))
-                else:
+                    records = by_partition.setdefault((name, producer._partition(name, None, None, None, k, v)), [])
+                elif (records := target.get((name, k))) is None:
                     part = producer._partition(name, None, None, None, k, v)
                     records = target[(name, k)] = by_partition.setdefault((name, part), [])
-                    records.append((k, v, h))
+                records.append((k, v, h))
             futures = []
             for (name, part), records in by_partition.items():
                 batch = producer.create_batch()

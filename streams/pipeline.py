@@ -391,9 +391,8 @@ class Pipeline:
         """Score and learn a batch of ``(position, event)`` pairs."""
         result = BatchResult()
         groups: dict[str, list[tuple[int, Event]]] = {}
-        shards = self._shard_counts
         for i, e in events:
-            key = e.source if shards.get(e.source) == 1 else self.state_key(e)
+            key = self.state_key(e)
             groups.setdefault(key, []).append((i, e))
             if key != e.source:
                 result.state_keys[i] = key
