@@ -1005,12 +1005,17 @@ def _calibrated_threshold(
     # calibration (~0.2 s per cache miss).
     table = pool[(np.arange(1 << 16, dtype=np.uint32) * len(pool)) >> 16]
     chunk = max(1, _DRAW_CHUNK // n_paths)
+    # One step's increments at a time, gathered into one reused row: the same
+    # values in the same order as a gather of the whole chunk, without its
+    # temporaries (tens of MB per chunk, most of them page faults): ~30% of
+    # a calibration, measured at equal thresholds.
+    row = np.empty(n_paths, dtype=np.float32)
     for t0 in range(0, n_steps, chunk):
         rows = min(chunk, n_steps - t0)
-        codes = rng.bit_generator.random_raw((rows * n_paths + 3) // 4).view(np.uint16)[: rows * n_paths]
-        draws = table[codes].reshape(rows, n_paths)
-        draws += drift
-        for row in draws:
+        codes = rng.bit_generator.random_raw((rows * n_paths + 3) // 4).view(np.uint16)
+        for r in range(0, rows * n_paths, n_paths):
+            np.take(table, codes[r : r + n_paths], out=row, mode="clip")
+            row += drift
             s += row
             np.maximum(s, 0.0, out=s)
             np.maximum(top, s, out=top)
