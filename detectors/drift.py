@@ -1056,13 +1056,18 @@ def _lundberg_exponent(pool: np.ndarray, bias: float) -> float:
     return max(hi, 1e-3)
 
 
-def _nearest(z: np.ndarray, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Index of the nearest centre and the distance to it, per dimension (RMS)."""
-    d2 = (
-        np.einsum("ij,ij->i", z, z)[:, None]
-        - 2.0 * z @ centres.T
-        + np.einsum("ij,ij->i", centres, centres)[None, :]
-    )
+def _nearest(
+    z: np.ndarray, centres: np.ndarray, zz: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Index of the nearest centre and the distance to it, per dimension (RMS).
+
+    ``zz``: the rows' squared norms, when the caller has them (k-means asks for
+    the same rows at every iteration). The factor 2 scales the product, not
+    ``z`` (a power of two: the same values, one pass over ``z`` fewer).
+    """
+    if zz is None:
+        zz = np.einsum("ij,ij->i", z, z)
+    d2 = zz[:, None] - 2.0 * (z @ centres.T) + np.einsum("ij,ij->i", centres, centres)[None, :]
     near = np.argmin(d2, axis=1)
     best = np.maximum(d2[np.arange(len(z)), near], 0.0)
     return near, np.sqrt(best / z.shape[1])
@@ -1079,8 +1084,9 @@ def _kmeans(z: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
         pick = int(rng.choice(n, p=d2 / total)) if total > 0.0 else int(rng.integers(n))
         centres[j] = z[pick]
         d2 = np.minimum(d2, np.sum((z - centres[j]) ** 2, axis=1))
+    zz = np.einsum("ij,ij->i", z, z)
     for _ in range(_KMEANS_ITERATIONS):
-        near, _ = _nearest(z, centres)
+        near, _ = _nearest(z, centres, zz)
         members = np.zeros((n, k))
         members[np.arange(n), near] = 1.0
         counts = members.sum(axis=0)
