@@ -671,8 +671,15 @@ class CentroidDriftMonitor:
         zref = (self._ref_rows.astype(np.float64) - self._mu) / self._sigma
         n = len(zref)
         rng = np.random.default_rng([self.seed, self._n_established - 1, 1])
-        centres = _kmeans(zref, min(self.n_clusters, n), rng)
-        near, dist = _nearest(zref, centres)
+        distinct = _distinct_rows(zref)
+        if distinct is None:
+            centres = _kmeans(zref, min(self.n_clusters, n), rng)
+            near, dist = _nearest(zref, centres)
+        else:  # a reference of repeats: over its distinct rows (see _establish)
+            zu, inverse, _ = distinct
+            centres = _kmeans(zu, min(self.n_clusters, n), rng, inverse)
+            near, dist = _nearest(zu, centres)
+            near, dist = near[inverse], dist[inverse]
         self._centres = centres
         self._ref_shares = np.bincount(near, minlength=len(centres)) / n
         self._novel_radius = float(np.quantile(dist, _NOVEL_QUANTILE))
@@ -1134,22 +1141,33 @@ def _nearest(
     return near, np.sqrt(best / z.shape[1])
 
 
-def _kmeans(z: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """Seeded k-means++ start and a few Lloyd steps; returns the centres (k, d)."""
-    n = len(z)
+def _kmeans(
+    z: np.ndarray, k: int, rng: np.random.Generator, inverse: np.ndarray | None = None
+) -> np.ndarray:
+    """Seeded k-means++ start and a few Lloyd steps; returns the centres (k, d).
+
+    With ``inverse`` the rows are ``z[inverse]`` (``z`` their distinct rows):
+    the same start (distances per row, picks among all rows) and Lloyd steps
+    over the distinct rows, each weighted by its count (the same centres to
+    float rounding, in a fraction of the time for a reference of repeats).
+    """
+    rows = np.arange(len(z)) if inverse is None else inverse
+    n = len(rows)
     centres = np.empty((k, z.shape[1]))
-    centres[0] = z[rng.integers(n)]
+    centres[0] = z[rows[rng.integers(n)]]
     d2 = np.sum((z - centres[0]) ** 2, axis=1)
     for j in range(1, k):
-        total = float(d2.sum())
-        pick = int(rng.choice(n, p=d2 / total)) if total > 0.0 else int(rng.integers(n))
-        centres[j] = z[pick]
+        full = d2[rows]
+        total = float(full.sum())
+        pick = int(rng.choice(n, p=full / total)) if total > 0.0 else int(rng.integers(n))
+        centres[j] = z[rows[pick]]
         d2 = np.minimum(d2, np.sum((z - centres[j]) ** 2, axis=1))
+    weight = np.ones(len(z)) if inverse is None else np.bincount(inverse, minlength=len(z)).astype(np.float64)
     zz = np.einsum("ij,ij->i", z, z)
     for _ in range(_KMEANS_ITERATIONS):
         near, _ = _nearest(z, centres, zz)
-        members = np.zeros((n, k))
-        members[np.arange(n), near] = 1.0
+        members = np.zeros((len(z), k))
+        members[np.arange(len(z)), near] = weight
         counts = members.sum(axis=0)
         sums = members.T @ z
         filled = counts > 0  # an emptied cluster keeps its old centre

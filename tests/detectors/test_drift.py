@@ -470,3 +470,14 @@ def test_reference_of_repeated_rows_gets_the_null_and_threshold_of_the_full_resa
     assert grouped.threshold == full.threshold
     np.testing.assert_allclose(grouped.null_sample, full.null_sample, rtol=1e-5)
     np.testing.assert_allclose(grouped._null_tp, full._null_tp, rtol=1e-5)
+
+
+def test_kmeans_over_distinct_rows_finds_the_centres_of_all_rows() -> None:
+    from detectors.drift import _distinct_rows, _kmeans
+
+    rng = np.random.default_rng(6)
+    z = rng.normal(size=(60, 32))[rng.integers(0, 60, 1000)]
+    zu, inverse, _ = _distinct_rows(z)
+    full = _kmeans(z, 8, np.random.default_rng(7))
+    grouped = _kmeans(zu, 8, np.random.default_rng(7), inverse)
+    np.testing.assert_allclose(grouped, full, rtol=1e-10, atol=1e-12)
