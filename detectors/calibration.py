@@ -75,7 +75,18 @@ class ConformalThresholder:
         """The ``q`` quantile of the calibration scores (nan while the set is empty)."""
         if self.size == 0:
             return math.nan
-        return float(np.quantile(self._sorted_scores(), q))
+        cal = self._sorted_scores()
+        # The scores are sorted already: NumPy's linear interpolation between
+        # the two around the position, written out (np.quantile's own
+        # arithmetic, so the same value bit for bit), instead of np.quantile's
+        # partition and ~50 us of set-up at every learning block.
+        pos = (len(cal) - 1) * q
+        lo = min(math.floor(pos), len(cal) - 1)
+        if lo + 1 >= len(cal):
+            return float(cal[lo])
+        a, b = float(cal[lo]), float(cal[lo + 1])
+        t = pos - lo
+        return b - (b - a) * (1.0 - t) if t >= 0.5 else a + (b - a) * t
 
     def _sorted_scores(self) -> np.ndarray:
         if self._sorted is None:

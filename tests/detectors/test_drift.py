@@ -439,3 +439,45 @@ def test_principal_basis_whitens_the_leading_components_the_svd_finds(n, d) -> N
     # the same axes (up to sign), each scaled to unit spread of the projection
     np.testing.assert_allclose(np.abs(basis * (sv[:8] / np.sqrt(n))), np.abs(vt[:8].T), atol=1e-8)
     np.testing.assert_allclose((zc @ basis).std(axis=0), 1.0, rtol=1e-8)
+
+
+def test_principal_basis_of_distinct_rows_with_counts_is_that_of_all_rows() -> None:
+    from detectors.drift import _principal_basis
+
+    rng = np.random.default_rng(4)
+    for u, d in [(30, 120), (200, 40)]:  # fewer distinct rows than dims, and more
+        zu = rng.normal(size=(u, d)) * np.linspace(2.0, 0.2, d)
+        counts = rng.integers(1, 9, size=u)
+        z = np.repeat(zu, counts, axis=0)
+        full, grouped = _principal_basis(z, 8), _principal_basis(zu, 8, counts)
+        np.testing.assert_allclose(np.abs(grouped), np.abs(full), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("distinct", [40, 400])
+def test_reference_of_repeated_rows_gets_the_null_and_threshold_of_the_full_resampling(distinct, monkeypatch) -> None:
+    # the bootstrap through distinct rows (dense block means at 40, sparse at 400
+    # distinct of 1000) draws the same blocks as through all rows
+    import detectors.drift as drift
+
+    rng = np.random.default_rng(5)
+    rows = rng.normal(size=(distinct, 64)).astype(np.float32)
+    ref = rows[rng.integers(0, distinct, 1000)]
+    grouped = CentroidDriftMonitor(reference_size=1000)
+    grouped.update(ref, _ids(1000))
+    monkeypatch.setattr(drift, "_DISTINCT_MAX_SHARE", 0.0)
+    full = CentroidDriftMonitor(reference_size=1000)
+    full.update(ref, _ids(1000))
+    assert grouped.threshold == full.threshold
+    np.testing.assert_allclose(grouped.null_sample, full.null_sample, rtol=1e-5)
+    np.testing.assert_allclose(grouped._null_tp, full._null_tp, rtol=1e-5)
+
+
+def test_kmeans_over_distinct_rows_finds_the_centres_of_all_rows() -> None:
+    from detectors.drift import _distinct_rows, _kmeans
+
+    rng = np.random.default_rng(6)
+    z = rng.normal(size=(60, 32))[rng.integers(0, 60, 1000)]
+    zu, inverse, _ = _distinct_rows(z)
+    full = _kmeans(z, 8, np.random.default_rng(7))
+    grouped = _kmeans(zu, 8, np.random.default_rng(7), inverse)
+    np.testing.assert_allclose(grouped, full, rtol=1e-10, atol=1e-12)

@@ -73,3 +73,15 @@ def test_rolling_calibration_keeps_its_sorted_scores_equal_to_a_fresh_sort(rng):
         q = np.round(rng.exponential(size=5), 1)
         n_ge = (expected[None, :] >= q[:, None]).sum(axis=1)
         assert np.array_equal(t.p_values(q), (1.0 + n_ge) / (t.size + 1.0))
+
+
+def test_score_quantile_is_numpys_quantile_of_the_calibration_set(rng):
+    # bit for bit, ties and the ends included, as the set rolls
+    t = ConformalThresholder(alpha=0.1, window=50, min_calibration=20)
+    assert np.isnan(t.score_quantile(0.5))
+    for step in range(40):
+        scores = rng.exponential(size=int(rng.integers(1, 12)))
+        t.learn(np.round(scores, 1) if step % 2 else scores)
+        cal = t._ring[: t.size]
+        for q in (0.0, 0.5, 0.25, 0.99, 1.0, float(rng.random())):
+            assert t.score_quantile(q) == float(np.quantile(cal, q))
