@@ -439,3 +439,34 @@ def test_principal_basis_whitens_the_leading_components_the_svd_finds(n, d) -> N
     # the same axes (up to sign), each scaled to unit spread of the projection
     np.testing.assert_allclose(np.abs(basis * (sv[:8] / np.sqrt(n))), np.abs(vt[:8].T), atol=1e-8)
     np.testing.assert_allclose((zc @ basis).std(axis=0), 1.0, rtol=1e-8)
+
+
+@pytest.mark.parametrize(
+    ("at", "restored"),
+    [(500, False), (1600, False), (1600, True)],  # while collecting the reference, once armed, armed and restored
+)
+def test_rebase_follows_a_move_of_the_input_space_and_finds_no_drift_in_it(at, restored):
+    # An encoder whose scaler refreshed: the same events now come out moved by
+    # a per-dimension affine map. Rebased, the monitor goes on as if nothing
+    # had moved; not rebased, it reads the move as drift.
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(4000, 8)).astype(np.float32)
+    ids = [f"e{i}" for i in range(len(X))]
+    scale = np.linspace(0.5, 3.0, 8).astype(np.float32)
+    shift = np.linspace(-2.0, 2.0, 8).astype(np.float32)
+
+    def move(rows: np.ndarray) -> np.ndarray:
+        return rows * scale + shift
+
+    plain, rebased, stale = (CentroidDriftMonitor(reference_size=1000, block_size=50) for _ in range(3))
+    assert plain.update(X, ids) == []
+    for m in (rebased, stale):
+        m.update(X[: at + 25], ids[: at + 25])  # half a block pending
+    if restored:  # a restored monitor keeps no reference rows: its centroid and spread are mapped
+        state = rebased.get_state()
+        rebased = CentroidDriftMonitor(reference_size=1000, block_size=50)
+        rebased.set_state(state)
+    rebased.rebase(move)
+    assert rebased.update(move(X[at + 25 :]), ids[at + 25 :]) == []
+    assert rebased.statistic == pytest.approx(plain.statistic, abs=1e-3)
+    assert stale.update(move(X[at + 25 :]), ids[at + 25 :]) != []
