@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -305,6 +305,8 @@ class CentroidDriftMonitor:
         # reference being collected
         self._ref_rows: np.ndarray | None = None
         self._ref_count = 0
+        # _ref_rows still holds the established reference (not after a restore)
+        self._ref_kept = False
         # established reference
         self._mu = np.zeros(0)
         self._sigma = np.ones(0)
@@ -558,6 +560,44 @@ class CentroidDriftMonitor:
         self._s = 0.0
         self._run_blocks = 0
 
+    def rebase(self, move: Callable[[np.ndarray], np.ndarray]) -> None:
+        """The input space moved: map what is kept of it through ``move`` (rows in, rows out).
+
+        ``move`` is a per-dimension increasing map, such as a scaler's new
+        centre and scale (``models.base.Rebasing``). The rows kept (reference
+        being collected, partial block, explanation window) are mapped. An
+        established reference's centroid and spread are computed again
+        from its mapped rows; a restored monitor, which does not keep them,
+        maps them as ``move`` maps the neighbourhood of the centroid (the
+        slope between ``mu - sigma`` and ``mu + sigma``, exact for an affine
+        move; on shuffled shuttle 1 / 1 / 0 false alarms on seeds 0-2 against
+        1 / 0 / 0 from the rows, ``bench/stationary_drift.py``). The null
+        samples, principal axes and threshold stay: they are in units of the
+        reference's spread, which an affine move leaves as they were (the
+        transaction encoder's squash bends this only far out in the tails).
+        Without it a scaler refresh shifts every later block against the
+        reference, and the test reads the shift as drift.
+        """
+        if self._dim is None or self._ref_rows is None:
+            return
+        if self._phase == _COLLECTING:
+            if self._ref_count:
+                self._ref_rows[: self._ref_count] = move(self._ref_rows[: self._ref_count])
+        elif self._ref_kept:
+            self._ref_rows[:] = move(self._ref_rows)
+            ref = self._ref_rows.astype(np.float64)
+            sd = ref.std(axis=0)
+            self._mu, self._sigma = ref.mean(axis=0), np.maximum(sd, sigma_floor(sd))
+        else:
+            lo, mid, hi = move(np.stack([self._mu - self._sigma, self._mu, self._mu + self._sigma]))
+            self._mu = np.asarray(mid, dtype=np.float64)
+            self._sigma = np.maximum((np.asarray(hi, np.float64) - lo) / 2.0, sigma_floor(self._sigma) * 1e-3)
+        if len(self._pending):
+            self._pending = np.asarray(move(self._pending), dtype=np.float32)
+        if self._ring_count:
+            # every slot is mapped; those never filled hold zeros and are never read
+            self._ring[:] = move(self._ring)
+
     # ------------------------------------------------------------ reference
 
     def _establish(self, ref: np.ndarray) -> None:
@@ -640,6 +680,7 @@ class CentroidDriftMonitor:
 
         self._mu = mu
         self._sigma = sigma
+        self._ref_kept = True
         self._null_t = null_t
         self._basis = basis
         self._null_tp = null_tp

@@ -129,3 +129,20 @@ def join_arrays(tree: Any, arrays: dict[str, np.ndarray]) -> Any:
         return x
 
     return walk(tree)
+
+
+@runtime_checkable
+class Rebasing(Protocol):
+    """``frame`` and ``rebase(X, frame)``: map vectors encoded earlier into how they encode now.
+
+    An encoder whose ``learn`` changes what ``encode`` returns (a scaler's
+    new centre or scale) starts a new ``frame`` each time; vectors kept
+    encoded (a reference index, a drift reference) are rebased so that old
+    and new vectors stay comparable. ``rebase`` returns None for a frame it
+    no longer knows.
+    """
+
+    @property
+    def frame(self) -> int: ...
+
+    def rebase(self, X: np.ndarray, frame: int) -> np.ndarray | None: ...

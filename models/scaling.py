@@ -13,13 +13,19 @@ from models.errors import StateMismatch
 # dividing by it puts robust z-scores on the usual scale.
 _IQR_TO_SIGMA = 1.349
 
+# Earlier frames kept for rebase(): a caller reads ``frame`` before a learn
+# and maps with it after, which is one refresh at most.
+_FRAMES_KEPT = 4
+
 
 class RobustScaler:
     """Median/IQR standardisation learnt from a reservoir sample of rows.
 
     The reservoir (Vitter's algorithm R) keeps a uniform sample of everything
     learnt, so after warm-up the statistics change ever more slowly and vectors
-    already in a reference index stay comparable with new ones. Missing values
+    already in a reference index stay comparable with new ones. Each refresh
+    that changes a centre or scale starts a new ``frame``; :meth:`rebase` maps
+    output of an earlier frame to what it would be now. Missing values
     are NaN in input and 0 (the median) in output. With ``squash`` the z-score
     goes through ``arcsinh``: linear near the centre, logarithmic in the tails,
     so one amount of 10^7 does not flatten every other dimension in a distance.
@@ -50,10 +56,46 @@ class RobustScaler:
         self._rng = np.random.default_rng(seed)
         self._center = np.zeros(dim)
         self._scale = np.ones(dim)
+        self._frame = 0
+        self._frames: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # frame -> its centre and scale
 
     @property
     def n_seen(self) -> int:
         return self._seen
+
+    @property
+    def frame(self) -> int:
+        """Counts the refreshes that changed a centre or scale: equal frames, equal transforms."""
+        return self._frame
+
+    def rebase(self, Z: np.ndarray, frame: int, *, knee: float | None = None) -> np.ndarray | None:
+        """``Z``, output of :meth:`transform` in ``frame``, as :meth:`transform` would give it now.
+
+        ``knee``: ``Z`` went through ``knee * arcsinh(z / knee)`` after this
+        scaler (None: the scaler's own ``squash``, knee 1; 0: none). Only the
+        columns whose centre or scale changed are touched, so ``Z`` may have
+        more columns after the scaler's ``dim``. Exact up to float32 rounding;
+        a missing value (the median of its frame) stays that median. Returns a
+        new float32 array, or None if ``frame`` is older than the frames kept.
+        """
+        out = np.array(Z, dtype=np.float32)
+        if frame == self._frame:
+            return out
+        old = self._frames.get(frame)
+        if old is None:
+            return None
+        center, scale = old
+        cols = np.flatnonzero((center != self._center) | (scale != self._scale))
+        if knee is None:
+            knee = 1.0 if self.squash else 0.0
+        u = out[:, cols].astype(np.float64)
+        if knee:
+            u = knee * np.sinh(u / knee)
+        u = (u * scale[cols] + center[cols] - self._center[cols]) / self._scale[cols]
+        if knee:
+            u = knee * np.arcsinh(u / knee)
+        out[:, cols] = u
+        return out
 
     def learn(self, X: np.ndarray) -> None:
         X = np.asarray(X, dtype=np.float64)
@@ -91,9 +133,15 @@ class RobustScaler:
         if not filled.all():
             center, scale = np.zeros(self.dim), np.ones(self.dim)
             center[filled], scale[filled] = self._estimate(rows[:, filled])
-            self._center, self._scale = center, scale
+        else:
+            center, scale = self._estimate(rows)
+        if np.array_equal(center, self._center) and np.array_equal(scale, self._scale):
             return
-        self._center, self._scale = self._estimate(rows)
+        self._frames[self._frame] = (self._center, self._scale)
+        if len(self._frames) > _FRAMES_KEPT:
+            del self._frames[min(self._frames)]
+        self._frame += 1
+        self._center, self._scale = center, scale
 
     @staticmethod
     def _estimate(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -249,6 +249,20 @@ class TransactionEncoder:
         return tuple(range(self.dim - _TIME_DIMS, self.dim))
 
     @property
+    def frame(self) -> int:
+        """Changes whenever the scaler's centre or scale does (see :meth:`rebase`)."""
+        return self._scaler.frame
+
+    def rebase(self, X: np.ndarray, frame: int) -> np.ndarray | None:
+        """Vectors encoded in ``frame``, as they would be encoded now (None: too old a frame).
+
+        Only the numeric slots (the first ``numeric_slots`` columns) move with
+        the scaler, so ``X`` may lack the columns after them (a drift view
+        without the time dimensions). Rarity columns are left as they were.
+        """
+        return self._scaler.rebase(X, frame, knee=self.squash_scale if self.squash else 0.0)
+
+    @property
     def n_learned(self) -> int:
         """Events learnt so far."""
         return self._n_learned

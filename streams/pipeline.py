@@ -41,7 +41,7 @@ from detectors.shards import (
 from detectors.records import DriftRecord, Neighbour, ScoreRecord
 from collections import OrderedDict
 
-from models.base import Encoder, Learner, Prefetcher, Seasonal, State, Stateful, encoder_tag
+from models.base import Encoder, Learner, Prefetcher, Rebasing, Seasonal, State, Stateful, encoder_tag
 from models.errors import (
     DuplicateId,
     FutureTimestamp,
@@ -140,11 +140,13 @@ class SourceState:
     # Protocol walks its members (~5% of the learning step of a tabular source).
     is_learner: bool = field(init=False)
     is_prefetcher: bool = field(init=False)
+    is_rebasing: bool = field(init=False)
     _drift_columns: slice | tuple[int, ...] | None = field(init=False)  # kept (slice) or dropped (tuple)
 
     def __post_init__(self) -> None:
         self.is_learner = isinstance(self.encoder, Learner)
         self.is_prefetcher = isinstance(self.encoder, Prefetcher)
+        self.is_rebasing = isinstance(self.encoder, Rebasing)
         seasonal = tuple(self.encoder.seasonal_dims) if isinstance(self.encoder, Seasonal) else ()
         dim = self.encoder.dim
         if not seasonal:
@@ -482,6 +484,8 @@ class Pipeline:
         X = np.concatenate(p.vectors)
         keep = np.asarray(p.keep, bool)
         learner = state.is_learner
+        frame = state.encoder.frame if state.is_rebasing else None  # type: ignore[attr-defined]
+        reencoded = False
         if learner and p.warming:
             # While warming up nothing is judged, so the encoder learns the block
             # first and the reference gets the block encoded with what it learnt:
@@ -491,17 +495,27 @@ class Pipeline:
             try:
                 again = state.encoder.encode(events)
                 if again.shape == X.shape and np.isfinite(again).all():
-                    X = again
+                    X, reencoded = again, True
             except InvalidEvent:
                 pass
         elif learner:
             normal = [e for e, k in zip(events, keep) if k]
             if normal:
                 state.encoder.learn(normal)
+        drift_X = state.drift_view(X)
+        if frame is not None and state.encoder.frame != frame:  # type: ignore[attr-defined]
+            # The scaler moved: the drift monitor's rows follow, and this block
+            # goes to it in the new frame too (unless just encoded in it).
+            move = partial(state.encoder.rebase, frame=frame)  # type: ignore[attr-defined]
+            view = X if drift_X is None else drift_X
+            if state.monitor.drift_monitor is not None and move(view[:0]) is not None:
+                state.monitor.rebase_drift(move)
+                if not reencoded:
+                    drift_X = move(view)
         ids = [e.id for e in events]
         components = np.stack(p.components) if len(p.components) == len(events) else None
         alarms = state.monitor.commit(
-            X, ids, np.asarray(p.scores), np.asarray(p.flags, bool), keep, drift_X=state.drift_view(X),
+            X, ids, np.asarray(p.scores), np.asarray(p.flags, bool), keep, drift_X=drift_X,
             components=components,
         )
         p.clear()

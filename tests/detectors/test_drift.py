@@ -481,3 +481,34 @@ def test_kmeans_over_distinct_rows_finds_the_centres_of_all_rows() -> None:
     full = _kmeans(z, 8, np.random.default_rng(7))
     grouped = _kmeans(zu, 8, np.random.default_rng(7), inverse)
     np.testing.assert_allclose(grouped, full, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("at", "restored"),
+    [(500, False), (1600, False), (1600, True)],  # while collecting the reference, once armed, armed and restored
+)
+def test_rebase_follows_a_move_of_the_input_space_and_finds_no_drift_in_it(at, restored):
+    # An encoder whose scaler refreshed: the same events now come out moved by
+    # a per-dimension affine map. Rebased, the monitor goes on as if nothing
+    # had moved; not rebased, it reads the move as drift.
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(4000, 8)).astype(np.float32)
+    ids = [f"e{i}" for i in range(len(X))]
+    scale = np.linspace(0.5, 3.0, 8).astype(np.float32)
+    shift = np.linspace(-2.0, 2.0, 8).astype(np.float32)
+
+    def move(rows: np.ndarray) -> np.ndarray:
+        return rows * scale + shift
+
+    plain, rebased, stale = (CentroidDriftMonitor(reference_size=1000, block_size=50) for _ in range(3))
+    assert plain.update(X, ids) == []
+    for m in (rebased, stale):
+        m.update(X[: at + 25], ids[: at + 25])  # half a block pending
+    if restored:  # a restored monitor keeps no reference rows: its centroid and spread are mapped
+        state = rebased.get_state()
+        rebased = CentroidDriftMonitor(reference_size=1000, block_size=50)
+        rebased.set_state(state)
+    rebased.rebase(move)
+    assert rebased.update(move(X[at + 25 :]), ids[at + 25 :]) == []
+    assert rebased.statistic == pytest.approx(plain.statistic, abs=1e-3)
+    assert stale.update(move(X[at + 25 :]), ids[at + 25 :]) != []

@@ -1,0 +1,56 @@
+"""RobustScaler frames: vectors transformed before a refresh, mapped onto the current transform."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from models.events import Event
+from models.scaling import RobustScaler
+from models.tabular import TransactionEncoder
+
+
+def _events(rng: np.random.Generator, n: int, loc: float, spread: float) -> list[Event]:
+    X = rng.normal(loc, spread, size=(n, 4))
+    return [
+        Event(id=f"e{i}", kind="transaction", source="t", ts=0.0,
+              payload={f"f{j}": float(v) for j, v in enumerate(row)})
+        for i, row in enumerate(X.tolist())
+    ]
+
+
+def test_a_refresh_that_moves_centre_or_scale_starts_a_frame_and_one_that_does_not_does_not():
+    scaler = RobustScaler(dim=2, refresh=1, squash=False)
+    scaler.learn(np.repeat([[1.0, 10.0], [2.0, 20.0], [3.0, 30.0]], 100, axis=0))
+    frame = scaler.frame
+    scaler.learn(np.array([[2.0, 20.0]]))  # median and quartiles stay on the same values
+    assert scaler.frame == frame
+    scaler.learn(np.array([[10.0, 20.0]] * 300))
+    assert scaler.frame == frame + 1
+
+
+def test_rebase_maps_vectors_of_an_earlier_frame_onto_the_current_one():
+    rng = np.random.default_rng(1)
+    enc = TransactionEncoder()
+    enc.learn(_events(rng, 3000, 0.0, 1.0))
+    probe = _events(rng, 50, 0.0, 40.0)  # far into the tails, where the squash bends
+    before, frame = enc.encode(probe), enc.frame
+    enc.learn(_events(rng, 20_000, 5.0, 4.0))
+    assert enc.frame != frame
+    now = enc.encode(probe)
+    assert not np.allclose(before, now, atol=1e-2)
+    np.testing.assert_allclose(enc.rebase(before, frame), now, rtol=1e-4, atol=1e-4)
+    # a drift view (the time columns left out) maps the same way
+    np.testing.assert_allclose(enc.rebase(before[:, :-4], frame), now[:, :-4], rtol=1e-4, atol=1e-4)
+    # the current frame maps to itself; one no longer kept to nothing
+    np.testing.assert_array_equal(enc.rebase(now, enc.frame), now)
+    assert enc.rebase(before, -1) is None
+
+
+def test_rebase_of_the_scaler_own_squash():
+    rng = np.random.default_rng(2)
+    scaler = RobustScaler(dim=3, refresh=64, squash=True)
+    scaler.learn(rng.normal(0.0, 1.0, size=(500, 3)))
+    probe = rng.normal(0.0, 30.0, size=(20, 3))
+    before, frame = scaler.transform(probe), scaler.frame
+    scaler.learn(rng.normal(3.0, 10.0, size=(3000, 3)))
+    np.testing.assert_allclose(scaler.rebase(before, frame), scaler.transform(probe), rtol=1e-4, atol=1e-4)
