@@ -5,10 +5,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-# Candidates are looked for in chunks of this many columns: a chunk whose
-# smallest value is above the c-th best so far is skipped after one
-# vectorisable minimum (most chunks, once the first few set the bar).
-_CHUNK = 16
+from detectors.index import _FOLD, _MAX_CANDIDATE_FACTOR
 
 
 @njit(cache=True, nogil=True)
@@ -42,6 +39,12 @@ def _pairwise_sum(buf: np.ndarray, n: int) -> np.float32:
 
 
 @njit(cache=True, nogil=True)
+def _before(v: float, j: int, w: float, i: int) -> bool:
+    """(v, j) orders before (w, i): by value, then by slot."""
+    return v < w or (v == w and j < i)
+
+
+@njit(cache=True, nogil=True)
 def _nearest_kernel(
     D: np.ndarray,
     sqnorm: np.ndarray,
@@ -56,71 +59,115 @@ def _nearest_kernel(
 ) -> None:
     n, m = D.shape
     a = V.shape[1]
-    cand_v = np.empty(c, np.float32)
-    cand_j = np.empty(c, np.int64)
-    exact = np.empty(c, np.float32)
-    order = np.empty(c, np.int64)
+    # strided groups of up to _FOLD columns, as detectors.index._candidates folds them
+    g = min(_FOLD, m // (4 * c))
+    if g < 1:
+        g = 1
+    groups = m // g
+    tail = m - groups * g  # columns past the groups: each its own group
+    row = np.empty(m, np.float32)
+    folded = np.empty(groups + tail, np.float32)
+    bar = np.empty(c, np.float32)
+    cand = np.empty(m, np.int64)
+    best_v = np.empty(c, np.float32)
+    best_j = np.empty(c, np.int64)
+    exact = np.empty(m, np.float32)
+    order = np.empty(m, np.int64)
     buf = np.empty(max(a, 1), np.float32)
     one = np.float32(1.0)
     for r in range(n):
-        # the c smallest of D[r] (+ sqnorm), ties by column: sorted insertion
-        count = 0
-        start = 0
-        while start < m:
-            stop = min(start + _CHUNK, m)
-            if count == c:
-                low = D[r, start] + sqnorm[start]
-                for j in range(start + 1, stop):
-                    v = D[r, j] + sqnorm[j]
-                    if v < low:
-                        low = v
-                if not low < cand_v[c - 1]:
-                    start = stop
+        # (Slices and loop counters as indices: numba then drops its negative-index
+        # checks and the loops vectorise, ~3x faster than D[r, j].)
+        Dr = D[r]
+        for j in range(m):
+            row[j] = Dr[j] + sqnorm[j]
+        # the row's minimum of each group, elementwise over contiguous runs
+        fold = folded[:groups]
+        fold[:] = row[:groups]
+        for i in range(1, g):
+            seg = row[i * groups : (i + 1) * groups]
+            for j in range(groups):
+                if seg[j] < fold[j]:
+                    fold[j] = seg[j]
+        folded[groups:] = row[groups * g :]
+        # t: the c-th smallest group minimum; at least c entries of the row are <= t
+        filled = 0
+        for j in range(groups + tail):
+            v = folded[j]
+            if filled == c:
+                if not v < bar[c - 1]:
                     continue
-            for j in range(start, stop):
-                v = D[r, j] + sqnorm[j]
-                if count == c:
-                    if not v < cand_v[c - 1]:
+                pos = c - 1
+            else:
+                pos = filled
+                filled += 1
+            while pos > 0 and bar[pos - 1] > v:
+                bar[pos] = bar[pos - 1]
+                pos -= 1
+            bar[pos] = v
+        t = bar[c - 1]
+        # every entry <= t lies in a group whose minimum is <= t
+        count = 0
+        for j in range(groups):
+            if fold[j] <= t:
+                for i in range(g):
+                    col = i * groups + j
+                    if row[col] <= t:
+                        cand[count] = col
+                        count += 1
+        for j in range(groups * g, m):
+            if row[j] <= t:
+                cand[count] = j
+                count += 1
+        if count > _MAX_CANDIDATE_FACTOR * c:
+            # ties (a reference of repeated vectors): the c smallest by value, then slot
+            kept = 0
+            for q in range(count):
+                j = cand[q]
+                v = row[j]
+                if kept == c:
+                    if not _before(v, j, best_v[c - 1], best_j[c - 1]):
                         continue
                     pos = c - 1
                 else:
-                    pos = count
-                    count += 1
-                # after every equal value (an earlier column)
-                while pos > 0 and cand_v[pos - 1] > v:
-                    cand_v[pos] = cand_v[pos - 1]
-                    cand_j[pos] = cand_j[pos - 1]
+                    pos = kept
+                    kept += 1
+                while pos > 0 and _before(v, j, best_v[pos - 1], best_j[pos - 1]):
+                    best_v[pos] = best_v[pos - 1]
+                    best_j[pos] = best_j[pos - 1]
                     pos -= 1
-                cand_v[pos] = v
-                cand_j[pos] = j
-            start = stop
+                best_v[pos] = v
+                best_j[pos] = j
+            for q in range(c):
+                cand[q] = best_j[q]
+            count = c
         # exact distances of the candidates, as the NumPy path computes them
-        for t in range(count):
-            j = cand_j[t]
+        for q in range(count):
+            j = cand[q]
             if cosine:
-                for q in range(a):
-                    buf[q] = V[j, q] * Xa[r, q]
-                exact[t] = one - _pairwise_sum(buf, a)
+                for u in range(a):
+                    buf[u] = V[j, u] * Xa[r, u]
+                exact[q] = one - _pairwise_sum(buf, a)
             else:
-                for q in range(a):
-                    d = V[j, q] - Xa[r, q]
-                    buf[q] = d * d
+                for u in range(a):
+                    d = V[j, u] - Xa[r, u]
+                    buf[u] = d * d
                 s = _pairwise_sum(buf, a)
                 if rest.shape[0]:
                     s = s + rest[r]
-                exact[t] = s
+                exact[q] = s
         # the k nearest by (distance, slot): insertion sort of the candidates
-        for t in range(count):
-            v = exact[t]
-            j = cand_j[t]
-            pos = t
-            while pos > 0 and (exact[order[pos - 1]] > v or (exact[order[pos - 1]] == v and cand_j[order[pos - 1]] > j)):
+        for q in range(count):
+            v = exact[q]
+            j = cand[q]
+            pos = q
+            while pos > 0 and _before(v, j, exact[order[pos - 1]], cand[order[pos - 1]]):
                 order[pos] = order[pos - 1]
                 pos -= 1
-            order[pos] = t
-        for t in range(k):
-            v = exact[order[t]]
+            order[pos] = q
+        for q in range(k):
+            v = exact[order[q]]
             if v < 0:
                 v = np.float32(0.0)
-            out_dist[r, t] = v if cosine else np.sqrt(v)
-            out_slot[r, t] = cand_j[order[t]]
+            out_dist[r, q] = v if cosine else np.sqrt(v)
+            out_slot[r, q] = cand[order[q]]
