@@ -75,6 +75,7 @@ NEIGHBOURS_FOR_NORMAL = 3
 # Neighbour from an (id, distance) pair by tuple's own constructor: a named
 # tuple's __new__ is Python code, and score records carry 3 to 10 per event.
 _neighbour = partial(tuple.__new__, Neighbour)
+_score_record = partial(tuple.__new__, ScoreRecord)
 
 
 @dataclass(frozen=True, slots=True)
@@ -471,7 +472,7 @@ class Pipeline:
         for (i, e), score, pv, flag, w, nd, ni in zip(items, scores, pvals, flags, warm, dists, d.neighbour_ids):
             m = len(nd) if flag else NEIGHBOURS_FOR_NORMAL
             neighbours = tuple(map(_neighbour, zip(ni[:m], nd[:m])))
-            append((i, ScoreRecord(e.id, e.source, e.kind, format_ts(e.ts), score, pv, flag, w, neighbours, tag, e.label)))
+            append((i, _score_record((e.id, e.source, e.kind, format_ts(e.ts), score, pv, flag, w, neighbours, tag, e.label))))
 
     def _learn(self, state: SourceState, result: BatchResult) -> None:
         """End of a block: the encoder, the reference, the calibration and the drift monitor learn it."""
