@@ -18,6 +18,7 @@ directory): ~4 s the first time on a machine, ~1 s to load from the cache
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import numpy as np
@@ -26,8 +27,10 @@ import numpy as np
 # accumulators, not recursively; wider rows take the NumPy path.
 MAX_WIDTH = 128
 
-# False: the NumPy path everywhere (the tests compare the two).
-enabled = True
+# False: the NumPy path everywhere (the tests compare the two). numba and
+# LLVM hold ~120 MiB of resident memory once loaded; NWATCH_SCAN_KERNEL=0
+# trades the kernel's speed (~5 us per tabular event) for that memory.
+enabled = os.environ.get("NWATCH_SCAN_KERNEL", "1") != "0"
 _kernel: Callable[..., None] | None = None
 _tried = False
 
