@@ -28,6 +28,7 @@ configure_threads()
 
 import detectors.drift as drift  # noqa: E402
 import detectors.index as index  # noqa: E402
+import detectors.kernels as kernels  # noqa: E402
 import detectors.knn as knn  # noqa: E402
 import detectors.monitor as monitor  # noqa: E402
 import models.tabular as tabular  # noqa: E402
@@ -46,6 +47,7 @@ STAGES = [  # (owner, attribute, label)
     (knn.KNNDetector, "query", "score.monitor.knn"),
     (index, "_candidates", "score.monitor.knn.candidates"),
     (index, "_nearest", "score.monitor.knn.nearest"),
+    (kernels, "nearest_from_products", "score.monitor.knn.kernel"),
     (pipeline.Pipeline, "_learn", "learn"),
     (tabular.TransactionEncoder, "learn", "learn.encoder"),
     (monitor.SourceMonitor, "commit", "learn.commit"),

@@ -22,6 +22,7 @@ from typing import Literal
 
 import numpy as np
 
+from detectors import kernels
 from models.base import State
 from models.errors import NonFinite, StateMismatch, WrongDimension, ZeroVector
 
@@ -346,9 +347,15 @@ class ReferenceIndex:
         # three.
         Q = Xa * (-1.0 if self.metric == "cosine" else -2.0)
         D = np.ascontiguousarray((V @ Q.T).T) if 4 * len(Q) <= Q.shape[1] else Q @ V.T
+        c = min(m, k + _SPARE_CANDIDATES)
+        if Xa.shape[1] <= kernels.MAX_WIDTH and kernels.loaded():
+            # The same answer in one compiled pass per row (detectors.kernels).
+            return kernels.nearest_from_products(
+                D, self._sqnorm[:m] if self.metric == "l2" else None, V, Xa, rest, c, k,
+                cosine=self.metric == "cosine",
+            )
         if self.metric == "l2":
             D += self._sqnorm[:m][None, :]
-        c = min(m, k + _SPARE_CANDIDATES)
         rows, cols = _candidates(D, c)
         cand = V[cols]  # (pairs, columns)
         if self.metric == "cosine":

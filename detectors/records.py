@@ -1,4 +1,4 @@
-"""Results out: the score and drift records of DESIGN.md, as small frozen dataclasses."""
+"""Results out: the score and drift records of DESIGN.md, immutable (named tuples where one is made per event)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,14 @@ class Neighbour(NamedTuple):
     distance: float
 
 
-@dataclass(frozen=True, slots=True)
-class ScoreRecord:
-    """One per scored event. ``to_dict`` gives the documented JSON object."""
+class ScoreRecord(NamedTuple):
+    """One per scored event. ``to_dict`` gives the documented JSON object.
+
+    Immutable like the frozen dataclasses here, but a named tuple: one is made
+    per event, and a frozen dataclass of eleven fields sets each through
+    ``object.__setattr__`` (~1.5 us against ~0.4 us built by tuple's own
+    constructor, ~4% of the tabular pipeline).
+    """
 
     id: str
     source: str

@@ -15,8 +15,8 @@ import json
 import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from functools import lru_cache
-from typing import Any
+from functools import lru_cache, partial
+from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
@@ -69,13 +69,17 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
+class Event(NamedTuple):
     """A validated event. ``payload`` depends on the kind.
 
     transaction: ``dict[str, float | str]`` (bools as 0/1 floats); log, text: ``str``;
     audio: ``("mfcc", float32 (frames, coeffs))`` or ``("samples", float32 (n,), sample_rate)``;
     vector: float32 ``(dim,)``.
+
+    Immutable, and a named tuple rather than a frozen dataclass: one is made
+    per message decoded, and a frozen dataclass sets each of its seven fields
+    through ``object.__setattr__`` (~1 us, against ~0.3 us by tuple's own
+    constructor).
     """
 
     id: str
@@ -85,6 +89,9 @@ class Event:
     payload: Any
     label: int | None = None
     has_ts: bool = False
+
+
+_new_event = partial(tuple.__new__, Event)
 
 
 def decode_event(
@@ -195,8 +202,8 @@ def _event(obj: Any, arrival_ts: float, limits: Limits, from_json: bool) -> Even
         payload = _parse_transaction(obj, limits, from_json=True)
     else:
         payload = _PARSERS[kind](obj, limits)
-    # positional: keywords cost a third more in a frozen dataclass (decoding is per event)
-    return Event(event_id, kind, source, ts, payload, label, raw_ts is not None)
+    # by tuple's constructor: a named tuple's __new__ is Python code (decoding is per event)
+    return _new_event((event_id, kind, source, ts, payload, label, raw_ts is not None))
 
 
 def event_to_state(e: Event) -> dict[str, Any]:

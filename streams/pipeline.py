@@ -75,6 +75,7 @@ NEIGHBOURS_FOR_NORMAL = 3
 # Neighbour from an (id, distance) pair by tuple's own constructor: a named
 # tuple's __new__ is Python code, and score records carry 3 to 10 per event.
 _neighbour = partial(tuple.__new__, Neighbour)
+_score_record = partial(tuple.__new__, ScoreRecord)
 
 
 @dataclass(frozen=True, slots=True)
@@ -465,15 +466,21 @@ class Pipeline:
             p.components.extend(d.components)
         pvals = d.p_values.tolist()
         warm = d.warming_up.tolist()
-        dists = d.distances.tolist()
+        # the distances a normal event carries, and (if any is flagged) all k
+        near = d.distances[:, :NEIGHBOURS_FOR_NORMAL].tolist()
+        every = d.distances.tolist() if True in flags else near
         tag = state.tag
         append = result.scores.append
-        # One pass, positional constructors: this loop runs per event (keywords
-        # cost a third more in a frozen dataclass).
-        for (i, e), score, pv, flag, w, nd, ni in zip(items, scores, pvals, flags, warm, dists, d.neighbour_ids):
-            m = len(nd) if flag else NEIGHBOURS_FOR_NORMAL
-            neighbours = tuple(map(_neighbour, zip(ni[:m], nd[:m])))
-            append((i, ScoreRecord(e.id, e.source, e.kind, format_ts(e.ts), score, pv, flag, w, neighbours, tag, e.label)))
+        last_ts, stamp = None, ""
+        # One pass, tuple constructors, the event unpacked at once: this loop
+        # runs per event. zip stops at the distances: the ids need no slicing.
+        for (i, (eid, kind, source, ts, _, label, _)), score, pv, flag, w, nd, full, ni in zip(
+            items, scores, pvals, flags, warm, near, every, d.neighbour_ids
+        ):
+            if ts != last_ts:  # a batch without event times shares its arrival time
+                last_ts, stamp = ts, format_ts(ts)
+            neighbours = tuple(map(_neighbour, zip(ni, full if flag else nd)))
+            append((i, _score_record((eid, source, kind, stamp, score, pv, flag, w, neighbours, tag, label))))
 
     def _learn(self, state: SourceState, result: BatchResult) -> None:
         """End of a block: the encoder, the reference, the calibration and the drift monitor learn it."""

@@ -223,3 +223,28 @@ def test_exact_scan_over_the_filled_columns_is_brute_force_as_columns_come_and_g
     _fill(idx, rows(cap, list(range(dim))))
     assert idx._compact is None
     check(rows(8, list(range(dim))))
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize(("dim", "filled", "cap", "queries"), [(100, 9, 2000, 32), (36, 36, 2000, 32), (130, 12, 500, 7), (20, 20, 15, 4)])
+def test_compiled_scan_gives_the_numpy_scans_answers_bit_for_bit(metric, dim, filled, cap, queries, rng, monkeypatch):
+    # detectors.kernels recomputes the candidates' distances in NumPy's own
+    # summation order: the same distances and slots, not merely close ones.
+    from detectors import kernels
+
+    assert kernels.loaded()
+    idx = ReferenceIndex(dim=dim, capacity=cap, metric=metric, backend="exact")
+    X = np.zeros((cap + 50, dim), np.float32)
+    X[:, :filled] = rng.standard_normal((cap + 50, filled)) * np.exp(rng.normal(size=filled))
+    _fill(idx, X)
+    Q = np.zeros((queries, dim), np.float32)
+    wide = min(filled + 1, dim)  # one column where no stored vector has a value, if there is one
+    Q[:, :wide] = rng.standard_normal((queries, wide))
+    for k in (1, 10):
+        k = min(k, idx.size)
+        compiled = idx._query_exact(idx._check(Q), k)
+        monkeypatch.setattr(kernels, "enabled", False)
+        plain = idx._query_exact(idx._check(Q), k)
+        monkeypatch.setattr(kernels, "enabled", True)
+        assert compiled[0].dtype == plain[0].dtype and compiled[1].dtype == plain[1].dtype
+        assert np.array_equal(compiled[0], plain[0]) and np.array_equal(compiled[1], plain[1])

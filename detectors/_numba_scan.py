@@ -1,0 +1,173 @@
+"""The numba kernels of :mod:`detectors.kernels` (numba is imported here only, on first use of the scan)."""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from detectors.index import _FOLD, _MAX_CANDIDATE_FACTOR
+
+
+@njit(cache=True, nogil=True)
+def _pairwise_sum(buf: np.ndarray, n: int) -> np.float32:
+    """``buf[:n].sum()`` in float32 in NumPy's order (``pairwise_sum`` for n <= 128)."""
+    if n < 8:
+        res = np.float32(0.0)
+        for i in range(n):
+            res += buf[i]
+        return res
+    r0, r1, r2, r3 = buf[0], buf[1], buf[2], buf[3]
+    r4, r5, r6, r7 = buf[4], buf[5], buf[6], buf[7]
+    i = 8
+    stop = n - (n % 8)
+    while i < stop:
+        r0 += buf[i]
+        r1 += buf[i + 1]
+        r2 += buf[i + 2]
+        r3 += buf[i + 3]
+        r4 += buf[i + 4]
+        r5 += buf[i + 5]
+        r6 += buf[i + 6]
+        r7 += buf[i + 7]
+        i += 8
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while i < n:
+        res += buf[i]
+        i += 1
+    # NumPy's reduction starts from the identity: 0 + res
+    return np.float32(0.0) + res
+
+
+@njit(cache=True, nogil=True)
+def _before(v: float, j: int, w: float, i: int) -> bool:
+    """(v, j) orders before (w, i): by value, then by slot."""
+    return v < w or (v == w and j < i)
+
+
+@njit(cache=True, nogil=True)
+def _nearest_kernel(
+    D: np.ndarray,
+    sqnorm: np.ndarray,
+    V: np.ndarray,
+    Xa: np.ndarray,
+    rest: np.ndarray,
+    c: int,
+    k: int,
+    cosine: bool,
+    out_dist: np.ndarray,
+    out_slot: np.ndarray,
+) -> None:
+    n, m = D.shape
+    a = V.shape[1]
+    # strided groups of up to _FOLD columns, as detectors.index._candidates folds them
+    g = min(_FOLD, m // (4 * c))
+    if g < 1:
+        g = 1
+    groups = m // g
+    tail = m - groups * g  # columns past the groups: each its own group
+    row = np.empty(m, np.float32)
+    folded = np.empty(groups + tail, np.float32)
+    bar = np.empty(c, np.float32)
+    cand = np.empty(m, np.int64)
+    best_v = np.empty(c, np.float32)
+    best_j = np.empty(c, np.int64)
+    exact = np.empty(m, np.float32)
+    order = np.empty(m, np.int64)
+    buf = np.empty(max(a, 1), np.float32)
+    one = np.float32(1.0)
+    for r in range(n):
+        # (Slices and loop counters as indices: numba then drops its negative-index
+        # checks and the loops vectorise, ~3x faster than D[r, j].)
+        Dr = D[r]
+        for j in range(m):
+            row[j] = Dr[j] + sqnorm[j]
+        # the row's minimum of each group, elementwise over contiguous runs
+        fold = folded[:groups]
+        fold[:] = row[:groups]
+        for i in range(1, g):
+            seg = row[i * groups : (i + 1) * groups]
+            for j in range(groups):
+                if seg[j] < fold[j]:
+                    fold[j] = seg[j]
+        folded[groups:] = row[groups * g :]
+        # t: the c-th smallest group minimum; at least c entries of the row are <= t
+        filled = 0
+        for j in range(groups + tail):
+            v = folded[j]
+            if filled == c:
+                if not v < bar[c - 1]:
+                    continue
+                pos = c - 1
+            else:
+                pos = filled
+                filled += 1
+            while pos > 0 and bar[pos - 1] > v:
+                bar[pos] = bar[pos - 1]
+                pos -= 1
+            bar[pos] = v
+        t = bar[c - 1]
+        # every entry <= t lies in a group whose minimum is <= t
+        count = 0
+        for j in range(groups):
+            if fold[j] <= t:
+                for i in range(g):
+                    col = i * groups + j
+                    if row[col] <= t:
+                        cand[count] = col
+                        count += 1
+        for j in range(groups * g, m):
+            if row[j] <= t:
+                cand[count] = j
+                count += 1
+        if count > _MAX_CANDIDATE_FACTOR * c:
+            # ties (a reference of repeated vectors): the c smallest by value, then slot
+            kept = 0
+            for q in range(count):
+                j = cand[q]
+                v = row[j]
+                if kept == c:
+                    if not _before(v, j, best_v[c - 1], best_j[c - 1]):
+                        continue
+                    pos = c - 1
+                else:
+                    pos = kept
+                    kept += 1
+                while pos > 0 and _before(v, j, best_v[pos - 1], best_j[pos - 1]):
+                    best_v[pos] = best_v[pos - 1]
+                    best_j[pos] = best_j[pos - 1]
+                    pos -= 1
+                best_v[pos] = v
+                best_j[pos] = j
+            for q in range(c):
+                cand[q] = best_j[q]
+            count = c
+        # exact distances of the candidates, as the NumPy path computes them
+        for q in range(count):
+            j = cand[q]
+            if cosine:
+                for u in range(a):
+                    buf[u] = V[j, u] * Xa[r, u]
+                exact[q] = one - _pairwise_sum(buf, a)
+            else:
+                for u in range(a):
+                    d = V[j, u] - Xa[r, u]
+                    buf[u] = d * d
+                s = _pairwise_sum(buf, a)
+                if rest.shape[0]:
+                    s = s + rest[r]
+                exact[q] = s
+        # the k nearest by (distance, slot): insertion sort of the candidates
+        for q in range(count):
+            v = exact[q]
+            j = cand[q]
+            pos = q
+            while pos > 0 and _before(v, j, exact[order[pos - 1]], cand[order[pos - 1]]):
+                order[pos] = order[pos - 1]
+                pos -= 1
+            order[pos] = q
+        for q in range(k):
+            v = exact[order[q]]
+            if v < 0:
+                v = np.float32(0.0)
+            out_dist[r, q] = v if cosine else np.sqrt(v)
+            out_slot[r, q] = cand[order[q]]

@@ -1,0 +1,95 @@
+"""Compiled kernels for the exact scan's hot path (numba, imported on first use).
+
+:func:`nearest_from_products` does, per query row, in one pass and without
+temporaries, what the exact scan of :mod:`detectors.index` otherwise does in
+about twenty NumPy calls per batch (``_candidates``, the pair-by-pair
+distances, ``_nearest``): pick the ``c`` smallest approximate distances of
+the row, recompute those exactly in float32, and keep the ``k`` nearest, ties
+by slot. The exact distances are summed in NumPy's own order (its pairwise
+summation), so they equal the NumPy path's bit for bit; the NumPy path stays
+as the reference, for rows wider than ``MAX_WIDTH`` and without numba.
+
+numba is imported when the scan first needs it, not when the worker starts
+(~0.7 s), and the kernel is compiled at that first use and cached on disk
+(numba's ``cache=True``: beside the module, else in the user's cache
+directory): ~4 s the first time on a machine, ~1 s to load from the cache
+(2 loaded cores). The image compiles it at build time (:func:`warm_up`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import numpy as np
+
+# NumPy sums a row of up to 128 values (its PW_BLOCKSIZE) with eight
+# accumulators, not recursively; wider rows take the NumPy path.
+MAX_WIDTH = 128
+
+# False: the NumPy path everywhere (the tests compare the two). numba and
+# LLVM hold ~120 MiB of resident memory once loaded; NWATCH_SCAN_KERNEL=0
+# trades the kernel's speed (~5 us per tabular event) for that memory.
+enabled = os.environ.get("NWATCH_SCAN_KERNEL", "1") != "0"
+_kernel: Callable[..., None] | None = None
+_tried = False
+
+
+def loaded() -> bool:
+    """Whether the compiled scan is there to use (imports numba the first time)."""
+    global _kernel, _tried
+    if not enabled:
+        return False
+    if not _tried:
+        _tried = True
+        try:
+            from detectors._numba_scan import _nearest_kernel
+        except ImportError:  # pragma: no cover - numba is a pinned dependency
+            _nearest_kernel = None
+        _kernel = _nearest_kernel
+    return _kernel is not None
+
+
+def nearest_from_products(
+    D: np.ndarray,
+    sqnorm: np.ndarray | None,
+    V: np.ndarray,
+    Xa: np.ndarray,
+    rest: np.ndarray | None,
+    c: int,
+    k: int,
+    *,
+    cosine: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest of each query row from its approximate distances ``D`` (n, m).
+
+    ``D[r, j] + sqnorm[j]`` ranks slot ``j`` for row ``r`` (``sqnorm`` None for
+    cosine); the ``c`` smallest are recomputed exactly from ``V`` (m, a) and
+    ``Xa`` (n, a) (l2: squared difference plus ``rest[r]``, the row's squares
+    outside these columns; cosine: ``1 - dot``). Returns distances ``(n, k)``
+    float32 ascending (Euclidean or ``1 - cos``, floored at 0) and their slots
+    ``(n, k)`` int64, ties by slot. ``k <= c <= m``; ``a <= MAX_WIDTH``.
+    """
+    n = D.shape[0]
+    out_dist = np.empty((n, k), np.float32)
+    out_slot = np.empty((n, k), np.int64)
+    if sqnorm is None:
+        sqnorm = np.zeros(D.shape[1], np.float32)
+    if rest is None:
+        rest = np.zeros(0, np.float32)
+    assert _kernel is not None, "loaded() first"
+    _kernel(
+        np.ascontiguousarray(D, np.float32), np.ascontiguousarray(sqnorm, np.float32),
+        np.ascontiguousarray(V, np.float32), np.ascontiguousarray(Xa, np.float32),
+        np.ascontiguousarray(rest, np.float32), c, k, cosine, out_dist, out_slot,
+    )
+    return out_dist, out_slot
+
+
+def warm_up() -> None:
+    """Compile (or load from the on-disk cache) the kernels now: an image build calls it, so no
+    worker pays the compilation at its first batch."""
+    if not loaded():
+        return
+    V = np.zeros((4, 2), np.float32)
+    nearest_from_products(np.zeros((1, 4), np.float32), np.zeros(4, np.float32), V, V[:1], None, 2, 1, cosine=False)
