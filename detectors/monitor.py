@@ -60,17 +60,22 @@ def _tippett(knn_scores: np.ndarray, p_knn: np.ndarray, p_forest: np.ndarray) ->
 
 
 # With forest_trees, the combined score's calibration set is rebuilt from the
-# component sets each time this many events joined them (SourceMonitor._recalibrate),
-# and learns the combined scores of the events in between: a rebuild costs two
-# sorts of the sets, too much for every block of 32 events.
+# component sets each time this many events joined them (SourceMonitor._recalibrate):
+# a rebuild costs two sorts of the sets, too much for every block of 32 events,
+# and learning the combined scores in between costs a third rolling set's upkeep.
 _RECALIBRATE_EVERY = 256
 
 
-# With forest_trees, the forest is renewed in this many rounds per turnover of
-# the reference, a tenth of the trees at a time: trees grown together share one
-# pass of NumPy per level, about a third of the cost of growing them one by one
-# (1.1 against 3.7 ms per tree of 256 rows, 30 features, on a loaded 2-core machine).
+# With forest_trees, the forest is renewed in this many rounds, a tenth of the
+# trees at a time: trees grown together share one pass of NumPy per level, about
+# a third of the cost of growing them one by one (1.1 against 3.7 ms per tree of
+# 256 rows, 30 features, on a loaded 2-core machine).
 _REGROW_ROUNDS = 10
+# ... once per this many turnovers of the reference as it stands (every 80
+# learnt events while it holds 200, every 800 once it holds 2,000): growing was
+# the forest's main cost, 15 % of the pipeline on shuttle with one turnover,
+# 4 % with four (bench/pipeline_stages.py). A drift adoption regrows every tree.
+_FOREST_TURNOVER = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,28 +333,24 @@ class SourceMonitor:
                         forest_cal.p_values(components[:, 1]) - 0.5 / (forest_cal.size + 1.0))
 
     def _learn_components(self, X: np.ndarray, pending: np.ndarray | None) -> None:
-        """Calibration of the components and of the combined score, from the committed events.
+        """Calibration of the components from the committed events, and of the combined score.
 
-        The combined set learns the events' combined scores, and is rebuilt from
-        the component sets (:meth:`_recalibrate`) each ``_RECALIBRATE_EVERY``
-        events they learn, and whenever it is empty.
+        The combined set is rebuilt from the component sets (:meth:`_recalibrate`)
+        each ``_RECALIBRATE_EVERY`` events they learn, and at every commit until
+        it holds enough scores to judge.
         """
         if pending is None or len(pending) != len(X):
             pending = self._components(X, self.detector.score(X))
         if self.detector.size < self.min_reference:
             return
-        full = pending[:, 2] == 2
-        combined = self._combined(pending[full])
         some = pending[:, 2] >= 1
         knn_cal = self._component_cal[0]
         before = knn_cal.n_learned
         for j, cal in enumerate(self._component_cal):
             cal.learn(pending[some, j])
         if knn_cal.size and (before // _RECALIBRATE_EVERY < knn_cal.n_learned // _RECALIBRATE_EVERY
-                             or self.thresholder.size == 0):
+                             or not self.thresholder.is_ready):
             self._recalibrate()
-        elif len(combined):
-            self.thresholder.learn(combined)
 
     def _recalibrate(self) -> None:
         """The combined score's calibration set, rebuilt from the component sets as they stand.
@@ -373,9 +374,10 @@ class SourceMonitor:
         self.thresholder.learn(combined)
 
     def _grow_forest(self, learned: int) -> None:
-        """Grow the forest once the reference is large enough; then, each time a tenth of
-        ``reference_size`` events joined the reference, regrow the oldest tenth of the
-        trees, so the forest turns over with the reference."""
+        """Grow the forest once the reference is large enough; then, each time
+        ``_FOREST_TURNOVER`` tenths of the reference's size joined it, regrow the oldest
+        tenth of the trees, so the forest turns over once per ``_FOREST_TURNOVER``
+        turnovers of the reference."""
         assert self.forest is not None
         if self.detector.index is None or self.detector.size < self.min_reference:
             return
@@ -385,7 +387,7 @@ class SourceMonitor:
             return
         self._learned_since_regrow += learned
         count = max(1, self.forest_trees // _REGROW_ROUNDS)
-        every = max(1, round(self.reference_size * count / self.forest_trees))
+        every = max(1, round(self.detector.size * _FOREST_TURNOVER * count / self.forest_trees))
         while self._learned_since_regrow >= every:
             self.forest.regrow(self.detector.index.vectors(), count)
             self._learned_since_regrow -= every
@@ -453,6 +455,11 @@ class SourceMonitor:
             X = np.stack([x for x, _ in self._recent])
             self.detector.learn(X, [i for _, i in self._recent])
             self._recent.clear()
+        if self.forest is not None and self.forest.is_ready and self.detector.index is not None:
+            # the forest turns over slowly (_FOREST_TURNOVER): the new normal
+            # must not stay isolated by trees of the old one
+            self.forest.fit(self.detector.index.vectors())
+            self._learned_since_regrow = 0
         if not self.thresholder.is_ready:
             self.thresholder.reset()
 
@@ -491,9 +498,19 @@ class SourceMonitor:
             self._flagged.append((np.asarray(x, dtype=np.float32), i))
         self.events_seen = int(state["events_seen"])
         self.anomalies = int(state["anomalies"])
-        if self.forest is not None:
-            if "forest" not in state:
-                raise StateMismatch("saved without the forest this monitor combines with the kNN score")
+        if self.forest is None and "forest" in state:
+            raise StateMismatch("saved with a forest: its calibration set holds combined scores, not kNN ones")
+        if self.forest is not None and "forest" not in state:
+            # Saved by the kNN alone (an earlier version's default for the kind):
+            # the reference and the drift state carry on; the forest grows from the
+            # restored reference at the next commit, and the calibration sets,
+            # which held kNN scores, fill again (a warm-up of min_calibration events).
+            self.forest = IsolationForest(trees=self.forest_trees, seed=self.seed)
+            self.thresholder.reset()
+            for cal in self._component_cal:
+                cal.reset()
+            self._learned_since_regrow = 0
+        elif self.forest is not None:
             self.forest.set_state(state["forest"])
             for cal, st in zip(self._component_cal, state["component_calibration"]):
                 cal.set_state(st)
