@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from scipy.special import ndtri
 
 from detectors.calibration import ConformalThresholder
 from detectors.drift import CentroidDriftMonitor, DriftAlarm
@@ -54,9 +53,9 @@ def _distances(B: np.ndarray, x: np.ndarray, metric: Metric) -> np.ndarray:
 
 def _tippett(knn_scores: np.ndarray, p_knn: np.ndarray, p_forest: np.ndarray) -> np.ndarray:
     """The combined score of :meth:`SourceMonitor._combined` from the components' mid-rank
-    p-values: the normal score of the smaller one (the larger of the two normal scores), or of
-    the kNN's alone for an event with k exact copies in the reference (kNN score 0)."""
-    return -ndtri(np.where(knn_scores <= 0.0, p_knn, np.minimum(p_knn, p_forest)))
+    p-values: ``-log`` of the smaller one, or of the kNN's alone for an event with k exact
+    copies in the reference (kNN score 0). Positive, higher = more surprising on either scale."""
+    return -np.log(np.where(knn_scores <= 0.0, p_knn, np.minimum(p_knn, p_forest)))
 
 
 # With forest_trees, the combined score's calibration set is rebuilt from the
@@ -302,11 +301,12 @@ class SourceMonitor:
         return np.column_stack([knn_scores, self.forest.score(X), np.full(len(X), stage)])
 
     def _combined(self, components: np.ndarray) -> np.ndarray:
-        """The larger normal score of the two components' p-values, each against its own calibration set.
+        """The smaller of the two components' p-values, each against its own calibration set, as ``-log p``.
 
         Each score becomes a mid-rank p-value among the recent scores of its
-        kind, then a standard normal score ``-ndtri(p)``; the larger of the two
-        is the combined score (the smaller p-value, Tippett's combination): an
+        kind; ``-log`` of the smaller one is the combined score (Tippett's
+        combination; an earlier version reported the normal score ``-ndtri(p)``,
+        which ranks the same but is negative for most events): an
         event far out on either scale stands out, so one detector's blind spot
         is covered by the other. The mean of the two (Stouffer's) was measured
         too and ranks worse where one component is blind (docs/quality-notes.md).
@@ -357,12 +357,12 @@ class SourceMonitor:
 
         Both component sets learn the same events in the same order, so slot
         ``i`` of each holds one event's kNN and forest scores; each becomes a
-        normal score against its own set now, as :meth:`_combined` scores a new
+        p-value against its own set now, as :meth:`_combined` scores a new
         event, and their combination joins the rebuilt set. Combined scores kept
-        from when they were scored would not be comparable: a normal score
+        from when they were scored would not be comparable: a p-value
         depends on the component set it was read against, and that set moves
         (on the HDFS sessions the anomaly-rich test part fills the kNN set's
-        top, so a session's kNN normal score drops over time; kept scores made
+        top, so a session's kNN p-value rises over time; kept scores made
         the threshold stale and F1 0.554, rebuilt 0.605 as with the kNN alone,
         `python bench/quality_hdfs.py`).
         """
