@@ -92,8 +92,8 @@ ADMIT_REPEATS: dict[str, int] = {"log": 3}
 # ADBench transaction streams (judged ROC-AUC, 3 seeds, `python bench/quality_tabular.py
 # default forest0`) the mean of the seven goes 0.887 -> 0.913 (ADBench IForest
 # mean 0.911), cardio 0.802 -> 0.885 and mammography 0.806 -> 0.849 (ADBench KNN
-# 0.845); the HDFS sessions, also transactions, keep F1 0.605 -> 0.621
-# (`python bench/quality_hdfs.py`); the forest costs about a quarter of the
+# 0.845); the HDFS sessions, also transactions, go from F1 0.605 to 0.621
+# (`python bench/quality_hdfs.py`); the forest costs a quarter to a third of the
 # transaction pipeline's time (`python bench/pipeline_stages.py`): docs/quality-notes.md.
 FOREST_TREES: dict[str, int] = {"transaction": 50}
 
