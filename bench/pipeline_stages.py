@@ -12,6 +12,8 @@ Run from the repository root::
     python bench/pipeline_stages.py [SET] [KIND] [EVENTS]   # default: 32_shuttle transaction 49000
 
 To compare two trees, run it from each (``PYTHONPATH=<tree>``) in the same minutes.
+Per-source settings come from the environment as for ``nwatch run``, e.g.
+``NWATCH_SOURCES='{"tab": {"forest_trees": 50}}'``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from streams.runtime import configure_threads
 configure_threads()
 
 import detectors.drift as drift  # noqa: E402
+import detectors.forest as forest  # noqa: E402
 import detectors.index as index  # noqa: E402
 import detectors.kernels as kernels  # noqa: E402
 import detectors.knn as knn  # noqa: E402
@@ -45,6 +48,7 @@ STAGES = [  # (owner, attribute, label)
     (pipeline.Pipeline, "_encode", "score.encode"),
     (monitor.SourceMonitor, "score", "score.monitor"),
     (knn.KNNDetector, "query", "score.monitor.knn"),
+    (forest.IsolationForest, "score", "score.monitor.forest"),
     (index, "_candidates", "score.monitor.knn.candidates"),
     (index, "_nearest", "score.monitor.knn.nearest"),
     (kernels, "nearest_from_products", "score.monitor.knn.kernel"),
@@ -52,6 +56,8 @@ STAGES = [  # (owner, attribute, label)
     (tabular.TransactionEncoder, "learn", "learn.encoder"),
     (monitor.SourceMonitor, "commit", "learn.commit"),
     (knn.KNNDetector, "learn", "learn.commit.knn"),
+    (monitor.SourceMonitor, "_learn_components", "learn.commit.calibrate_components"),
+    (forest.IsolationForest, "_grow", "learn.commit.grow_forest"),
     (drift.CentroidDriftMonitor, "update", "learn.commit.drift"),
     (drift.CentroidDriftMonitor, "_establish", "learn.commit.drift.new_reference"),
 ]

@@ -6,8 +6,9 @@
 2. The pipeline (``nwatch replay`` path) on the sessions in time order as
    ``transaction`` and as ``vector`` (l2) events, with the default drift
    policy, with drift ``keep``, with drift off, with ``admit_repeats = 3``
-   (the log sources' default) and with ``forest_trees = 100`` (the opt-in
-   combination with isolation trees): F1 at alpha and ROC-AUC.
+   (the log sources' default), with ``forest_trees = 0`` (the kNN alone; the
+   transaction default combines it with 50 isolation trees) and 100: F1 at
+   alpha and ROC-AUC.
 
 Run from the repository root: ``python bench/quality_hdfs.py``.
 """
@@ -41,7 +42,8 @@ def main() -> None:
         stream = hdfs_stream(DATA, kind=kind)
         metric = "l2" if kind == "vector" else None
         for label, extra in (("default", {}), ("drift keep", {"drift_policy": "keep"}), ("drift off", {"drift": False}),
-                             ("admit 3", {"admit_repeats": 3}), ("forest 100", {"forest_trees": 100})):
+                             ("admit 3", {"admit_repeats": 3}), ("forest 0", {"forest_trees": 0}),
+                             ("forest 100", {"forest_trees": 100})):
             st = Settings(sources={"hdfs": SourceSettings(metric=metric, **extra)})
             f = figures(stream.labels, replay(stream, st))
             print(f"{kind:<11} {label:<10} ROC-AUC {f['roc_auc']:.3f}  precision {f['precision']:.3f}  "

@@ -40,7 +40,10 @@ VARIANTS: dict[str, dict] = {
     "learn15": {"learn_alpha": 0.15},
     "learn20": {"learn_alpha": 0.2},
     "learn30": {"learn_alpha": 0.3},
-    # the kNN distance combined with isolation trees on the reference (opt-in)
+    # the kNN distance combined with isolation trees on the reference (50: the
+    # transaction default; 0: the kNN alone)
+    "forest0": {"forest_trees": 0},
+    "forest25": {"forest_trees": 25},
     "forest50": {"forest_trees": 50},
     "forest100": {"forest_trees": 100},
     "forest200": {"forest_trees": 200},

@@ -55,6 +55,11 @@ class ConformalThresholder:
         return min(self._n, self.window)
 
     @property
+    def n_learned(self) -> int:
+        """Scores learnt since the last reset, those that left the window too."""
+        return self._n
+
+    @property
     def is_ready(self) -> bool:
         return self.size >= self.min_calibration
 
@@ -102,6 +107,32 @@ class ConformalThresholder:
         n = len(cal)
         n_ge = n - np.searchsorted(cal, scores, side="left")
         return (1.0 + n_ge) / (n + 1.0)
+
+    def calibration_scores(self) -> np.ndarray:
+        """The scores of the set in slot order (see :meth:`own_p_values`), a copy."""
+        return self._ring[: self.size].copy()
+
+    def own_p_values(self) -> np.ndarray:
+        """The calibration scores' own p-values, ``#{calibration scores >= s} / n`` (each counted
+        among the others and itself, as :meth:`p_values` counts a new score), in slot order: two
+        sets of the same window that learnt the same sequence give theirs pair by pair.
+
+        >>> t = ConformalThresholder(alpha=0.1, window=4, min_calibration=1)
+        >>> t.learn(np.array([3.0, 1.0, 2.0, 5.0]))
+        >>> t.learn(np.array([4.0]))  # 3.0 leaves, 4.0 takes its slot
+        >>> t.own_p_values().tolist()
+        [0.5, 1.0, 0.75, 0.25]
+        """
+        n = self.size
+        if n == 0:
+            return np.ones(0)
+        ring = self._ring[:n]
+        # counted in sorted order (a binary search per unsorted score is ten times slower)
+        order = np.argsort(ring, kind="stable")
+        ascending = ring[order]
+        out = np.empty(n)
+        out[order] = (n - np.searchsorted(ascending, ascending, side="left")) / n
+        return out
 
     def learn(self, scores: np.ndarray) -> None:
         scores = np.asarray(scores, dtype=np.float64)

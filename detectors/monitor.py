@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from scipy.special import ndtri
 
 from detectors.calibration import ConformalThresholder
 from detectors.drift import CentroidDriftMonitor, DriftAlarm
@@ -53,11 +52,30 @@ def _distances(B: np.ndarray, x: np.ndarray, metric: Metric) -> np.ndarray:
     return np.linalg.norm(B - x, axis=1)
 
 
-# With forest_trees, the forest is renewed in this many rounds per turnover of
-# the reference, a tenth of the trees at a time: trees grown together share one
-# pass of NumPy per level, about a third of the cost of growing them one by one
-# (1.1 against 3.7 ms per tree of 256 rows, 30 features, on a loaded 2-core machine).
+def _tippett(knn_scores: np.ndarray, p_knn: np.ndarray, p_forest: np.ndarray) -> np.ndarray:
+    """The combined score of :meth:`SourceMonitor._combined` from the components' mid-rank
+    p-values: ``-log`` of the smaller one, or of the kNN's alone for an event with k exact
+    copies in the reference (kNN score 0). Positive, higher = more surprising on either scale."""
+    return -np.log(np.where(knn_scores <= 0.0, p_knn, np.minimum(p_knn, p_forest)))
+
+
+# With forest_trees, the combined score's calibration set is rebuilt from the
+# component sets each time this many events joined them (SourceMonitor._recalibrate):
+# a rebuild costs two sorts of the sets, too much for every block of 32 events,
+# and learning the combined scores in between costs a third rolling set's upkeep.
+_RECALIBRATE_EVERY = 256
+
+
+# With forest_trees, the forest is renewed in this many rounds, a tenth of the
+# trees at a time: trees grown together share one pass of NumPy per level, about
+# a third of the cost of growing them one by one (1.1 against 3.7 ms per tree of
+# 256 rows, 30 features, on a loaded 2-core machine).
 _REGROW_ROUNDS = 10
+# ... once per this many turnovers of the reference as it stands (every 80
+# learnt events while it holds 200, every 800 once it holds 2,000): growing was
+# the forest's main cost, 15 % of the pipeline on shuttle with one turnover,
+# 4 % with four (bench/pipeline_stages.py). A drift adoption regrows every tree.
+_FOREST_TURNOVER = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,18 +302,21 @@ class SourceMonitor:
         return np.column_stack([knn_scores, self.forest.score(X), np.full(len(X), stage)])
 
     def _combined(self, components: np.ndarray) -> np.ndarray:
-        """The larger normal score of the two components' p-values, each against its own calibration set.
+        """The smaller of the two components' p-values, each against its own calibration set, as ``-log p``.
 
         Each score becomes a mid-rank p-value among the recent scores of its
-        kind, then a standard normal score ``-ndtri(p)``; the larger of the two
-        is the combined score (the smaller p-value, Tippett's combination): an
+        kind; ``-log`` of the smaller one is the combined score (Tippett's
+        combination; an earlier version reported the normal score ``-ndtri(p)``,
+        which ranks the same but is negative for most events): an
         event far out on either scale stands out, so one detector's blind spot
         is covered by the other. The mean of the two (Stouffer's) was measured
         too and ranks worse where one component is blind (docs/quality-notes.md).
         The result is a score like any other: the source's own calibration set
         turns it into the p-value that decides, so the false-alarm budget holds
-        for the combination, not for each part. 0 for events scored before both
-        calibration sets held a score.
+        for the combination, not for each part. That set holds the combined
+        scores of the component sets' own events, as they stand now
+        (:meth:`_recalibrate`). 0 for events scored before both calibration
+        sets held a score.
 
         An event whose k nearest reference events are exact copies of it (kNN
         score 0) is judged by the kNN alone: it occurred k times among accepted
@@ -308,28 +329,56 @@ class SourceMonitor:
         if not len(components) or components[0, 2] < 2:
             return u
         knn_cal, forest_cal = self._component_cal
-        u_knn = -ndtri(knn_cal.p_values(components[:, 0]) - 0.5 / (knn_cal.size + 1.0))
-        u_forest = -ndtri(forest_cal.p_values(components[:, 1]) - 0.5 / (forest_cal.size + 1.0))
-        repeated = components[:, 0] <= 0.0
-        return np.where(repeated, u_knn, np.maximum(u_knn, u_forest))
+        return _tippett(components[:, 0],
+                        knn_cal.p_values(components[:, 0]) - 0.5 / (knn_cal.size + 1.0),
+                        forest_cal.p_values(components[:, 1]) - 0.5 / (forest_cal.size + 1.0))
 
     def _learn_components(self, X: np.ndarray, pending: np.ndarray | None) -> None:
-        """Calibration of the combined score and of its components, from the committed events."""
+        """Calibration of the components from the committed events, and of the combined score.
+
+        The combined set is rebuilt from the component sets (:meth:`_recalibrate`)
+        each ``_RECALIBRATE_EVERY`` events they learn, and at every commit until
+        it holds enough scores to judge.
+        """
         if pending is None or len(pending) != len(X):
             pending = self._components(X, self.detector.score(X))
         if self.detector.size < self.min_reference:
             return
-        full = pending[:, 2] == 2
-        if full.any():
-            self.thresholder.learn(self._combined(pending[full]))
         some = pending[:, 2] >= 1
+        knn_cal = self._component_cal[0]
+        before = knn_cal.n_learned
         for j, cal in enumerate(self._component_cal):
             cal.learn(pending[some, j])
+        if knn_cal.size and (before // _RECALIBRATE_EVERY < knn_cal.n_learned // _RECALIBRATE_EVERY
+                             or not self.thresholder.is_ready):
+            self._recalibrate()
+
+    def _recalibrate(self) -> None:
+        """The combined score's calibration set, rebuilt from the component sets as they stand.
+
+        Both component sets learn the same events in the same order, so slot
+        ``i`` of each holds one event's kNN and forest scores; each becomes a
+        p-value against its own set now, as :meth:`_combined` scores a new
+        event, and their combination joins the rebuilt set. Combined scores kept
+        from when they were scored would not be comparable: a p-value
+        depends on the component set it was read against, and that set moves
+        (on the HDFS sessions the anomaly-rich test part fills the kNN set's
+        top, so a session's kNN p-value rises over time; kept scores made
+        the threshold stale and F1 0.554, rebuilt 0.605 as with the kNN alone,
+        `python bench/quality_hdfs.py`).
+        """
+        knn_cal, forest_cal = self._component_cal
+        n = knn_cal.size
+        combined = _tippett(knn_cal.calibration_scores(), knn_cal.own_p_values() - 0.5 / n,
+                            forest_cal.own_p_values() - 0.5 / n)
+        self.thresholder.reset()
+        self.thresholder.learn(combined)
 
     def _grow_forest(self, learned: int) -> None:
-        """Grow the forest once the reference is large enough; then, each time a tenth of
-        ``reference_size`` events joined the reference, regrow the oldest tenth of the
-        trees, so the forest turns over with the reference."""
+        """Grow the forest once the reference is large enough; then, each time
+        ``_FOREST_TURNOVER`` tenths of the reference's size joined it, regrow the oldest
+        tenth of the trees, so the forest turns over once per ``_FOREST_TURNOVER``
+        turnovers of the reference."""
         assert self.forest is not None
         if self.detector.index is None or self.detector.size < self.min_reference:
             return
@@ -339,7 +388,7 @@ class SourceMonitor:
             return
         self._learned_since_regrow += learned
         count = max(1, self.forest_trees // _REGROW_ROUNDS)
-        every = max(1, round(self.reference_size * count / self.forest_trees))
+        every = max(1, round(self.detector.size * _FOREST_TURNOVER * count / self.forest_trees))
         while self._learned_since_regrow >= every:
             self.forest.regrow(self.detector.index.vectors(), count)
             self._learned_since_regrow -= every
@@ -426,6 +475,11 @@ class SourceMonitor:
             X = np.stack([x for x, _ in self._recent])
             self.detector.learn(X, [i for _, i in self._recent])
             self._recent.clear()
+        if self.forest is not None and self.forest.is_ready and self.detector.index is not None:
+            # the forest turns over slowly (_FOREST_TURNOVER): the new normal
+            # must not stay isolated by trees of the old one
+            self.forest.fit(self.detector.index.vectors())
+            self._learned_since_regrow = 0
         if not self.thresholder.is_ready:
             self.thresholder.reset()
 
@@ -464,9 +518,19 @@ class SourceMonitor:
             self._flagged.append((np.asarray(x, dtype=np.float32), i))
         self.events_seen = int(state["events_seen"])
         self.anomalies = int(state["anomalies"])
-        if self.forest is not None:
-            if "forest" not in state:
-                raise StateMismatch("saved without the forest this monitor combines with the kNN score")
+        if self.forest is None and "forest" in state:
+            raise StateMismatch("saved with a forest: its calibration set holds combined scores, not kNN ones")
+        if self.forest is not None and "forest" not in state:
+            # Saved by the kNN alone (an earlier version's default for the kind):
+            # the reference and the drift state carry on; the forest grows from the
+            # restored reference at the next commit, and the calibration sets,
+            # which held kNN scores, fill again (a warm-up of min_calibration events).
+            self.forest = IsolationForest(trees=self.forest_trees, seed=self.seed)
+            self.thresholder.reset()
+            for cal in self._component_cal:
+                cal.reset()
+            self._learned_since_regrow = 0
+        elif self.forest is not None:
             self.forest.set_state(state["forest"])
             for cal, st in zip(self._component_cal, state["component_calibration"]):
                 cal.set_state(st)

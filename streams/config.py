@@ -55,9 +55,10 @@ class SourceSettings(_Frozen):
     # A flagged event joins the reference, with its look-alikes, once this many
     # of them were flagged (0: never). None: the kind's default (ADMIT_REPEATS).
     admit_repeats: int | None = Field(None, ge=0)
-    # Opt-in: this many isolation trees grown on the reference give a second
-    # score, combined with the kNN distance (detectors.monitor.SourceMonitor
-    # ._combined); 0: the kNN distance alone. None: the kind's default (FOREST_TREES).
+    # This many isolation trees grown on the reference give a second score,
+    # combined with the kNN distance (detectors.monitor.SourceMonitor._combined);
+    # 0: the kNN distance alone. None: the kind's default (FOREST_TREES: 50 for
+    # transactions, 0 elsewhere).
     forest_trees: int | None = Field(None, ge=0, le=1000)
     # The pipeline's own settings (not the monitor's): the reference and the
     # encoder statistics learn every learn_block events of the source, so a
@@ -87,15 +88,14 @@ class SourceSettings(_Frozen):
 # -> 0.571): they stay flagged.
 ADMIT_REPEATS: dict[str, int] = {"log": 3}
 
-# forest_trees by kind: 0 (kNN alone) for every kind. With 100 trees the ADBench
-# transaction streams gain (judged ROC-AUC, mean of the seven 0.887 -> 0.911,
-# cardio 0.802 -> 0.896, mammography 0.806 -> 0.840; `python bench/quality_tabular.py
-# default forest100`) but tabular throughput halves against river's HST in the
-# same run (`nwatch bench speed --only tabular`, then with
-# NWATCH_SOURCES='{"tab": {"forest_trees": 100}}'), and the HDFS sessions, also
-# transactions, lose F1 0.605 -> 0.554 (`python bench/quality_hdfs.py`):
-# docs/quality-notes.md.
-FOREST_TREES: dict[str, int] = {}
+# forest_trees by kind: 50 for transactions, 0 (the kNN alone) elsewhere. On the
+# ADBench transaction streams (judged ROC-AUC, 3 seeds, `python bench/quality_tabular.py
+# default forest0`) the mean of the seven goes 0.887 -> 0.913 (ADBench IForest
+# mean 0.911), cardio 0.802 -> 0.885 and mammography 0.806 -> 0.849 (ADBench KNN
+# 0.845); the HDFS sessions, also transactions, go from F1 0.605 to 0.621
+# (`python bench/quality_hdfs.py`); the forest costs a quarter to a third of the
+# transaction pipeline's time (`python bench/pipeline_stages.py`): docs/quality-notes.md.
+FOREST_TREES: dict[str, int] = {"transaction": 50}
 
 PIPELINE_FIELDS = frozenset({"learn_block", "dedup_window", "max_lateness", "shards"})
 

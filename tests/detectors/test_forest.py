@@ -120,7 +120,23 @@ def test_combined_monitor_state_round_trips_mid_stream_and_score_reads_only():
     np.testing.assert_array_equal(sa, sb)
     np.testing.assert_array_equal(fa, fb)
     with pytest.raises(StateMismatch):
-        SourceMonitor(alpha=0.01, forest_trees=20).set_state(SourceMonitor(alpha=0.01).get_state())
+        SourceMonitor(alpha=0.01).set_state(a.get_state())
+
+
+def test_a_state_saved_by_the_knn_alone_loads_and_the_forest_grows_from_its_reference():
+    X, y = scale_blind_stream(8)
+    knn = SourceMonitor(alpha=0.01, drift=False, reference_size=500)
+    run(knn, X[:2000])
+    b = SourceMonitor(alpha=0.01, drift=False, reference_size=500, forest_trees=20)
+    b.set_state(knn.get_state())
+    assert b.detector.size == knn.detector.size and not b.forest.is_ready
+    assert b.is_warming_up  # its calibration set held kNN scores: it fills again
+    scores, flags, warm = run(b, X[2000:])
+    assert b.forest.is_ready and not b.is_warming_up
+    after = np.flatnonzero(~warm) + 2000
+    assert warm[:100].all() and len(after) > 0.8 * (len(X) - 2000)
+    # judged with the forest, it finds the narrow-feature anomalies the kNN alone misses
+    assert roc_auc(scores[after - 2000], y[after]) > 0.85
 
 
 def test_commit_without_the_components_computes_the_same_ones():

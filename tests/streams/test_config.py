@@ -68,12 +68,14 @@ def test_admit_repeats_defaults_by_kind_and_a_setting_overrides_it():
         Settings(defaults={"admit_repeats": -1})
 
 
-def test_forest_is_opt_in_for_every_kind_and_reaches_the_monitor():
-    s = Settings(sources={"cards": {"forest_trees": 100}})
-    for kind in ("transaction", "log", "text", "audio", "vector"):
+def test_forest_is_the_transaction_default_a_setting_overrides_it_and_it_reaches_the_monitor():
+    s = Settings(sources={"cards": {"forest_trees": 100}, "plain": {"forest_trees": 0}})
+    assert s.source("tx", "transaction").monitor_kwargs("transaction")["forest_trees"] == 50
+    for kind in ("log", "text", "audio", "vector"):
         assert s.source("tx", kind).monitor_kwargs(kind)["forest_trees"] == 0
     kwargs = s.source("cards", "transaction").monitor_kwargs("transaction")
     assert kwargs["forest_trees"] == 100
     assert SourceMonitor(**kwargs).forest.trees == 100
+    assert SourceMonitor(**s.source("plain", "transaction").monitor_kwargs("transaction")).forest is None
     with pytest.raises(ValidationError):
         Settings(defaults={"forest_trees": -1})
