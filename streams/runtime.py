@@ -33,8 +33,21 @@ def configure_threads(blas_threads: int = 1) -> None:
 GC_THRESHOLDS = (20_000, 50, 100)
 
 
-def configure_gc(thresholds: tuple[int, int, int] = GC_THRESHOLDS) -> None:
-    """Collect cycles less often than CPython's default (see ``GC_THRESHOLDS``)."""
+def configure_gc(thresholds: tuple[int, int, int] | None = None) -> None:
+    """Collect cycles less often than CPython's default (see ``GC_THRESHOLDS``).
+
+    ``NWATCH_GC_THRESHOLDS`` (three integers, comma-separated) overrides the
+    default when no thresholds are given.
+    """
+    if thresholds is None:
+        env = os.environ.get("NWATCH_GC_THRESHOLDS", "").strip()
+        if env:
+            parts = tuple(int(v) for v in env.split(","))
+            if len(parts) != 3 or min(parts) < 0:
+                raise ValueError(f"NWATCH_GC_THRESHOLDS must be three integers >= 0, got {env!r}")
+            thresholds = parts  # type: ignore[assignment]
+        else:
+            thresholds = GC_THRESHOLDS
     gc.set_threshold(*thresholds)
 
 

@@ -12,3 +12,18 @@ def test_configure_gc_sets_the_thresholds_and_they_can_be_restored():
         assert gc.get_threshold() == (700, 10, 10)
     finally:
         gc.set_threshold(*old)
+
+
+def test_gc_thresholds_from_the_environment_and_a_bad_value_refused(monkeypatch):
+    import pytest
+
+    old = gc.get_threshold()
+    try:
+        monkeypatch.setenv("NWATCH_GC_THRESHOLDS", "700,10,10")
+        configure_gc()
+        assert gc.get_threshold() == (700, 10, 10)
+        monkeypatch.setenv("NWATCH_GC_THRESHOLDS", "700,10")
+        with pytest.raises(ValueError, match="three integers"):
+            configure_gc()
+    finally:
+        gc.set_threshold(*old)
