@@ -171,3 +171,44 @@ def _nearest_kernel(
                 v = np.float32(0.0)
             out_dist[r, q] = v if cosine else np.sqrt(v)
             out_slot[r, q] = cand[order[q]]
+
+
+@njit(cache=True, nogil=True)
+def _forest_kernel(
+    X: np.ndarray, feature: np.ndarray, threshold: np.ndarray, leaf_depth: np.ndarray, depth: int, out: np.ndarray
+) -> None:
+    """``out[r, t]``: the depth-corrected path length of row ``r`` of ``X`` in complete tree ``t``
+    (:meth:`detectors.forest.IsolationForest._complete`'s heap-ordered arrays), descending level by
+    level as :meth:`~detectors.forest.IsolationForest.score` does.
+
+    A tree at a time, so its nodes stay in cache; four rows descend together, and a step is
+    ``2j + 1 + (x >= t)`` without a branch: each row's path is new data, and a branch per
+    step was mispredicted about half the time (~65 against ~26 us for 32 rows x 50 trees).
+    """
+    n = X.shape[0]
+    trees, inner = feature.shape
+    for t in range(trees):
+        f = feature[t]
+        h = threshold[t]
+        leaf = leaf_depth[t]
+        r = 0
+        while r + 4 <= n:
+            x0, x1, x2, x3 = X[r], X[r + 1], X[r + 2], X[r + 3]
+            a = b = c = d = 0
+            for _ in range(depth):
+                a = 2 * a + 1 + np.intp(x0[f[a]] >= h[a])
+                b = 2 * b + 1 + np.intp(x1[f[b]] >= h[b])
+                c = 2 * c + 1 + np.intp(x2[f[c]] >= h[c])
+                d = 2 * d + 1 + np.intp(x3[f[d]] >= h[d])
+            out[r, t] = leaf[a - inner]
+            out[r + 1, t] = leaf[b - inner]
+            out[r + 2, t] = leaf[c - inner]
+            out[r + 3, t] = leaf[d - inner]
+            r += 4
+        while r < n:
+            x = X[r]
+            a = 0
+            for _ in range(depth):
+                a = 2 * a + 1 + np.intp(x[f[a]] >= h[a])
+            out[r, t] = leaf[a - inner]
+            r += 1

@@ -149,3 +149,32 @@ def test_commit_without_the_components_computes_the_same_ones():
         a.commit(Xi, ids, da.scores, da.is_anomaly, da.learned, components=da.components)
         b.commit(Xi, ids, db.scores, db.is_anomaly, db.learned)
     np.testing.assert_array_equal(a.score(X[3000:3100]).scores, b.score(X[3000:3100]).scores)
+
+
+@pytest.mark.parametrize(("trees", "sample_size", "dim", "filled"), [(50, 256, 100, 9), (7, 64, 12, 12), (130, 16, 5, 3), (1, 4, 3, 2)])
+def test_compiled_scoring_gives_the_numpy_descents_scores_bit_for_bit(trees, sample_size, dim, filled, monkeypatch):
+    # detectors.kernels.forest_paths reads the same leaves as the NumPy descent
+    # and leaves the mean to NumPy: equal scores, not merely close ones.
+    from detectors import kernels
+
+    assert kernels.loaded()
+    rng = np.random.default_rng(trees)
+    R = np.zeros((1_000, dim), np.float32)
+    R[:, :filled] = rng.standard_normal((1_000, filled)) * np.exp(rng.normal(size=filled))
+    R[rng.random(R.shape) < 0.3] = 0.0  # zero-inflated columns: ties at the split points
+    f = IsolationForest(trees=trees, sample_size=sample_size, seed=3)
+    f.fit(R)
+    f.regrow(R[::2], max(1, trees // 3))  # the packed arrays updated in place
+    Q = np.concatenate([R[:40], rng.standard_normal((40, dim)).astype(np.float32) * 3])
+    feature, threshold, _ = f._pack()
+    # rows that sit exactly on split points: x >= threshold goes right
+    on = np.zeros((19, dim), np.float32)  # 99 rows: the kernel's four-row steps and its tail
+    pick = rng.integers(0, feature.shape[1], size=19)
+    on[np.arange(19), feature[0, pick]] = np.where(np.isfinite(threshold[0, pick]), threshold[0, pick], 0.0)
+    Q = np.concatenate([Q, on])
+    compiled = [f.score(Q), f.score(Q[:3])]
+    monkeypatch.setattr(kernels, "enabled", False)
+    plain = f.score(Q)
+    assert compiled[0].dtype == plain.dtype == np.float64
+    assert np.array_equal(compiled[0], plain) and np.array_equal(compiled[1], plain[:3])
+    assert len(np.unique(plain)) > 1  # the rows do not all end in the same leaf
