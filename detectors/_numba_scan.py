@@ -212,3 +212,29 @@ def _forest_kernel(
                 a = 2 * a + 1 + np.intp(x[f[a]] >= h[a])
             out[r, t] = leaf[a - inner]
             r += 1
+
+
+@njit(cache=True, nogil=True)
+def _ahead(a: float, b: float) -> bool:
+    """``a`` sorts before ``b`` in NumPy's order (nan last)."""
+    return a < b or (b != b and a == a)
+
+
+@njit(cache=True, nogil=True)
+def _replaced_kernel(sorted_: np.ndarray, leaving: np.ndarray, coming: np.ndarray, out: np.ndarray) -> None:
+    """``out``: ``sorted_`` without ``leaving`` and with ``coming`` (both sorted, nan last), in one merge."""
+    i = j = q = 0
+    n, nl, nc = sorted_.shape[0], leaving.shape[0], coming.shape[0]
+    while i < n:
+        s = sorted_[i]
+        i += 1
+        if j < nl and (s == leaving[j] or (s != s and leaving[j] != leaving[j])):
+            j += 1  # one copy of a leaving value drops out
+            continue
+        while q < nc and _ahead(coming[q], s):
+            out[i - 1 - j + q] = coming[q]
+            q += 1
+        out[i - 1 - j + q] = s
+    while q < nc:
+        out[n - nl + q] = coming[q]
+        q += 1

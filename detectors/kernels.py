@@ -33,22 +33,38 @@ MAX_WIDTH = 128
 enabled = os.environ.get("NWATCH_SCAN_KERNEL", "1") != "0"
 _kernel: Callable[..., None] | None = None
 _forest: Callable[..., None] | None = None
+_replace: Callable[..., None] | None = None
 _tried = False
 
 
 def loaded() -> bool:
     """Whether the compiled scan is there to use (imports numba the first time)."""
-    global _kernel, _forest, _tried
+    global _kernel, _forest, _replace, _tried
     if not enabled:
         return False
     if not _tried:
         _tried = True
         try:
-            from detectors._numba_scan import _forest_kernel, _nearest_kernel
+            from detectors._numba_scan import _forest_kernel, _nearest_kernel, _replaced_kernel
         except ImportError:  # pragma: no cover - numba is a pinned dependency
-            _nearest_kernel = _forest_kernel = None
-        _kernel, _forest = _nearest_kernel, _forest_kernel
+            _nearest_kernel = _forest_kernel = _replaced_kernel = None
+        _kernel, _forest, _replace = _nearest_kernel, _forest_kernel, _replaced_kernel
     return _kernel is not None
+
+
+def already_loaded() -> bool:
+    """Whether the kernels are loaded, without importing numba: for code that every source
+    kind runs (the calibration), which should not load numba for log or text sources."""
+    return enabled and _kernel is not None
+
+
+def replaced(sorted_: np.ndarray, leaving: np.ndarray, coming: np.ndarray) -> np.ndarray:
+    """``sorted_`` (float64, ascending, nan last) without the values ``leaving`` (each present)
+    and with ``coming``, sorted: :func:`detectors.calibration._replaced` in one merge pass."""
+    out = np.empty(len(sorted_) - len(leaving) + len(coming))
+    assert _replace is not None, "loaded() first"
+    _replace(np.ascontiguousarray(sorted_, np.float64), np.sort(leaving), np.sort(coming), out)
+    return out
 
 
 def nearest_from_products(
@@ -112,4 +128,5 @@ def warm_up() -> None:
         return
     V = np.zeros((4, 2), np.float32)
     nearest_from_products(np.zeros((1, 4), np.float32), np.zeros(4, np.float32), V, V[:1], None, 2, 1, cosine=False)
+    replaced(np.zeros(2), np.zeros(1), np.ones(1))
     forest_paths(V, np.zeros((1, 1), np.intp), np.zeros((1, 1), np.float32), np.zeros((1, 2)), 1)

@@ -75,6 +75,31 @@ def test_rolling_calibration_keeps_its_sorted_scores_equal_to_a_fresh_sort(rng):
         assert np.array_equal(t.p_values(q), (1.0 + n_ge) / (t.size + 1.0))
 
 
+def test_compiled_merge_gives_the_numpy_replacement_of_the_sorted_scores(rng):
+    # detectors.kernels.replaced rolls the sorted copy in one merge: the same
+    # array as the NumPy path and as a fresh sort, ties, nan and -0.0 included.
+    from detectors import kernels
+    from detectors.calibration import _replaced
+
+    assert kernels.loaded() and kernels.already_loaded()
+    for step in range(200):
+        n = int(rng.integers(1, 300))
+        ring = np.round(rng.exponential(size=n), 1)
+        ring[rng.random(n) < 0.05] = np.nan
+        ring[rng.random(n) < 0.05] = -0.0
+        leaving = rng.choice(ring, size=int(rng.integers(0, min(n, 40) + 1)), replace=False)
+        coming = np.round(rng.exponential(size=int(rng.integers(0, 40))), 1)
+        coming[rng.random(len(coming)) < 0.1] = np.nan
+        s = np.sort(ring)
+        compiled = kernels.replaced(s, leaving, coming)
+        plain = _replaced(s, leaving, coming)
+        assert np.array_equal(compiled, plain, equal_nan=True)
+        kept = list(ring)
+        for v in leaving:
+            kept.pop(next(i for i, w in enumerate(kept) if w == v or (v != v and w != w)))
+        assert np.array_equal(compiled, np.sort(np.concatenate([kept, coming])), equal_nan=True)
+
+
 def test_score_quantile_is_numpys_quantile_of_the_calibration_set(rng):
     # bit for bit, ties and the ends included, as the set rolls
     t = ConformalThresholder(alpha=0.1, window=50, min_calibration=20)
