@@ -238,3 +238,110 @@ def _replaced_kernel(sorted_: np.ndarray, leaving: np.ndarray, coming: np.ndarra
     while q < nc:
         out[n - nl + q] = coming[q]
         q += 1
+
+
+@njit(cache=True, nogil=True)
+def _grow_kernel(
+    S: np.ndarray,
+    m: int,
+    count: int,
+    max_depth: int,
+    draws: np.ndarray,
+    c_of: np.ndarray,
+    columns: np.ndarray,
+    feature: np.ndarray,
+    threshold: np.ndarray,
+    left: np.ndarray,
+    right: np.ndarray,
+    leaf: np.ndarray,
+    tree_of: np.ndarray,
+) -> int:
+    """:meth:`detectors.forest.IsolationForest._levels` compiled: the same nodes in the same order
+    from the same draws (``draws``: what ``rng.random`` gives level after level, the picks of a
+    level's nodes, then their split points). Returns the number of nodes written."""
+    d = S.shape[1]
+    rows = np.arange(count * m)
+    nxt = np.empty(count * m, np.int64)
+    n_cap = feature.shape[0]
+    start = np.empty(n_cap, np.int64)  # the rows of node i: rows[start[i] : start[i] + size[i]]
+    size = np.empty(n_cap, np.int64)
+    lo = np.empty(d, np.float32)
+    hi = np.empty(d, np.float32)
+    for i in range(count):
+        start[i] = i * m
+        size[i] = m
+        tree_of[i] = i
+    first, n_nodes, used = 0, count, 0
+    for depth in range(max_depth + 1):
+        level = n_nodes - first
+        picks = draws[used : used + level]
+        points = draws[used + level : used + 2 * level]
+        used += 2 * level
+        child = n_nodes
+        w = 0  # where the next child's rows go in nxt
+        for k in range(level):
+            node = first + k
+            sz = size[node]
+            s0 = start[node]
+            n_varying = 0
+            if sz > 0:
+                r0 = rows[s0]
+                for u in range(d):
+                    lo[u] = S[r0, u]
+                    hi[u] = S[r0, u]
+                for q in range(s0 + 1, s0 + sz):
+                    row = S[rows[q]]
+                    for u in range(d):
+                        v = row[u]
+                        if v < lo[u]:
+                            lo[u] = v
+                        if v > hi[u]:
+                            hi[u] = v
+                for u in range(d):
+                    if hi[u] > lo[u]:
+                        n_varying += 1
+            if sz > 1 and n_varying > 0 and depth < max_depth:
+                pick = np.int64(picks[k] * n_varying)
+                if pick > n_varying - 1:
+                    pick = n_varying - 1
+                f = 0
+                seen = 0
+                for u in range(d):  # the pick-th varying column
+                    if hi[u] > lo[u]:
+                        if seen == pick:
+                            f = u
+                            break
+                        seen += 1
+                t = lo[f] + np.float32(points[k]) * (hi[f] - lo[f])
+                feature[node] = columns[f]
+                threshold[node] = t
+                left[node] = child
+                right[node] = child + 1
+                leaf[node] = 0.0
+                # the rows below t, then those at or above it, as the children's runs
+                start[child] = w
+                for q in range(s0, s0 + sz):
+                    if S[rows[q], f] < t:
+                        nxt[w] = rows[q]
+                        w += 1
+                size[child] = w - start[child]
+                start[child + 1] = w
+                for q in range(s0, s0 + sz):
+                    if S[rows[q], f] >= t:
+                        nxt[w] = rows[q]
+                        w += 1
+                size[child + 1] = w - start[child + 1]
+                tree_of[child] = tree_of[node]
+                tree_of[child + 1] = tree_of[node]
+                child += 2
+            else:
+                feature[node] = 0
+                threshold[node] = 0.0
+                left[node] = node
+                right[node] = node
+                leaf[node] = depth + c_of[sz]
+        if child == n_nodes:
+            return n_nodes
+        rows, nxt = nxt, rows
+        first, n_nodes = n_nodes, child
+    return n_nodes

@@ -34,21 +34,22 @@ enabled = os.environ.get("NWATCH_SCAN_KERNEL", "1") != "0"
 _kernel: Callable[..., None] | None = None
 _forest: Callable[..., None] | None = None
 _replace: Callable[..., None] | None = None
+_grow: Callable[..., int] | None = None
 _tried = False
 
 
 def loaded() -> bool:
     """Whether the compiled scan is there to use (imports numba the first time)."""
-    global _kernel, _forest, _replace, _tried
+    global _kernel, _forest, _replace, _grow, _tried
     if not enabled:
         return False
     if not _tried:
         _tried = True
         try:
-            from detectors._numba_scan import _forest_kernel, _nearest_kernel, _replaced_kernel
+            from detectors._numba_scan import _forest_kernel, _grow_kernel, _nearest_kernel, _replaced_kernel
         except ImportError:  # pragma: no cover - numba is a pinned dependency
-            _nearest_kernel = _forest_kernel = _replaced_kernel = None
-        _kernel, _forest, _replace = _nearest_kernel, _forest_kernel, _replaced_kernel
+            _nearest_kernel = _forest_kernel = _replaced_kernel = _grow_kernel = None
+        _kernel, _forest, _replace, _grow = _nearest_kernel, _forest_kernel, _replaced_kernel, _grow_kernel
     return _kernel is not None
 
 
@@ -121,6 +122,17 @@ def forest_paths(
     return out
 
 
+def grow_levels(S: np.ndarray, m: int, count: int, depth: int, draws: np.ndarray, c_of: np.ndarray,
+                columns: np.ndarray, *out: np.ndarray) -> int:
+    """:meth:`detectors.forest.IsolationForest._levels` in one compiled pass: the node arrays
+    ``out`` (feature, threshold, left, right, leaf depth, tree; room for complete trees) filled
+    in the same order with the same values, from the doubles that method would draw level by
+    level (``draws``). Returns the number of nodes."""
+    assert _grow is not None, "loaded() first"
+    return int(_grow(np.ascontiguousarray(S, np.float32), m, count, depth, draws, c_of,
+                     np.ascontiguousarray(columns, np.int64), *out))
+
+
 def warm_up() -> None:
     """Compile (or load from the on-disk cache) the kernels now: an image build calls it, so no
     worker pays the compilation at its first batch."""
@@ -129,4 +141,8 @@ def warm_up() -> None:
     V = np.zeros((4, 2), np.float32)
     nearest_from_products(np.zeros((1, 4), np.float32), np.zeros(4, np.float32), V, V[:1], None, 2, 1, cosine=False)
     replaced(np.zeros(2), np.zeros(1), np.ones(1))
-    forest_paths(V, np.zeros((1, 1), np.intp), np.zeros((1, 1), np.float32), np.zeros((1, 2)), 1)
+    from detectors.forest import IsolationForest
+
+    forest = IsolationForest(trees=1, sample_size=2)
+    forest.fit(V)  # grown and scored with the compiled kernels
+    forest.score(V)

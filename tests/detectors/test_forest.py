@@ -178,3 +178,31 @@ def test_compiled_scoring_gives_the_numpy_descents_scores_bit_for_bit(trees, sam
     assert compiled[0].dtype == plain.dtype == np.float64
     assert np.array_equal(compiled[0], plain) and np.array_equal(compiled[1], plain[:3])
     assert len(np.unique(plain)) > 1  # the rows do not all end in the same leaf
+
+
+@pytest.mark.parametrize(("trees", "sample_size", "rows", "dim", "filled"), [(50, 256, 2_000, 100, 9), (10, 256, 300, 8, 8), (13, 32, 40, 4, 2), (3, 8, 5, 3, 3)])
+def test_compiled_growing_grows_the_numpy_levels_trees_exactly(trees, sample_size, rows, dim, filled, monkeypatch):
+    # The kernel takes the draws NumPy makes level by level all at once: the
+    # same features, thresholds, children and leaf depths, after fit and regrow.
+    from detectors import kernels
+
+    assert kernels.loaded()
+    rng = np.random.default_rng(rows)
+    R = np.zeros((rows, dim), np.float32)
+    R[:, :filled] = np.round(rng.standard_normal((rows, filled)) * np.exp(rng.normal(size=filled)), 1)
+    R[rng.random(R.shape) < 0.3] = 0.0  # ties and zero-inflated columns
+    R[rows // 2 :: 7] = R[0]  # repeated rows: nodes of identical rows become leaves
+    grown = []
+    for on in (True, False):
+        monkeypatch.setattr(kernels, "enabled", on)
+        f = IsolationForest(trees=trees, sample_size=sample_size, seed=5)
+        f.fit(R)
+        f.regrow(R[::3], max(1, trees // 4))
+        grown.append(f)
+    compiled, plain = grown
+    assert len(compiled._forest) == len(plain._forest) == trees
+    for a, b in zip(compiled._forest, plain._forest):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key].dtype == b[key].dtype and np.array_equal(a[key], b[key]), key
+    assert sum(len(t["feature"]) for t in plain._forest) > 3 * trees  # trees that split
