@@ -221,22 +221,32 @@ def _ahead(a: float, b: float) -> bool:
 
 
 @njit(cache=True, nogil=True)
-def _replaced_kernel(sorted_: np.ndarray, leaving: np.ndarray, coming: np.ndarray, out: np.ndarray) -> None:
-    """``out``: ``sorted_`` without ``leaving`` and with ``coming`` (both sorted, nan last), in one merge."""
-    i = j = q = 0
-    n, nl, nc = sorted_.shape[0], leaving.shape[0], coming.shape[0]
-    while i < n:
-        s = sorted_[i]
-        i += 1
-        if j < nl and (s == leaving[j] or (s != s and leaving[j] != leaving[j])):
-            j += 1  # one copy of a leaving value drops out
+def _replaced_kernel(
+    sorted_: np.ndarray, order: np.ndarray, drop: np.ndarray, coming: np.ndarray, coming_slots: np.ndarray,
+    out: np.ndarray, out_order: np.ndarray,
+) -> None:
+    """``out``: ``sorted_`` (``order``: the ring slot of each) without the slots flagged in ``drop``
+    and with ``coming`` (sorted, nan last; ``coming_slots`` theirs), in one merge; ``out_order``
+    the slots of ``out``."""
+    w = q = 0
+    nc = coming.shape[0]
+    for i in range(sorted_.shape[0]):
+        slot = order[i]
+        if drop[slot]:
             continue
+        s = sorted_[i]
         while q < nc and _ahead(coming[q], s):
-            out[i - 1 - j + q] = coming[q]
+            out[w] = coming[q]
+            out_order[w] = coming_slots[q]
+            w += 1
             q += 1
-        out[i - 1 - j + q] = s
+        out[w] = s
+        out_order[w] = slot
+        w += 1
     while q < nc:
-        out[n - nl + q] = coming[q]
+        out[w] = coming[q]
+        out_order[w] = coming_slots[q]
+        w += 1
         q += 1
 
 

@@ -59,13 +59,25 @@ def already_loaded() -> bool:
     return enabled and _kernel is not None
 
 
-def replaced(sorted_: np.ndarray, leaving: np.ndarray, coming: np.ndarray) -> np.ndarray:
-    """``sorted_`` (float64, ascending, nan last) without the values ``leaving`` (each present)
-    and with ``coming``, sorted: :func:`detectors.calibration._replaced` in one merge pass."""
-    out = np.empty(len(sorted_) - len(leaving) + len(coming))
+def replaced(
+    sorted_: np.ndarray, order: np.ndarray, slots: np.ndarray, coming: np.ndarray, window: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """A full calibration ring's sorted copy after ``coming`` took ring ``slots``: ``sorted_``
+    (float64, ascending, nan last; ``order`` the ring slot of each) without the values those
+    slots held and with ``coming``, sorted, and the slots in that order. One merge pass
+    instead of :func:`detectors.calibration._replaced`'s sorts and searches, and the slots
+    come with it (:meth:`~detectors.calibration.ConformalThresholder.own_p_values` needs no
+    argsort then)."""
+    drop = np.zeros(window, np.bool_)
+    drop[slots] = True
+    by_value = np.argsort(coming, kind="stable")
+    n = len(sorted_) - len(slots) + len(coming)
+    out, out_order = np.empty(n), np.empty(n, np.int64)
     assert _replace is not None, "loaded() first"
-    _replace(np.ascontiguousarray(sorted_, np.float64), np.sort(leaving), np.sort(coming), out)
-    return out
+    _replace(np.ascontiguousarray(sorted_, np.float64), np.ascontiguousarray(order, np.int64), drop,
+             np.ascontiguousarray(coming[by_value], np.float64), np.ascontiguousarray(slots[by_value], np.int64),
+             out, out_order)
+    return out, out_order
 
 
 def nearest_from_products(
@@ -140,7 +152,7 @@ def warm_up() -> None:
         return
     V = np.zeros((4, 2), np.float32)
     nearest_from_products(np.zeros((1, 4), np.float32), np.zeros(4, np.float32), V, V[:1], None, 2, 1, cosine=False)
-    replaced(np.zeros(2), np.zeros(1), np.ones(1))
+    replaced(np.zeros(2), np.arange(2), np.arange(1), np.ones(1), 2)
     from detectors.forest import IsolationForest
 
     forest = IsolationForest(trees=1, sample_size=2)
