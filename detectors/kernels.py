@@ -1,4 +1,5 @@
-"""Compiled kernels for the exact scan's hot path (numba, imported on first use).
+"""Compiled kernels for the exact scan's hot path (numba, imported on first use),
+and, once numba is loaded, for the isolation forest and the calibration sets.
 
 :func:`nearest_from_products` does, per query row, in one pass and without
 temporaries, what the exact scan of :mod:`detectors.index` otherwise does in
@@ -14,6 +15,14 @@ numba is imported when the scan first needs it, not when the worker starts
 (numba's ``cache=True``: beside the module, else in the user's cache
 directory): ~4 s the first time on a machine, ~1 s to load from the cache
 (2 loaded cores). The image compiles it at build time (:func:`warm_up`).
+
+The same module holds :func:`forest_paths` and :func:`grow_levels` (scoring
+and growing :class:`detectors.forest.IsolationForest`) and :func:`replaced`
+(a full calibration set's sorted copy rolled forward with its slots). Each
+gives what the NumPy code it replaces gives, which stays as the fallback and
+as the reference of the tests; all follow ``NWATCH_SCAN_KERNEL``. The
+calibration uses its kernel only once numba is loaded (:func:`already_loaded`),
+so log and text sources never import it.
 """
 
 from __future__ import annotations
