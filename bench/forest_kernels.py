@@ -49,7 +49,8 @@ def main(rounds: int = 3) -> None:
             for _ in range(20):
                 forest.regrow(R, 5)
             grow = (time.perf_counter() - t0) / 20 * 1e3
-            line.append(f"{'compiled' if on else 'NumPy'}: score 32 rows {score:6.1f} us, regrow 5 trees {grow:5.2f} ms")
+            name = "compiled" if on else "NumPy"
+            line.append(f"{name}: score 32 rows {score:6.1f} us, regrow 5 trees {grow:5.2f} ms")
         print(f"round {r + 1}: " + "; ".join(line))
     kernels.enabled = True
 

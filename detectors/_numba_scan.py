@@ -175,7 +175,8 @@ def _nearest_kernel(
 
 @njit(cache=True, nogil=True)
 def _forest_kernel(
-    X: np.ndarray, feature: np.ndarray, threshold: np.ndarray, leaf_depth: np.ndarray, depth: int, out: np.ndarray
+    X: np.ndarray, feature: np.ndarray, threshold: np.ndarray, leaf_depth: np.ndarray, depth: int,
+    out: np.ndarray,
 ) -> None:
     """``out[r, t]``: the depth-corrected path length of row ``r`` of ``X`` in complete tree ``t``
     (:meth:`detectors.forest.IsolationForest._complete`'s heap-ordered arrays), descending level by
@@ -222,8 +223,8 @@ def _ahead(a: float, b: float) -> bool:
 
 @njit(cache=True, nogil=True)
 def _replaced_kernel(
-    sorted_: np.ndarray, order: np.ndarray, drop: np.ndarray, coming: np.ndarray, coming_slots: np.ndarray,
-    out: np.ndarray, out_order: np.ndarray,
+    sorted_: np.ndarray, order: np.ndarray, drop: np.ndarray, coming: np.ndarray,
+    coming_slots: np.ndarray, out: np.ndarray, out_order: np.ndarray,
 ) -> None:
     """``out``: ``sorted_`` (``order``: the ring slot of each) without the slots flagged in ``drop``
     and with ``coming`` (sorted, nan last; ``coming_slots`` theirs), in one merge; ``out_order``

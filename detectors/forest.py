@@ -131,7 +131,8 @@ class IsolationForest:
             feature, threshold, left, right, leaf, tree_of = (
                 a[:used] for a in (feature, threshold, left, right, leaf, tree_of))
         else:
-            feature, threshold, left, right, leaf, tree_of = self._levels(S, m, count, rng, c_of, columns)
+            feature, threshold, left, right, leaf, tree_of = self._levels(
+                S, m, count, rng, c_of, columns)
         trees = []
         for i in range(count):
             idx = np.flatnonzero(tree_of == i)  # breadth first, its root first

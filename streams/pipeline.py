@@ -251,7 +251,8 @@ class SourceState:
             keep=[bool(x) for x in p["keep"]],
             warming=bool(p["warming"]),
             # absent from states saved before forest_trees: commit computes them again
-            components=[np.asarray(p["components"], np.float64).reshape(-1, 3)] if len(p.get("components", ())) else [],
+            components=([np.asarray(p["components"], np.float64).reshape(-1, 3)]
+                        if len(p.get("components", ())) else []),
         )
         self.seen = OrderedDict.fromkeys(state["seen"])
         self.watermark = None if state["watermark"] is None else float(state["watermark"])

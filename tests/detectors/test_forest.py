@@ -151,8 +151,11 @@ def test_commit_without_the_components_computes_the_same_ones():
     np.testing.assert_array_equal(a.score(X[3000:3100]).scores, b.score(X[3000:3100]).scores)
 
 
-@pytest.mark.parametrize(("trees", "sample_size", "dim", "filled"), [(50, 256, 100, 9), (7, 64, 12, 12), (130, 16, 5, 3), (1, 4, 3, 2)])
-def test_compiled_scoring_gives_the_numpy_descents_scores_bit_for_bit(trees, sample_size, dim, filled, monkeypatch):
+@pytest.mark.parametrize(("trees", "sample_size", "dim", "filled"),
+                         [(50, 256, 100, 9), (7, 64, 12, 12), (130, 16, 5, 3), (1, 4, 3, 2)])
+def test_compiled_scoring_gives_the_numpy_descents_scores_bit_for_bit(
+    trees, sample_size, dim, filled, monkeypatch
+):
     # detectors.kernels.forest_paths reads the same leaves as the NumPy descent
     # and leaves the mean to NumPy: equal scores, not merely close ones.
     from detectors import kernels
@@ -180,8 +183,11 @@ def test_compiled_scoring_gives_the_numpy_descents_scores_bit_for_bit(trees, sam
     assert len(np.unique(plain)) > 1  # the rows do not all end in the same leaf
 
 
-@pytest.mark.parametrize(("trees", "sample_size", "rows", "dim", "filled"), [(50, 256, 2_000, 100, 9), (10, 256, 300, 8, 8), (13, 32, 40, 4, 2), (3, 8, 5, 3, 3)])
-def test_compiled_growing_grows_the_numpy_levels_trees_exactly(trees, sample_size, rows, dim, filled, monkeypatch):
+@pytest.mark.parametrize(("trees", "sample_size", "rows", "dim", "filled"),
+                         [(50, 256, 2_000, 100, 9), (10, 256, 300, 8, 8), (13, 32, 40, 4, 2), (3, 8, 5, 3, 3)])
+def test_compiled_growing_grows_the_numpy_levels_trees_exactly(
+    trees, sample_size, rows, dim, filled, monkeypatch
+):
     # The kernel takes the draws NumPy makes level by level all at once: the
     # same features, thresholds, children and leaf depths, after fit and regrow.
     from detectors import kernels
