@@ -171,3 +171,188 @@ def _nearest_kernel(
                 v = np.float32(0.0)
             out_dist[r, q] = v if cosine else np.sqrt(v)
             out_slot[r, q] = cand[order[q]]
+
+
+@njit(cache=True, nogil=True)
+def _forest_kernel(
+    X: np.ndarray, feature: np.ndarray, threshold: np.ndarray, leaf_depth: np.ndarray, depth: int,
+    out: np.ndarray,
+) -> None:
+    """``out[r, t]``: the depth-corrected path length of row ``r`` of ``X`` in complete tree ``t``
+    (:meth:`detectors.forest.IsolationForest._complete`'s heap-ordered arrays), descending level by
+    level as :meth:`~detectors.forest.IsolationForest.score` does.
+
+    A tree at a time, so its nodes stay in cache; four rows descend together, and a step is
+    ``2j + 1 + (x >= t)`` without a branch: each row's path is new data, and a branch per
+    step was mispredicted about half the time (~65 against ~26 us for 32 rows x 50 trees).
+    """
+    n = X.shape[0]
+    trees, inner = feature.shape
+    for t in range(trees):
+        f = feature[t]
+        h = threshold[t]
+        leaf = leaf_depth[t]
+        r = 0
+        while r + 4 <= n:
+            x0, x1, x2, x3 = X[r], X[r + 1], X[r + 2], X[r + 3]
+            a = b = c = d = 0
+            for _ in range(depth):
+                a = 2 * a + 1 + np.intp(x0[f[a]] >= h[a])
+                b = 2 * b + 1 + np.intp(x1[f[b]] >= h[b])
+                c = 2 * c + 1 + np.intp(x2[f[c]] >= h[c])
+                d = 2 * d + 1 + np.intp(x3[f[d]] >= h[d])
+            out[r, t] = leaf[a - inner]
+            out[r + 1, t] = leaf[b - inner]
+            out[r + 2, t] = leaf[c - inner]
+            out[r + 3, t] = leaf[d - inner]
+            r += 4
+        while r < n:
+            x = X[r]
+            a = 0
+            for _ in range(depth):
+                a = 2 * a + 1 + np.intp(x[f[a]] >= h[a])
+            out[r, t] = leaf[a - inner]
+            r += 1
+
+
+@njit(cache=True, nogil=True)
+def _ahead(a: float, b: float) -> bool:
+    """``a`` sorts before ``b`` in NumPy's order (nan last)."""
+    return a < b or (b != b and a == a)
+
+
+@njit(cache=True, nogil=True)
+def _replaced_kernel(
+    sorted_: np.ndarray, order: np.ndarray, drop: np.ndarray, coming: np.ndarray,
+    coming_slots: np.ndarray, out: np.ndarray, out_order: np.ndarray,
+) -> None:
+    """``out``: ``sorted_`` (``order``: the ring slot of each) without the slots flagged in ``drop``
+    and with ``coming`` (sorted, nan last; ``coming_slots`` theirs), in one merge; ``out_order``
+    the slots of ``out``."""
+    w = q = 0
+    nc = coming.shape[0]
+    for i in range(sorted_.shape[0]):
+        slot = order[i]
+        if drop[slot]:
+            continue
+        s = sorted_[i]
+        while q < nc and _ahead(coming[q], s):
+            out[w] = coming[q]
+            out_order[w] = coming_slots[q]
+            w += 1
+            q += 1
+        out[w] = s
+        out_order[w] = slot
+        w += 1
+    while q < nc:
+        out[w] = coming[q]
+        out_order[w] = coming_slots[q]
+        w += 1
+        q += 1
+
+
+@njit(cache=True, nogil=True)
+def _grow_kernel(
+    S: np.ndarray,
+    m: int,
+    count: int,
+    max_depth: int,
+    draws: np.ndarray,
+    c_of: np.ndarray,
+    columns: np.ndarray,
+    feature: np.ndarray,
+    threshold: np.ndarray,
+    left: np.ndarray,
+    right: np.ndarray,
+    leaf: np.ndarray,
+    tree_of: np.ndarray,
+) -> int:
+    """:meth:`detectors.forest.IsolationForest._levels` compiled: the same nodes in the same order
+    from the same draws (``draws``: what ``rng.random`` gives level after level, the picks of a
+    level's nodes, then their split points). Returns the number of nodes written."""
+    d = S.shape[1]
+    rows = np.arange(count * m)
+    nxt = np.empty(count * m, np.int64)
+    n_cap = feature.shape[0]
+    start = np.empty(n_cap, np.int64)  # the rows of node i: rows[start[i] : start[i] + size[i]]
+    size = np.empty(n_cap, np.int64)
+    lo = np.empty(d, np.float32)
+    hi = np.empty(d, np.float32)
+    for i in range(count):
+        start[i] = i * m
+        size[i] = m
+        tree_of[i] = i
+    first, n_nodes, used = 0, count, 0
+    for depth in range(max_depth + 1):
+        level = n_nodes - first
+        picks = draws[used : used + level]
+        points = draws[used + level : used + 2 * level]
+        used += 2 * level
+        child = n_nodes
+        w = 0  # where the next child's rows go in nxt
+        for k in range(level):
+            node = first + k
+            sz = size[node]
+            s0 = start[node]
+            n_varying = 0
+            if sz > 0:
+                r0 = rows[s0]
+                for u in range(d):
+                    lo[u] = S[r0, u]
+                    hi[u] = S[r0, u]
+                for q in range(s0 + 1, s0 + sz):
+                    row = S[rows[q]]
+                    for u in range(d):
+                        v = row[u]
+                        if v < lo[u]:
+                            lo[u] = v
+                        if v > hi[u]:
+                            hi[u] = v
+                for u in range(d):
+                    if hi[u] > lo[u]:
+                        n_varying += 1
+            if sz > 1 and n_varying > 0 and depth < max_depth:
+                pick = np.int64(picks[k] * n_varying)
+                if pick > n_varying - 1:
+                    pick = n_varying - 1
+                f = 0
+                seen = 0
+                for u in range(d):  # the pick-th varying column
+                    if hi[u] > lo[u]:
+                        if seen == pick:
+                            f = u
+                            break
+                        seen += 1
+                t = lo[f] + np.float32(points[k]) * (hi[f] - lo[f])
+                feature[node] = columns[f]
+                threshold[node] = t
+                left[node] = child
+                right[node] = child + 1
+                leaf[node] = 0.0
+                # the rows below t, then those at or above it, as the children's runs
+                start[child] = w
+                for q in range(s0, s0 + sz):
+                    if S[rows[q], f] < t:
+                        nxt[w] = rows[q]
+                        w += 1
+                size[child] = w - start[child]
+                start[child + 1] = w
+                for q in range(s0, s0 + sz):
+                    if S[rows[q], f] >= t:
+                        nxt[w] = rows[q]
+                        w += 1
+                size[child + 1] = w - start[child + 1]
+                tree_of[child] = tree_of[node]
+                tree_of[child + 1] = tree_of[node]
+                child += 2
+            else:
+                feature[node] = 0
+                threshold[node] = 0.0
+                left[node] = node
+                right[node] = node
+                leaf[node] = depth + c_of[sz]
+        if child == n_nodes:
+            return n_nodes
+        rows, nxt = nxt, rows
+        first, n_nodes = n_nodes, child
+    return n_nodes

@@ -28,6 +28,7 @@ import math
 
 import numpy as np
 
+from detectors import kernels
 from models.base import State
 from models.errors import StateMismatch
 
@@ -99,10 +100,10 @@ class IsolationForest:
     def _grow(self, R: np.ndarray, count: int) -> list[dict[str, np.ndarray]]:
         """``count`` trees, each on its own subsample, grown together a level at a time.
 
-        Every node of a level, in every tree, is split in one pass of NumPy: a
-        feature drawn uniformly among those that vary in the node, at a point
-        uniform in its range; a node of one row, of identical rows, or at the
-        depth limit is a leaf, scored ``depth + c(rows)``.
+        Every node of a level, in every tree, is split in one pass (:meth:`_levels`,
+        or its compiled equal): a feature drawn uniformly among those that vary
+        in the node, at a point uniform in its range; a node of one row, of
+        identical rows, or at the depth limit is a leaf, scored ``depth + c(rows)``.
         """
         rng = np.random.default_rng([self.seed, self._grown])
         self._grown += count
@@ -115,8 +116,44 @@ class IsolationForest:
         if not len(columns):
             columns = np.arange(1)
         S = np.concatenate([R[rng.choice(len(R), size=m, replace=False)][:, columns] for _ in range(count)])
-        d = S.shape[1]
         c_of = _average_paths(m)
+        if kernels.loaded():
+            # The same levels in one compiled pass: the draws NumPy would make
+            # level by level are made at once (Generator.random draws doubles one
+            # after another, so the first ones are the same), enough for every
+            # node of complete trees; the kernel uses what the levels need.
+            nodes = count * (2 ** (self.depth + 1) - 1)
+            draws = rng.random(2 * nodes)
+            feature, left, right, tree_of = (np.empty(nodes, np.int64) for _ in range(4))
+            threshold, leaf = np.empty(nodes, np.float32), np.empty(nodes, np.float64)
+            used = kernels.grow_levels(S, m, count, self.depth, draws, c_of, columns,
+                                       feature, threshold, left, right, leaf, tree_of)
+            feature, threshold, left, right, leaf, tree_of = (
+                a[:used] for a in (feature, threshold, left, right, leaf, tree_of))
+        else:
+            feature, threshold, left, right, leaf, tree_of = self._levels(
+                S, m, count, rng, c_of, columns)
+        trees = []
+        for i in range(count):
+            idx = np.flatnonzero(tree_of == i)  # breadth first, its root first
+            local_id = np.zeros(len(tree_of), np.int64)
+            local_id[idx] = np.arange(len(idx))
+            trees.append({
+                "feature": feature[idx].astype(np.int32),
+                "threshold": threshold[idx],
+                "left": local_id[left[idx]].astype(np.int32),
+                "right": local_id[right[idx]].astype(np.int32),
+                "leaf_depth": leaf[idx],
+            })
+        return trees
+
+    def _levels(self, S: np.ndarray, m: int, count: int, rng: np.random.Generator, c_of: np.ndarray,
+                columns: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The nodes of ``count`` trees grown on ``S`` (``count`` subsamples of ``m`` rows), every
+        node of a level, in every tree, split in one pass of NumPy; node arrays in level order:
+        feature (``columns``' numbering), threshold, left, right (ids; a leaf's are its own),
+        leaf depth, tree. :func:`detectors.kernels.grow_levels` is the compiled equal."""
+        d = S.shape[1]
         parts: list[tuple[np.ndarray, ...]] = []  # per level: feature, threshold, left, right, leaf, tree
         rows = np.arange(len(S))
         node_of = np.repeat(np.arange(count), m)  # the node each live row is in (global id)
@@ -158,20 +195,7 @@ class IsolationForest:
             node_of = child[local] + (S[rows, f[local]] >= t[local])
             tree_of_level = np.repeat(tree_of_level[splits], 2)
             first, n_nodes = n_nodes, n_nodes + 2 * n_split
-        feature, threshold, left, right, leaf, tree_of = (np.concatenate(c) for c in zip(*parts))
-        trees = []
-        for i in range(count):
-            idx = np.flatnonzero(tree_of == i)  # breadth first, its root first
-            local_id = np.zeros(len(tree_of), np.int64)
-            local_id[idx] = np.arange(len(idx))
-            trees.append({
-                "feature": feature[idx].astype(np.int32),
-                "threshold": threshold[idx],
-                "left": local_id[left[idx]].astype(np.int32),
-                "right": local_id[right[idx]].astype(np.int32),
-                "leaf_depth": leaf[idx],
-            })
-        return trees
+        return tuple(np.concatenate(c) for c in zip(*parts))
 
     def _complete(self, trees: list[dict[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``trees`` as complete binary trees of ``depth`` levels, for scoring without child pointers.
@@ -208,15 +232,19 @@ class IsolationForest:
     def score(self, X: np.ndarray) -> np.ndarray:
         """``(n,)`` float64: minus the mean path length (0 for every row until fitted).
 
-        Every row descends every tree at once, a level per step, over an
+        With the compiled kernels (:func:`detectors.kernels.forest_paths`) the
+        rows descend each tree in one compiled pass; without them every row
+        descends every tree at once in NumPy, a level per step, over an
         ``(n, trees)`` array of heap positions: three gathers and a comparison
-        per level, whatever the number of trees.
+        per level. Both reach the same leaves, and the mean is NumPy's in both.
         """
         X = np.asarray(X, dtype=np.float32)
         n = len(X)
         if not self._forest or n == 0:
             return np.zeros(n, np.float64)
         feature, threshold, leaf_depth = self._pack()
+        if kernels.loaded():
+            return -kernels.forest_paths(X, feature, threshold, leaf_depth, self.depth).mean(axis=1)
         inner = feature.shape[1]
         feature, threshold = feature.ravel(), threshold.ravel()
         base = np.arange(self.trees, dtype=np.intp) * inner

@@ -1,4 +1,5 @@
-"""Compiled kernels for the exact scan's hot path (numba, imported on first use).
+"""Compiled kernels for the exact scan's hot path (numba, imported on first use),
+and, once numba is loaded, for the isolation forest and the calibration sets.
 
 :func:`nearest_from_products` does, per query row, in one pass and without
 temporaries, what the exact scan of :mod:`detectors.index` otherwise does in
@@ -14,6 +15,14 @@ numba is imported when the scan first needs it, not when the worker starts
 (numba's ``cache=True``: beside the module, else in the user's cache
 directory): ~4 s the first time on a machine, ~1 s to load from the cache
 (2 loaded cores). The image compiles it at build time (:func:`warm_up`).
+
+The same module holds :func:`forest_paths` and :func:`grow_levels` (scoring
+and growing :class:`detectors.forest.IsolationForest`) and :func:`replaced`
+(a full calibration set's sorted copy rolled forward with its slots). Each
+gives what the NumPy code it replaces gives, which stays as the fallback and
+as the reference of the tests; all follow ``NWATCH_SCAN_KERNEL``. The
+calibration uses its kernel only once numba is loaded (:func:`already_loaded`),
+so log and text sources never import it.
 """
 
 from __future__ import annotations
@@ -32,22 +41,52 @@ MAX_WIDTH = 128
 # trades the kernel's speed (~5 us per tabular event) for that memory.
 enabled = os.environ.get("NWATCH_SCAN_KERNEL", "1") != "0"
 _kernel: Callable[..., None] | None = None
+_forest: Callable[..., None] | None = None
+_replace: Callable[..., None] | None = None
+_grow: Callable[..., int] | None = None
 _tried = False
 
 
 def loaded() -> bool:
     """Whether the compiled scan is there to use (imports numba the first time)."""
-    global _kernel, _tried
+    global _kernel, _forest, _replace, _grow, _tried
     if not enabled:
         return False
     if not _tried:
         _tried = True
         try:
-            from detectors._numba_scan import _nearest_kernel
+            from detectors._numba_scan import _forest_kernel, _grow_kernel, _nearest_kernel, _replaced_kernel
         except ImportError:  # pragma: no cover - numba is a pinned dependency
-            _nearest_kernel = None
-        _kernel = _nearest_kernel
+            _nearest_kernel = _forest_kernel = _replaced_kernel = _grow_kernel = None
+        _kernel, _forest, _replace, _grow = _nearest_kernel, _forest_kernel, _replaced_kernel, _grow_kernel
     return _kernel is not None
+
+
+def already_loaded() -> bool:
+    """Whether the kernels are loaded, without importing numba: for code that every source
+    kind runs (the calibration), which should not load numba for log or text sources."""
+    return enabled and _kernel is not None
+
+
+def replaced(
+    sorted_: np.ndarray, order: np.ndarray, slots: np.ndarray, coming: np.ndarray, window: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """A full calibration ring's sorted copy after ``coming`` took ring ``slots``: ``sorted_``
+    (float64, ascending, nan last; ``order`` the ring slot of each) without the values those
+    slots held and with ``coming``, sorted, and the slots in that order. One merge pass
+    instead of :func:`detectors.calibration._replaced`'s sorts and searches, and the slots
+    come with it (:meth:`~detectors.calibration.ConformalThresholder.own_p_values` needs no
+    argsort then)."""
+    drop = np.zeros(window, np.bool_)
+    drop[slots] = True
+    by_value = np.argsort(coming, kind="stable")
+    n = len(sorted_) - len(slots) + len(coming)
+    out, out_order = np.empty(n), np.empty(n, np.int64)
+    assert _replace is not None, "loaded() first"
+    _replace(np.ascontiguousarray(sorted_, np.float64), np.ascontiguousarray(order, np.int64), drop,
+             np.ascontiguousarray(coming[by_value], np.float64), np.ascontiguousarray(slots[by_value], np.int64),
+             out, out_order)
+    return out, out_order
 
 
 def nearest_from_products(
@@ -86,6 +125,35 @@ def nearest_from_products(
     return out_dist, out_slot
 
 
+def forest_paths(
+    X: np.ndarray, feature: np.ndarray, threshold: np.ndarray, leaf_depth: np.ndarray, depth: int
+) -> np.ndarray:
+    """``(n, trees)`` float64: each row's depth-corrected path length in each complete tree.
+
+    The arrays are :meth:`detectors.forest.IsolationForest._complete`'s: ``feature`` and
+    ``threshold`` ``(trees, 2**depth - 1)`` in heap order, ``leaf_depth`` ``(trees, 2**depth)``.
+    The same leaves as the forest's NumPy descent, in one compiled pass instead of three
+    gathers over ``(n, trees)`` per level.
+    """
+    out = np.empty((len(X), feature.shape[0]), np.float64)
+    assert _forest is not None, "loaded() first"
+    _forest(np.ascontiguousarray(X, np.float32), np.ascontiguousarray(feature, np.intp),
+            np.ascontiguousarray(threshold, np.float32), np.ascontiguousarray(leaf_depth, np.float64),
+            depth, out)
+    return out
+
+
+def grow_levels(S: np.ndarray, m: int, count: int, depth: int, draws: np.ndarray, c_of: np.ndarray,
+                columns: np.ndarray, *out: np.ndarray) -> int:
+    """:meth:`detectors.forest.IsolationForest._levels` in one compiled pass: the node arrays
+    ``out`` (feature, threshold, left, right, leaf depth, tree; room for complete trees) filled
+    in the same order with the same values, from the doubles that method would draw level by
+    level (``draws``). Returns the number of nodes."""
+    assert _grow is not None, "loaded() first"
+    return int(_grow(np.ascontiguousarray(S, np.float32), m, count, depth, draws, c_of,
+                     np.ascontiguousarray(columns, np.int64), *out))
+
+
 def warm_up() -> None:
     """Compile (or load from the on-disk cache) the kernels now: an image build calls it, so no
     worker pays the compilation at its first batch."""
@@ -93,3 +161,9 @@ def warm_up() -> None:
         return
     V = np.zeros((4, 2), np.float32)
     nearest_from_products(np.zeros((1, 4), np.float32), np.zeros(4, np.float32), V, V[:1], None, 2, 1, cosine=False)
+    replaced(np.zeros(2), np.arange(2), np.arange(1), np.ones(1), 2)
+    from detectors.forest import IsolationForest
+
+    forest = IsolationForest(trees=1, sample_size=2)
+    forest.fit(V)  # grown and scored with the compiled kernels
+    forest.score(V)

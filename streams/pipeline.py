@@ -109,7 +109,8 @@ class Pending:
     flags: list[bool] = field(default_factory=list)
     keep: list[bool] = field(default_factory=list)
     warming: bool = True  # the monitor's state at the start of the block
-    # the monitor's component scores, with forest_trees (SourceMonitor.commit)
+    # the monitor's component scores, with forest_trees (SourceMonitor.commit):
+    # (rows, 3) arrays, one per scored segment
     components: list[np.ndarray] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -215,7 +216,7 @@ class SourceState:
                 "flags": np.asarray(p.flags, bool),
                 "keep": np.asarray(p.keep, bool),
                 "warming": p.warming,
-                "components": np.stack(p.components) if p.components else np.zeros((0, 3)),
+                "components": np.concatenate(p.components) if p.components else np.zeros((0, 3)),
             },
             "seen": list(self.seen),
             "watermark": self.watermark,
@@ -250,7 +251,8 @@ class SourceState:
             keep=[bool(x) for x in p["keep"]],
             warming=bool(p["warming"]),
             # absent from states saved before forest_trees: commit computes them again
-            components=[np.asarray(c, np.float64) for c in p.get("components", ())],
+            components=([np.asarray(p["components"], np.float64).reshape(-1, 3)]
+                        if len(p.get("components", ())) else []),
         )
         self.seen = OrderedDict.fromkeys(state["seen"])
         self.watermark = None if state["watermark"] is None else float(state["watermark"])
@@ -463,7 +465,7 @@ class Pipeline:
         p.flags.extend(flags)
         p.keep.extend(d.learned.tolist())
         if d.components is not None:
-            p.components.extend(d.components)
+            p.components.append(d.components)
         pvals = d.p_values.tolist()
         warm = d.warming_up.tolist()
         # the distances a normal event carries, and (if any is flagged) all k
@@ -520,7 +522,9 @@ class Pipeline:
                 if not reencoded:
                     drift_X = move(view)
         ids = [e.id for e in events]
-        components = np.stack(p.components) if len(p.components) == len(events) else None
+        components = np.concatenate(p.components) if p.components else None
+        if components is not None and len(components) != len(events):
+            components = None
         alarms = state.monitor.commit(
             X, ids, np.asarray(p.scores), np.asarray(p.flags, bool), keep, drift_X=drift_X,
             components=components,

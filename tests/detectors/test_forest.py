@@ -149,3 +149,66 @@ def test_commit_without_the_components_computes_the_same_ones():
         a.commit(Xi, ids, da.scores, da.is_anomaly, da.learned, components=da.components)
         b.commit(Xi, ids, db.scores, db.is_anomaly, db.learned)
     np.testing.assert_array_equal(a.score(X[3000:3100]).scores, b.score(X[3000:3100]).scores)
+
+
+@pytest.mark.parametrize(("trees", "sample_size", "dim", "filled"),
+                         [(50, 256, 100, 9), (7, 64, 12, 12), (130, 16, 5, 3), (1, 4, 3, 2)])
+def test_compiled_scoring_gives_the_numpy_descents_scores_bit_for_bit(
+    trees, sample_size, dim, filled, monkeypatch
+):
+    # detectors.kernels.forest_paths reads the same leaves as the NumPy descent
+    # and leaves the mean to NumPy: equal scores, not merely close ones.
+    from detectors import kernels
+
+    assert kernels.loaded()
+    rng = np.random.default_rng(trees)
+    R = np.zeros((1_000, dim), np.float32)
+    R[:, :filled] = rng.standard_normal((1_000, filled)) * np.exp(rng.normal(size=filled))
+    R[rng.random(R.shape) < 0.3] = 0.0  # zero-inflated columns: ties at the split points
+    f = IsolationForest(trees=trees, sample_size=sample_size, seed=3)
+    f.fit(R)
+    f.regrow(R[::2], max(1, trees // 3))  # the packed arrays updated in place
+    Q = np.concatenate([R[:40], rng.standard_normal((40, dim)).astype(np.float32) * 3])
+    feature, threshold, _ = f._pack()
+    # rows that sit exactly on split points: x >= threshold goes right
+    on = np.zeros((19, dim), np.float32)  # 99 rows: the kernel's four-row steps and its tail
+    pick = rng.integers(0, feature.shape[1], size=19)
+    on[np.arange(19), feature[0, pick]] = np.where(np.isfinite(threshold[0, pick]), threshold[0, pick], 0.0)
+    Q = np.concatenate([Q, on])
+    compiled = [f.score(Q), f.score(Q[:3])]
+    monkeypatch.setattr(kernels, "enabled", False)
+    plain = f.score(Q)
+    assert compiled[0].dtype == plain.dtype == np.float64
+    assert np.array_equal(compiled[0], plain) and np.array_equal(compiled[1], plain[:3])
+    assert len(np.unique(plain)) > 1  # the rows do not all end in the same leaf
+
+
+@pytest.mark.parametrize(("trees", "sample_size", "rows", "dim", "filled"),
+                         [(50, 256, 2_000, 100, 9), (10, 256, 300, 8, 8), (13, 32, 40, 4, 2), (3, 8, 5, 3, 3)])
+def test_compiled_growing_grows_the_numpy_levels_trees_exactly(
+    trees, sample_size, rows, dim, filled, monkeypatch
+):
+    # The kernel takes the draws NumPy makes level by level all at once: the
+    # same features, thresholds, children and leaf depths, after fit and regrow.
+    from detectors import kernels
+
+    assert kernels.loaded()
+    rng = np.random.default_rng(rows)
+    R = np.zeros((rows, dim), np.float32)
+    R[:, :filled] = np.round(rng.standard_normal((rows, filled)) * np.exp(rng.normal(size=filled)), 1)
+    R[rng.random(R.shape) < 0.3] = 0.0  # ties and zero-inflated columns
+    R[rows // 2 :: 7] = R[0]  # repeated rows: nodes of identical rows become leaves
+    grown = []
+    for on in (True, False):
+        monkeypatch.setattr(kernels, "enabled", on)
+        f = IsolationForest(trees=trees, sample_size=sample_size, seed=5)
+        f.fit(R)
+        f.regrow(R[::3], max(1, trees // 4))
+        grown.append(f)
+    compiled, plain = grown
+    assert len(compiled._forest) == len(plain._forest) == trees
+    for a, b in zip(compiled._forest, plain._forest):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key].dtype == b[key].dtype and np.array_equal(a[key], b[key]), key
+    assert sum(len(t["feature"]) for t in plain._forest) > 3 * trees  # trees that split

@@ -75,6 +75,43 @@ def test_rolling_calibration_keeps_its_sorted_scores_equal_to_a_fresh_sort(rng):
         assert np.array_equal(t.p_values(q), (1.0 + n_ge) / (t.size + 1.0))
 
 
+def test_compiled_merge_rolls_the_sorted_scores_and_their_slots_as_numpy_would(rng, monkeypatch):
+    # With the kernels the sorted copy is rolled by one merge that carries the
+    # ring slots along (own_p_values then needs no argsort): the same sorted
+    # scores, p-values, quantiles and own p-values as the NumPy path, ties,
+    # -0.0 and nan included, blocks of every size, a reset on the way.
+    from detectors import kernels
+
+    assert kernels.loaded() and kernels.already_loaded()
+    sets = []
+    for on in (True, False):
+        monkeypatch.setattr(kernels, "enabled", on)
+        t = ConformalThresholder(alpha=0.05, window=120)
+        draws = np.random.default_rng(7)
+        seen = []
+        for step in range(150):
+            block = np.round(draws.exponential(size=int(draws.integers(1, 35))), 1)
+            block[draws.random(len(block)) < 0.05] = -0.0
+            block[draws.random(len(block)) < 0.02] = np.nan
+            if step == 90:
+                t.reset()
+            t.learn(block)
+            q = np.round(draws.exponential(size=5), 1)
+            if step % 3:
+                seen.append((t._sorted_scores().copy(), t.p_values(q), t.score_quantile(0.5), t.threshold))
+            if step % 5 == 0:
+                seen.append((t.own_p_values(),))
+            if on and t._order is not None:
+                assert np.array_equal(t._ring[t._order], t._sorted, equal_nan=True)
+                assert sorted(t._order.tolist()) == list(range(t.size))
+        sets.append(seen)
+    compiled, plain = sets
+    assert len(compiled) == len(plain)
+    for a, b in zip(compiled, plain):
+        for x, y in zip(a, b):
+            assert np.array_equal(x, y, equal_nan=True)
+
+
 def test_score_quantile_is_numpys_quantile_of_the_calibration_set(rng):
     # bit for bit, ties and the ends included, as the set rolls
     t = ConformalThresholder(alpha=0.1, window=50, min_calibration=20)
