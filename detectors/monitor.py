@@ -364,7 +364,7 @@ class SourceMonitor:
         depends on the component set it was read against, and that set moves
         (on the HDFS sessions the anomaly-rich test part fills the kNN set's
         top, so a session's kNN p-value rises over time; kept scores made
-        the threshold stale and F1 0.554, rebuilt 0.605 as with the kNN alone,
+        the threshold stale and F1 0.554, rebuilt 0.621, the kNN alone 0.605;
         `python bench/quality_hdfs.py`).
         """
         knn_cal, forest_cal = self._component_cal

@@ -91,10 +91,11 @@ ADMIT_REPEATS: dict[str, int] = {"log": 3}
 # forest_trees by kind: 50 for transactions, 0 (the kNN alone) elsewhere. On the
 # ADBench transaction streams (judged ROC-AUC, 3 seeds, `python bench/quality_tabular.py
 # default forest0`) the mean of the seven goes 0.887 -> 0.913 (ADBench IForest
-# mean 0.911), cardio 0.802 -> 0.885 and mammography 0.806 -> 0.849 (ADBench KNN
+# mean 0.911), cardio 0.802 -> 0.885 and mammography 0.806 -> 0.842 (ADBench KNN
 # 0.845); the HDFS sessions, also transactions, go from F1 0.605 to 0.621
-# (`python bench/quality_hdfs.py`); the forest costs a quarter to a third of the
-# transaction pipeline's time (`python bench/pipeline_stages.py`): docs/quality-notes.md.
+# (`python bench/quality_hdfs.py`); with the compiled kernels the forest costs
+# ~5 us per event (`python bench/pipeline_stages.py`), and recall at alpha on
+# dense attack clusters falls (http 0.930 -> 0.714): docs/quality-notes.md.
 FOREST_TREES: dict[str, int] = {"transaction": 50}
 
 PIPELINE_FIELDS = frozenset({"learn_block", "dedup_window", "max_lateness", "shards"})
