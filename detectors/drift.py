@@ -645,8 +645,15 @@ class CentroidDriftMonitor:
         block_means = _block_means(rng, z32, self.bootstrap, b, n, inverse)
         n_pseudo = max(1, math.ceil(self.bootstrap / _BLOCKS_PER_PSEUDO))
         pseudo = _resample_weights(rng, n_pseudo, n, n, inverse, len(zu))
-        pseudo_means = pseudo @ z32
-        pseudo_var = pseudo @ (z32 * z32) - pseudo_means**2
+        # Both moments from one product against [z | z^2]: BLAS packs the
+        # weights once (each entry the same sum as from two products).
+        width = z32.shape[1]
+        both = np.empty((len(z32), 2 * width), np.float32)
+        both[:, :width] = z32
+        np.multiply(z32, z32, out=both[:, width:])
+        moments = pseudo @ both
+        pseudo_means = moments[:, :width]
+        pseudo_var = moments[:, width:] - pseudo_means**2
         # zref is in units of sigma; the floor keeps constant dimensions at 0 / floor = 0
         unit_floor = np.concatenate([floor / sigma, np.full(m, _SIGMA_FLOOR)])
         pseudo_sd = np.maximum(np.sqrt(np.maximum(pseudo_var, 0.0)), unit_floor)
