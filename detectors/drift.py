@@ -657,16 +657,16 @@ class CentroidDriftMonitor:
         # zref is in units of sigma; the floor keeps constant dimensions at 0 / floor = 0
         unit_floor = np.concatenate([floor / sigma, np.full(m, _SIGMA_FLOOR)])
         pseudo_sd = np.maximum(np.sqrt(np.maximum(pseudo_var, 0.0)), unit_floor)
-        pair = np.arange(self.bootstrap) % n_pseudo
-        zc = (block_means - pseudo_means[pair]).astype(np.float64) / pseudo_sd[pair]
-        t_all = b * np.mean(zc[:, :d] ** 2, axis=1)
+        # Block i is measured against pseudo-reference i % n_pseudo; squared in place.
+        zc = _paired_squares(block_means, pseudo_means, pseudo_sd)
+        t_all = b * np.mean(zc[:, :d], axis=1)
         null_t = np.sort(t_all)
         null_tp = np.zeros(0)
         null = null_t
         if m:
             # Two statistics, one test: the larger of the two normal scores,
             # itself referred to its bootstrap null.
-            tp_all = b * np.mean(zc[:, d:] ** 2, axis=1)
+            tp_all = b * np.mean(zc[:, d:], axis=1)
             null_tp = np.sort(tp_all)
             null = np.sort(_larger(_normal_scores(null_t, t_all), _normal_scores(null_tp, tp_all)))
 
@@ -1033,6 +1033,26 @@ def _block_means(
         shape=(draws, groups),
     )
     return np.asarray(weights @ z, dtype=np.float32)
+
+
+def _paired_squares(block_means: np.ndarray, pseudo_means: np.ndarray, pseudo_sd: np.ndarray) -> np.ndarray:
+    """float64 ``((block_means[i] - pseudo_means[j]) / pseudo_sd[j]) ** 2`` with ``j = i % len(pseudo_means)``.
+
+    When the blocks are a whole number of rounds of the pseudo-references (the
+    default: 2,000 blocks, 500 pseudo-references) they pair by broadcasting
+    instead of two gathers, and the float64 copy is divided and squared in
+    place: the same values, fewer passes over ~6 MB.
+    """
+    draws, width = block_means.shape
+    n_pseudo = len(pseudo_means)
+    if draws % n_pseudo:
+        pair = np.arange(draws) % n_pseudo
+        return ((block_means - pseudo_means[pair]).astype(np.float64) / pseudo_sd[pair]) ** 2
+    rounds = (draws // n_pseudo, n_pseudo, width)
+    zc = (block_means.reshape(rounds) - pseudo_means).astype(np.float64)
+    np.divide(zc, pseudo_sd, out=zc)
+    np.square(zc, out=zc)
+    return zc.reshape(draws, width)
 
 
 def _larger(u: np.ndarray, v: np.ndarray) -> np.ndarray:
