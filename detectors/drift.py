@@ -645,21 +645,28 @@ class CentroidDriftMonitor:
         block_means = _block_means(rng, z32, self.bootstrap, b, n, inverse)
         n_pseudo = max(1, math.ceil(self.bootstrap / _BLOCKS_PER_PSEUDO))
         pseudo = _resample_weights(rng, n_pseudo, n, n, inverse, len(zu))
-        pseudo_means = pseudo @ z32
-        pseudo_var = pseudo @ (z32 * z32) - pseudo_means**2
+        # Both moments from one product against [z | z^2]: BLAS packs the
+        # weights once (each entry the same sum as from two products).
+        width = z32.shape[1]
+        both = np.empty((len(z32), 2 * width), np.float32)
+        both[:, :width] = z32
+        np.multiply(z32, z32, out=both[:, width:])
+        moments = pseudo @ both
+        pseudo_means = moments[:, :width]
+        pseudo_var = moments[:, width:] - pseudo_means**2
         # zref is in units of sigma; the floor keeps constant dimensions at 0 / floor = 0
         unit_floor = np.concatenate([floor / sigma, np.full(m, _SIGMA_FLOOR)])
         pseudo_sd = np.maximum(np.sqrt(np.maximum(pseudo_var, 0.0)), unit_floor)
-        pair = np.arange(self.bootstrap) % n_pseudo
-        zc = (block_means - pseudo_means[pair]).astype(np.float64) / pseudo_sd[pair]
-        t_all = b * np.mean(zc[:, :d] ** 2, axis=1)
+        # Block i is measured against pseudo-reference i % n_pseudo; squared in place.
+        zc = _paired_squares(block_means, pseudo_means, pseudo_sd)
+        t_all = b * np.mean(zc[:, :d], axis=1)
         null_t = np.sort(t_all)
         null_tp = np.zeros(0)
         null = null_t
         if m:
             # Two statistics, one test: the larger of the two normal scores,
             # itself referred to its bootstrap null.
-            tp_all = b * np.mean(zc[:, d:] ** 2, axis=1)
+            tp_all = b * np.mean(zc[:, d:], axis=1)
             null_tp = np.sort(tp_all)
             null = np.sort(_larger(_normal_scores(null_t, t_all), _normal_scores(null_tp, tp_all)))
 
@@ -1028,6 +1035,26 @@ def _block_means(
     return np.asarray(weights @ z, dtype=np.float32)
 
 
+def _paired_squares(block_means: np.ndarray, pseudo_means: np.ndarray, pseudo_sd: np.ndarray) -> np.ndarray:
+    """float64 ``((block_means[i] - pseudo_means[j]) / pseudo_sd[j]) ** 2`` with ``j = i % len(pseudo_means)``.
+
+    When the blocks are a whole number of rounds of the pseudo-references (the
+    default: 2,000 blocks, 500 pseudo-references) they pair by broadcasting
+    instead of two gathers, and the float64 copy is divided and squared in
+    place: the same values, fewer passes over ~6 MB.
+    """
+    draws, width = block_means.shape
+    n_pseudo = len(pseudo_means)
+    if draws % n_pseudo:
+        pair = np.arange(draws) % n_pseudo
+        return ((block_means - pseudo_means[pair]).astype(np.float64) / pseudo_sd[pair]) ** 2
+    rounds = (draws // n_pseudo, n_pseudo, width)
+    zc = (block_means.reshape(rounds) - pseudo_means).astype(np.float64)
+    np.divide(zc, pseudo_sd, out=zc)
+    np.square(zc, out=zc)
+    return zc.reshape(draws, width)
+
+
 def _larger(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """The larger of two normal scores; ties broken by the smaller one, then by which was larger.
 
@@ -1119,15 +1146,17 @@ def _calibrated_threshold(
     # temporaries (tens of MB per chunk, most of them page faults): ~30% of
     # a calibration, measured at equal thresholds.
     row = np.empty(n_paths, dtype=np.float32)
+    # bound methods and ufuncs looked up once (2,000 steps x 5 calls)
+    take, add, maximum = table.take, np.add, np.maximum
     for t0 in range(0, n_steps, chunk):
         rows = min(chunk, n_steps - t0)
         codes = rng.bit_generator.random_raw((rows * n_paths + 3) // 4).view(np.uint16)
         for r in range(0, rows * n_paths, n_paths):
-            np.take(table, codes[r : r + n_paths], out=row, mode="clip")
-            row += drift
-            s += row
-            np.maximum(s, 0.0, out=s)
-            np.maximum(top, s, out=top)
+            take(codes[r : r + n_paths], out=row, mode="clip")
+            add(row, drift, out=row)
+            add(s, row, out=s)
+            maximum(s, 0.0, out=s)
+            maximum(top, s, out=top)
     top = np.sort(top.astype(np.float64))[::-1]
     allowed = math.floor(alpha * n_paths)  # paths that may exceed h
     if allowed >= _TAIL_PATHS:

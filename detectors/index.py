@@ -357,12 +357,12 @@ class ReferenceIndex:
         if self.metric == "l2":
             D += self._sqnorm[:m][None, :]
         rows, cols = _candidates(D, c)
-        cand = V[cols]  # (pairs, columns)
+        cand = V[cols]  # (pairs, columns), a fresh gather: worked in place
         if self.metric == "cosine":
-            dpart = 1.0 - (cand * Xa[rows]).sum(axis=1)
+            dpart = 1.0 - np.multiply(cand, Xa[rows], out=cand).sum(axis=1)
         else:
-            diff = cand - Xa[rows]
-            dpart = (diff * diff).sum(axis=1)
+            diff = np.subtract(cand, Xa[rows], out=cand)
+            dpart = np.multiply(diff, diff, out=diff).sum(axis=1)
             if rest is not None:
                 dpart += rest[rows]
         dist, slots = _nearest(rows, cols, dpart, len(X), k)

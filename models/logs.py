@@ -242,7 +242,19 @@ class LogTemplater:
         return out
 
     def templates(self, lines: Sequence[str]) -> list[str]:
-        return [self.template(line) for line in lines]
+        if self.cache_size <= 0:
+            return [self._compute(line) for line in lines]
+        # The cache's hits inline (the pipeline asks for each batch's
+        # templates three times: prefetch, encode, learn); misses as template().
+        get, touch, out = self._cache.get, self._cache.move_to_end, []
+        for line in lines:
+            hit = get(line)
+            if hit is None:
+                hit = self.template(line)
+            else:
+                touch(line)
+            out.append(hit)
+        return out
 
     @staticmethod
     def _compute(line: str) -> str:
@@ -373,7 +385,11 @@ class LogEncoder:
 
     def templates(self, events: Sequence[Event]) -> list[str]:
         """The template of each event's line."""
-        return self.templater.templates([_line(e) for e in events])
+        lines = [e.payload for e in events]
+        if not all(type(line) is str for line in lines):
+            for e in events:
+                _line(e)  # raises for the first event whose line is not a string
+        return self.templater.templates(lines)
 
     def rarity(self, templates: Sequence[str]) -> np.ndarray:
         """Rarity in [0, 1] of each template under the current counts (1 = never seen)."""

@@ -512,3 +512,20 @@ def test_rebase_follows_a_move_of_the_input_space_and_finds_no_drift_in_it(at, r
     assert rebased.update(move(X[at + 25 :]), ids[at + 25 :]) == []
     assert rebased.statistic == pytest.approx(plain.statistic, abs=1e-3)
     assert stale.update(move(X[at + 25 :]), ids[at + 25 :]) != []
+
+
+@pytest.mark.parametrize("n_pseudo", [500, 499, 1])
+def test_paired_squares_equal_the_gathered_pairs(n_pseudo: int) -> None:
+    # Block i against pseudo-reference i % n_pseudo: by broadcasting when the
+    # blocks are whole rounds of the pseudo-references, by gathers otherwise;
+    # the same float64 values either way, and the row means of each part too.
+    rng = np.random.default_rng(7)
+    blocks = rng.normal(size=(2000, 40)).astype(np.float32)
+    means = rng.normal(size=(n_pseudo, 40)).astype(np.float32)
+    sd = np.abs(rng.normal(size=(n_pseudo, 40))) + 0.05
+    pair = np.arange(2000) % n_pseudo
+    expected = ((blocks - means[pair]).astype(np.float64) / sd[pair]) ** 2
+    got = drift._paired_squares(blocks, means, sd)
+    assert got.dtype == np.float64 and got.shape == (2000, 40)
+    assert np.array_equal(got, expected)
+    assert np.array_equal(np.mean(got[:, :33], axis=1), np.mean(expected[:, :33], axis=1))
