@@ -160,6 +160,8 @@ def test_compiled_scoring_gives_the_numpy_descents_scores_bit_for_bit(
     # and leaves the mean to NumPy: equal scores, not merely close ones.
     from detectors import kernels
 
+    monkeypatch.setattr(kernels, "enabled", True)  # compared with NumPy whatever NWATCH_SCAN_KERNEL says
+
     assert kernels.loaded()
     rng = np.random.default_rng(trees)
     R = np.zeros((1_000, dim), np.float32)
@@ -191,6 +193,8 @@ def test_compiled_growing_grows_the_numpy_levels_trees_exactly(
     # The kernel takes the draws NumPy makes level by level all at once: the
     # same features, thresholds, children and leaf depths, after fit and regrow.
     from detectors import kernels
+
+    monkeypatch.setattr(kernels, "enabled", True)  # compared with NumPy whatever NWATCH_SCAN_KERNEL says
 
     assert kernels.loaded()
     rng = np.random.default_rng(rows)

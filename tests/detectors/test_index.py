@@ -232,6 +232,8 @@ def test_compiled_scan_gives_the_numpy_scans_answers_bit_for_bit(metric, dim, fi
     # summation order: the same distances and slots, not merely close ones.
     from detectors import kernels
 
+    monkeypatch.setattr(kernels, "enabled", True)  # compared with NumPy whatever NWATCH_SCAN_KERNEL says
+
     assert kernels.loaded()
     idx = ReferenceIndex(dim=dim, capacity=cap, metric=metric, backend="exact")
     X = np.zeros((cap + 50, dim), np.float32)

@@ -82,6 +82,8 @@ def test_compiled_merge_rolls_the_sorted_scores_and_their_slots_as_numpy_would(r
     # -0.0 and nan included, blocks of every size, a reset on the way.
     from detectors import kernels
 
+    monkeypatch.setattr(kernels, "enabled", True)  # compared with NumPy whatever NWATCH_SCAN_KERNEL says
+
     assert kernels.loaded() and kernels.already_loaded()
     sets = []
     for on in (True, False):
