@@ -67,9 +67,9 @@ _RECALIBRATE_EVERY = 256
 
 
 # With forest_trees, the forest is renewed in this many rounds, a tenth of the
-# trees at a time: trees grown together share one pass of NumPy per level, about
-# a third of the cost of growing them one by one (1.1 against 3.7 ms per tree of
-# 256 rows, 30 features, on a loaded 2-core machine).
+# trees at a time: trees grown together share one pass per level (NumPy, or the
+# compiled kernel), about a third of the cost of growing them one by one (NumPy:
+# 1.1 against 3.7 ms per tree of 256 rows, 30 features, on a loaded 2-core machine).
 _REGROW_ROUNDS = 10
 # ... once per this many turnovers of the reference as it stands (every 80
 # learnt events while it holds 200, every 800 once it holds 2,000): growing was

@@ -485,10 +485,7 @@ class TransactionEncoder:
             bad = int(np.searchsorted(np.cumsum(lengths), first, side="right"))
             raise NonFinite(f"event {events[bad].id[:40]!r} has a non-finite field", field="fields")
         if one is not None and not one.shared and not one.unslotted:
-            # One schema, a slot per field: the values fill those columns.
-            raw = np.full((n, S), np.nan)
-            raw[:, one.slots] = vals_arr.reshape(n, len(one.slots))
-            return raw, cats, new_numeric, new_categorical
+            return self._one_schema_rows(one, vals_arr, n), cats, new_numeric, new_categorical
         shared = any(plan.shared for plan in used)
         unslotted = any(plan.unslotted for plan in used)
         slots = np.concatenate([plan.slots for plan in used])
@@ -526,8 +523,13 @@ class TransactionEncoder:
         vals_arr = np.asarray(values, dtype=np.float64)
         if not np.isfinite(vals_arr).all():
             return None  # the general path names the event
-        raw = np.full((len(events), self.numeric_slots), np.nan)
-        raw[:, plan.slots] = vals_arr.reshape(len(events), len(names))
+        return self._one_schema_rows(plan, vals_arr, len(events))
+
+    def _one_schema_rows(self, plan: _Plan, values: np.ndarray, n: int) -> np.ndarray:
+        """The raw matrix of ``n`` events of one schema whose numeric fields each have a slot
+        of their own: ``values`` (the events' numbers in order) fill those columns."""
+        raw = np.full((n, self.numeric_slots), np.nan)
+        raw[:, plan.slots] = values.reshape(n, len(plan.slots))
         return raw
 
     def _cat_slot_key(self, name: str, value: str) -> tuple[int, str]:
