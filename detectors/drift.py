@@ -64,6 +64,7 @@ from typing import Any
 import numpy as np
 from scipy.special import ndtri
 
+from detectors.index import distinct_rows
 from models.base import State
 from models.errors import NonFinite, StateMismatch, WrongDimension, WrongType
 
@@ -981,12 +982,11 @@ _DENSE_BLOCKS_PER_ROW = 4
 def _distinct_rows(z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """``(distinct rows, index of each row's distinct row, counts)``, first occurrences in order;
     None when more than ``_DISTINCT_MAX_SHARE`` of the rows are distinct."""
-    first: dict[bytes, int] = {}
-    inverse = np.fromiter((first.setdefault(row.tobytes(), len(first)) for row in z), np.intp, len(z))
-    if len(first) > _DISTINCT_MAX_SHARE * len(z):
+    found = distinct_rows(z, _DISTINCT_MAX_SHARE)
+    if found is None:
         return None
-    counts = np.bincount(inverse, minlength=len(first))
-    return z[np.unique(inverse, return_index=True)[1]], inverse, counts
+    zu, inverse = found
+    return zu, inverse, np.bincount(inverse, minlength=len(zu))
 
 
 def _resample_weights(
