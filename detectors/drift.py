@@ -461,13 +461,15 @@ class CentroidDriftMonitor:
         """Normal scores u of consecutive complete blocks of ``rows``."""
         b = self.block_size
         nb = len(rows) // b
-        means = rows[: nb * b].reshape(nb, b, -1).mean(axis=1, dtype=np.float64)
+        # add.reduce and a division: np.mean's own arithmetic, without its Python
+        # wrapper (~3 us a call, three calls every block)
+        means = np.add.reduce(rows[: nb * b].reshape(nb, b, -1), axis=1, dtype=np.float64) / b
         z = (means - self._mu) / self._sigma
-        u = _normal_scores(self._null_t, b * np.mean(z * z, axis=1))
+        u = _normal_scores(self._null_t, b * (np.add.reduce(z * z, axis=1) / z.shape[1]))
         if self._basis.shape[1] == 0:
             return u
         y = z @ self._basis
-        up = _normal_scores(self._null_tp, b * np.mean(y * y, axis=1))
+        up = _normal_scores(self._null_tp, b * (np.add.reduce(y * y, axis=1) / y.shape[1]))
         return _normal_scores(self._null_v, _larger(u, up))
 
     def _monitor(self, X: np.ndarray, ids: list[str]) -> tuple[int, list[DriftAlarm]]:

@@ -174,9 +174,14 @@ class RobustScaler:
         scale = np.where(np.isfinite(scale) & (scale > 1e-12), scale, 1.0)
         return np.where(np.isfinite(med), med, 0.0), scale
 
-    def transform(self, X: np.ndarray) -> np.ndarray:
+    def transform(self, X: np.ndarray, cols: np.ndarray | None = None) -> np.ndarray:
+        """``X`` standardised (and squashed), float32; with ``cols``, ``X`` holds only those
+        columns (as many as ``cols``), and so does the result."""
         X = np.asarray(X, dtype=np.float64)
-        Z = (X - self._center) / self._scale
+        if cols is None:
+            Z = (X - self._center) / self._scale
+        else:
+            Z = (X - self._center[cols]) / self._scale[cols]
         Z = np.where(np.isnan(Z), 0.0, Z)
         if self.squash:
             Z = np.arcsinh(Z)
