@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import compress
 from operator import itemgetter
 from typing import Any
 
@@ -527,7 +528,7 @@ class Pipeline:
             except InvalidEvent:
                 pass
         elif learner:
-            normal = [e for e, k in zip(events, keep) if k]
+            normal = list(compress(events, p.keep))  # the list, not the array: no NumPy bools
             if normal:
                 state.encoder.learn(normal)
         drift_X = state.drift_view(X)
@@ -540,7 +541,7 @@ class Pipeline:
                 state.monitor.rebase_drift(move)
                 if not reencoded:
                     drift_X = move(view)
-        ids = [e.id for e in events]
+        ids = list(map(_id, events))
         components = np.concatenate(p.components) if p.components else None
         if components is not None and len(components) != len(events):
             components = None

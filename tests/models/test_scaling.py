@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from models.events import Event
 from models.scaling import RobustScaler
@@ -54,3 +55,33 @@ def test_rebase_of_the_scaler_own_squash():
     before, frame = scaler.transform(probe), scaler.frame
     scaler.learn(rng.normal(3.0, 10.0, size=(3000, 3)))
     np.testing.assert_allclose(scaler.rebase(before, frame), scaler.transform(probe), rtol=1e-4, atol=1e-4)
+
+
+def _sorted_quartiles(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The quartiles as the scaler read them off a full sort before (np.nanpercentile's interpolation)."""
+    ordered = np.sort(rows, axis=0)
+    counts = (~np.isnan(rows)).sum(axis=0)
+    last = np.maximum(counts - 1, 0)
+    out = []
+    for q in (0.25, 0.5, 0.75):
+        pos = q * last
+        lo = np.floor(pos).astype(np.int64)
+        a = np.take_along_axis(ordered, lo[None, :], axis=0)[0]
+        b = np.take_along_axis(ordered, np.minimum(lo + 1, last)[None, :], axis=0)[0]
+        out.append(np.where(counts > 0, a + (b - a) * (pos - lo), np.nan))
+    return out[0], out[1], out[2]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_quartiles_by_partition_equal_those_of_the_sort(seed):
+    # without missing values the refresh partitions instead of sorting: the same centre and scale
+    rng = np.random.default_rng(seed)
+    n, d = int(rng.integers(1, 3000)), int(rng.integers(1, 12))
+    rows = rng.integers(-4, 5, (n, d)).astype(float) if seed % 2 else rng.lognormal(size=(n, d))
+    if seed >= 4:
+        rows[rng.random(rows.shape) < 0.2] = np.nan  # the sort's path
+    q25, med, q75 = _sorted_quartiles(rows)
+    center, scale = RobustScaler._estimate(rows)
+    assert np.array_equal(center, np.where(np.isfinite(med), med, 0.0))
+    iqr = (q75 - q25) / 1.349
+    assert np.array_equal(scale[iqr > 1e-12], iqr[iqr > 1e-12])
