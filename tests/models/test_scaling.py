@@ -85,3 +85,17 @@ def test_quartiles_by_partition_equal_those_of_the_sort(seed):
     assert np.array_equal(center, np.where(np.isfinite(med), med, 0.0))
     iqr = (q75 - q25) / 1.349
     assert np.array_equal(scale[iqr > 1e-12], iqr[iqr > 1e-12])
+
+
+@pytest.mark.parametrize("missing", [False, True])
+def test_the_std_fallback_is_that_of_the_nan_masked_sums(missing):
+    # columns with IQR 0 fall back to the standard deviation: with or without missing values,
+    # the value of the masked sums, bit for bit
+    rng = np.random.default_rng(7)
+    rows = np.where(rng.random((2048, 5)) < 0.9, 0.0, rng.lognormal(size=(2048, 5)))  # IQR 0
+    if missing:
+        rows[rng.random(rows.shape) < 0.1] = np.nan
+    counts = (~np.isnan(rows)).sum(axis=0)
+    mean = np.where(np.isnan(rows), 0.0, rows).sum(axis=0) / counts
+    std = np.sqrt(np.where(np.isnan(rows), 0.0, (rows - mean) ** 2).sum(axis=0) / counts)
+    assert np.array_equal(RobustScaler._estimate(rows)[1], std)
