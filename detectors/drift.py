@@ -1038,8 +1038,6 @@ def _block_means(
     The rows are those of ``z``, or with ``inverse`` (``n`` rows -> their row of
     ``z``) row j is ``z[inverse[j]]``.
     """
-    from scipy.sparse import csr_matrix
-
     groups = len(z)
     n = groups if n is None else n
     picks = rng.integers(0, n, size=draws * size)
@@ -1050,6 +1048,8 @@ def _block_means(
         weights = np.bincount(picks, minlength=draws * groups).astype(np.float32)
         weights *= np.float32(1.0 / size)
         return weights.reshape(draws, groups) @ z
+    from scipy.sparse import csr_matrix  # here: a dense path (log templates) never imports scipy.sparse
+
     weights = csr_matrix(
         (np.full(draws * size, 1.0 / size, dtype=np.float32), picks, np.arange(0, draws * size + 1, size)),
         shape=(draws, groups),
