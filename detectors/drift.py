@@ -236,8 +236,8 @@ class CentroidDriftMonitor:
     reference costs O(bootstrap * (block_size + reference_size / 4) * d) for
     the bootstrap (the k-means of the explanation runs at the first alarm or
     state save of a reference, not before) plus a calibration of at most ``_MAX_PATH_STEPS`` simulated CUSUM
-    steps (about 0.25 s at the defaults), which monitors with equal settings
-    and similar data share through a cache. Memory: two references' worth of
+    steps (about 0.1 s), which monitors with equal settings and similar data
+    share through a cache; at the default settings it is a table lookup. Memory: two references' worth of
     vectors (the reference being collected and the explanation ring).
     """
 
