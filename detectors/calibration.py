@@ -116,6 +116,38 @@ class ConformalThresholder:
         n_ge = n - np.searchsorted(cal, scores, side="left")
         return (1.0 + n_ge) / (n + 1.0)
 
+    def mid_rank_p_values(self, scores: np.ndarray) -> np.ndarray:
+        """``(n,)`` mid-rank p-values, :meth:`p_values` less ``0.5 / (n + 1)``, continued past the
+        largest calibration score.
+
+        Every score past the largest one used to get the same floor ``0.5 / (n + 1)``:
+        where these p-values are combined (``SourceMonitor._combined``), events far
+        out on either component tied at the top of the ranking with normal events
+        just past the other component's set. Past the largest score ``s_max`` the
+        p-value goes on falling as an exponential tail fitted to the top of the set:
+        ``floor * exp(-(s - s_max) / b)``, ``b`` the mean excess of the top
+        ``max(5, n // 100)`` scores over the next one (the exponential's maximum
+        likelihood scale). Continuous at ``s_max`` and monotone; every p-value at or
+        below ``s_max`` is unchanged, and one past it stays below every other, so
+        decisions taken against the set do not move. All 0.5 while the set is empty.
+
+        >>> t = ConformalThresholder(alpha=0.1, window=100, min_calibration=10)
+        >>> t.learn(np.arange(10.0))
+        >>> t.mid_rank_p_values(np.array([9.0, 10.0, 12.0])).round(4).tolist()
+        [0.1364, 0.0326, 0.0167]
+        """
+        scores = np.asarray(scores, dtype=np.float64)
+        p = self.p_values(scores) - 0.5 / (self.size + 1.0)
+        m = max(5, self.size // 100)
+        if self.size <= m:
+            return p
+        cal = self._sorted_scores()
+        b = float(np.mean(cal[-m:] - cal[-m - 1]))
+        beyond = scores > cal[-1]
+        if b > 0 and beyond.any():
+            p[beyond] *= np.exp(-(scores[beyond] - cal[-1]) / b)
+        return p
+
     def calibration_scores(self) -> np.ndarray:
         """The scores of the set in slot order (see :meth:`own_p_values`), a copy."""
         return self._ring[: self.size].copy()
