@@ -10,6 +10,11 @@ from detectors import kernels
 from models.base import State
 
 
+# mid_rank_p_values: the tail past the largest calibration score stops falling this many
+# fitted scales out (exp(-600) ~ 1e-261: -log p stays finite and far from overflow).
+_TAIL_SCALES = 600.0
+
+
 class ConformalThresholder:
     """Turns scores into p-values against a rolling calibration set of recent scores.
 
@@ -127,9 +132,11 @@ class ConformalThresholder:
         p-value goes on falling as an exponential tail fitted to the top of the set:
         ``floor * exp(-(s - s_max) / b)``, ``b`` the mean excess of the top
         ``max(5, n // 100)`` scores over the next one (the exponential's maximum
-        likelihood scale). Continuous at ``s_max`` and monotone; every p-value at or
-        below ``s_max`` is unchanged, and one past it stays below every other, so
-        decisions taken against the set do not move. All 0.5 while the set is empty.
+        likelihood scale), at most ``_TAIL_SCALES`` scales out (``-log p`` stays finite where
+        the top of the set is nearly flat: the HDFS sessions as vectors gave inf without it).
+        Continuous at ``s_max`` and monotone; every p-value at or below ``s_max`` is
+        unchanged, and one past it stays below every other, so decisions taken against
+        the set do not move. All 0.5 while the set is empty.
 
         >>> t = ConformalThresholder(alpha=0.1, window=100, min_calibration=10)
         >>> t.learn(np.arange(10.0))
@@ -145,7 +152,7 @@ class ConformalThresholder:
         b = float(np.mean(cal[-m:] - cal[-m - 1]))
         beyond = scores > cal[-1]
         if b > 0 and beyond.any():
-            p[beyond] *= np.exp(-(scores[beyond] - cal[-1]) / b)
+            p[beyond] *= np.exp(-np.minimum((scores[beyond] - cal[-1]) / b, _TAIL_SCALES))
         return p
 
     def calibration_scores(self) -> np.ndarray:

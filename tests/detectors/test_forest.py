@@ -245,3 +245,5 @@ def test_events_past_a_components_calibration_set_are_ranked_not_tied_and_decisi
     # each is still flagged, as any event past every calibration score was
     assert d_far.is_anomaly.all()
     assert d_far.scores.min() > d_in.scores.max()
+    # however far out (here ~1e5 fitted scales), the score stays finite
+    assert np.isfinite(mon.score(np.full((1, 4), 1e5, np.float32)).scores).all()
