@@ -56,6 +56,7 @@ dimensions whose standardised mean moved most.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +65,7 @@ from typing import Any
 import numpy as np
 from scipy.special import ndtri
 
+from detectors._drift_thresholds import THRESHOLDS as _TABLED
 from detectors.index import distinct_rows
 from models.base import State
 from models.errors import NonFinite, StateMismatch, WrongDimension, WrongType
@@ -234,8 +236,8 @@ class CentroidDriftMonitor:
     reference costs O(bootstrap * (block_size + reference_size / 4) * d) for
     the bootstrap (the k-means of the explanation runs at the first alarm or
     state save of a reference, not before) plus a calibration of at most ``_MAX_PATH_STEPS`` simulated CUSUM
-    steps (about 0.25 s at the defaults), which monitors with equal settings
-    and similar data share through a cache. Memory: two references' worth of
+    steps (about 0.1 s), which monitors with equal settings and similar data
+    share through a cache; at the default settings it is a table lookup. Memory: two references' worth of
     vectors (the reference being collected and the explanation ring).
     """
 
@@ -945,30 +947,50 @@ def calibrated_threshold(
     :class:`CentroidDriftMonitor` and the merged monitor of a sharded source
     (``detectors.shards``).
     """
-    b, n = block_size, reference_size
-    # Normal scores of the null sample itself, each ranked among the others.
-    lo = np.searchsorted(null_t, null_t, side="left")
-    hi = np.searchsorted(null_t, null_t, side="right") - 1
-    pool = ndtri((lo + hi + 1.0) / (2.0 * len(null_t))).astype(np.float32)
-    # What the null cannot hold is the error of *this* reference: a bias of
-    # u that lasts as long as the reference. Its variance, in units of the
-    # sd of T (so of u): (b / n)^2 from the centroid, (kurtosis - 1) / (2 n)
-    # from the spread (var(sd^2 / sigma^2) = (kurtosis - 1) / n), 1 / B from
-    # the finite bootstrap. Measured across 100 Gaussian references, d = 4
-    # and 64: sd 0.057 against 0.063 from this formula; Student t5: 0.068.
-    # Kurtosis capped so that a few giant outliers in one dimension cannot blow up h.
-    kurtosis = min(max(kurtosis, 1.0), _MAX_KURTOSIS)
-    tau = math.sqrt((b / n) ** 2 + (kurtosis - 1.0) / (2.0 * n) + 1.0 / len(null_t))
-    # Rounded up to a grid of 0.005 (a tenth of its typical size): slightly
-    # conservative, and references of similar data share one calibration.
-    tau = math.ceil(tau / _TAU_STEP) * _TAU_STEP
-    n_steps = max(1, math.ceil(horizon_events / b))
-    h = _calibrated_threshold(pool.tobytes(), n_steps, alpha, tau, seed)
+    pool = _null_pool(null_t)
+    tau = _bias_sd(block_size, reference_size, kurtosis, len(null_t))
+    n_steps = max(1, math.ceil(horizon_events / block_size))
+    # The default settings' thresholds are a table of this same simulation
+    # (detectors/_drift_thresholds.py): ~0.1 s of CPU per reference otherwise.
+    h = _TABLED.get((_pool_digest(pool), n_steps, alpha, tau, seed))
+    if h is None:
+        h = _calibrated_threshold(pool.tobytes(), n_steps, alpha, tau, seed)
     # One or two odd blocks must never alarm on their own (a burst is not a
     # drift), whatever the calibration says; this only binds when the null
     # has almost no spread, e.g. a reference of identical vectors.
     u_max = float(ndtri((2.0 * len(null_t) + 1.0) / (2.0 * (len(null_t) + 1))))
     return max(h, _BURST_BLOCKS * (u_max - _CUSUM_K))
+
+
+def _null_pool(null_t: np.ndarray) -> np.ndarray:
+    """float32 normal scores of the sorted null sample itself, each ranked among the others."""
+    lo = np.searchsorted(null_t, null_t, side="left")
+    hi = np.searchsorted(null_t, null_t, side="right") - 1
+    return ndtri((lo + hi + 1.0) / (2.0 * len(null_t))).astype(np.float32)
+
+
+def _pool_digest(pool: np.ndarray) -> str:
+    """Key of a null pool in the threshold table: untied nulls of one size share one pool."""
+    return hashlib.sha256(pool.tobytes()).hexdigest()[:16]
+
+
+def _bias_sd(block_size: int, reference_size: int, kurtosis: float, n_null: int) -> float:
+    """tau: the sd of the bias of u that *this* reference carries, on the calibration's grid.
+
+    What the null cannot hold is the error of this reference: a bias of u that
+    lasts as long as the reference. Its variance, in units of the sd of T (so
+    of u): (b / n)^2 from the centroid, (kurtosis - 1) / (2 n) from the spread
+    (var(sd^2 / sigma^2) = (kurtosis - 1) / n), 1 / B from the finite
+    bootstrap. Measured across 100 Gaussian references, d = 4 and 64: sd 0.057
+    against 0.063 from this formula; Student t5: 0.068.
+    """
+    b, n = block_size, reference_size
+    # Kurtosis capped so that a few giant outliers in one dimension cannot blow up h.
+    kurtosis = min(max(kurtosis, 1.0), _MAX_KURTOSIS)
+    tau = math.sqrt((b / n) ** 2 + (kurtosis - 1.0) / (2.0 * n) + 1.0 / n_null)
+    # Rounded up to a grid of 0.005 (a tenth of its typical size): slightly
+    # conservative, and references of similar data share one calibration.
+    return math.ceil(tau / _TAU_STEP) * _TAU_STEP
 
 
 # A reference is resampled through its distinct rows when they are at most
@@ -1018,8 +1040,6 @@ def _block_means(
     The rows are those of ``z``, or with ``inverse`` (``n`` rows -> their row of
     ``z``) row j is ``z[inverse[j]]``.
     """
-    from scipy.sparse import csr_matrix
-
     groups = len(z)
     n = groups if n is None else n
     picks = rng.integers(0, n, size=draws * size)
@@ -1030,6 +1050,8 @@ def _block_means(
         weights = np.bincount(picks, minlength=draws * groups).astype(np.float32)
         weights *= np.float32(1.0 / size)
         return weights.reshape(draws, groups) @ z
+    from scipy.sparse import csr_matrix  # here: a dense path (log templates) never imports scipy.sparse
+
     weights = csr_matrix(
         (np.full(draws * size, 1.0 / size, dtype=np.float32), picks, np.arange(0, draws * size + 1, size)),
         shape=(draws, groups),

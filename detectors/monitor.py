@@ -332,9 +332,8 @@ class SourceMonitor:
         if not len(components) or components[0, 2] < 2:
             return u
         knn_cal, forest_cal = self._component_cal
-        return _tippett(components[:, 0],
-                        knn_cal.p_values(components[:, 0]) - 0.5 / (knn_cal.size + 1.0),
-                        forest_cal.p_values(components[:, 1]) - 0.5 / (forest_cal.size + 1.0))
+        return _tippett(components[:, 0], knn_cal.mid_rank_p_values(components[:, 0]),
+                        forest_cal.mid_rank_p_values(components[:, 1]))
 
     def _learn_components(self, X: np.ndarray, pending: np.ndarray | None) -> None:
         """Calibration of the components from the committed events, and of the combined score.

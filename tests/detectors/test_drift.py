@@ -529,3 +529,56 @@ def test_paired_squares_equal_the_gathered_pairs(n_pseudo: int) -> None:
     assert got.dtype == np.float64 and got.shape == (2000, 40)
     assert np.array_equal(got, expected)
     assert np.array_equal(np.mean(got[:, :33], axis=1), np.mean(expected[:, :33], axis=1))
+
+
+# ------------------------------------------------------ threshold table
+
+
+def test_threshold_table_holds_what_the_simulation_gives_bit_for_bit() -> None:
+    # every entry recomputed: the table goes stale when the simulation or the defaults change
+    from detectors._drift_thresholds import THRESHOLDS
+
+    m = CentroidDriftMonitor()
+    pool = drift._null_pool(np.arange(m.bootstrap, dtype=np.float64))
+    assert len(THRESHOLDS) >= 10
+    for (digest, steps, alpha, tau, seed), h in THRESHOLDS.items():
+        assert digest == drift._pool_digest(pool)
+        assert (steps, alpha, seed) == (math.ceil(m.horizon_events / m.block_size), m.alpha, m.seed)
+        assert drift._calibrated_threshold.__wrapped__(pool.tobytes(), steps, alpha, tau, seed) == h
+
+
+@pytest.mark.parametrize("kurtosis", [1.0, 3.0, 7.5, 20.0, 1e6])
+def test_default_settings_find_their_threshold_in_the_table(kurtosis: float, monkeypatch) -> None:
+    def simulated(*args):
+        raise AssertionError(f"simulated {args[1:]}")
+
+    monkeypatch.setattr(drift, "_calibrated_threshold", simulated)
+    null_t = np.sort(np.random.default_rng(3).chisquare(8, 2000))  # untied, as bootstrap nulls are
+    h = drift.calibrated_threshold(null_t, block_size=50, reference_size=1000, kurtosis=kurtosis,
+                                   horizon_events=100_000, alpha=0.001, seed=0)
+    assert 6.0 < h < 8.0
+
+
+def test_monitor_threshold_is_the_same_with_and_without_the_table(monkeypatch) -> None:
+    X = _gaussian(1000, 8, 11)
+    tabled = CentroidDriftMonitor()
+    tabled.update(X, _ids(1000))
+    calls = []
+    uncached = drift._calibrated_threshold.__wrapped__
+    monkeypatch.setattr(drift, "_TABLED", {})
+    monkeypatch.setattr(drift, "_calibrated_threshold", lambda *a: calls.append(a) or uncached(*a))
+    simulated = CentroidDriftMonitor()
+    simulated.update(X, _ids(1000))
+    assert len(calls) == 1 and simulated.threshold == tabled.threshold
+
+
+def test_settings_outside_the_table_are_simulated(monkeypatch) -> None:
+    calls = []
+    real = drift._calibrated_threshold
+    monkeypatch.setattr(drift, "_calibrated_threshold", lambda *a: calls.append(a) or real(*a))
+    null_t = np.sort(np.random.default_rng(3).chisquare(8, 2000))
+    tied = np.sort(np.round(null_t))  # ties: another pool
+    for t, alpha in ((null_t, 0.01), (tied, 0.001)):
+        drift.calibrated_threshold(t, block_size=50, reference_size=1000, kurtosis=3.0,
+                                   horizon_events=100_000, alpha=alpha, seed=0)
+    assert len(calls) == 2

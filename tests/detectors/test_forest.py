@@ -216,3 +216,34 @@ def test_compiled_growing_grows_the_numpy_levels_trees_exactly(
         for key in a:
             assert a[key].dtype == b[key].dtype and np.array_equal(a[key], b[key]), key
     assert sum(len(t["feature"]) for t in plain._forest) > 3 * trees  # trees that split
+
+
+def test_events_past_a_components_calibration_set_are_ranked_not_tied_and_decisions_stay():
+    """Past the largest calibration score a component's p-value goes on falling (an
+    exponential tail), so events far out on the kNN rank by how far, instead of tying at
+    the top with normal events just past the forest's set; p-values within the set, and the
+    decisions, are those of the plain mid-rank p-value."""
+    rng = np.random.default_rng(3)
+    mon = SourceMonitor(alpha=0.01, drift=False, forest_trees=20, reference_size=500)
+    run(mon, rng.normal(size=(1500, 4)).astype(np.float32))
+    knn_cal, forest_cal = mon._component_cal
+    inside = rng.normal(size=(200, 4)).astype(np.float32)
+    far = np.zeros((4, 4), np.float32)
+    far[:, 0] = [8.0, 12.0, 16.0, 20.0]  # ever further out along one feature
+    d_in, d_far = mon.score(inside), mon.score(far)
+    knn_far = d_far.components[:, 0]
+    assert (knn_far > knn_cal.calibration_scores().max()).all()
+    # within the set: the plain mid-rank p-value, bit for bit
+    s_in = d_in.components[:, 0]
+    within = s_in <= knn_cal.calibration_scores().max()
+    plain = knn_cal.p_values(s_in) - 0.5 / (knn_cal.size + 1.0)
+    np.testing.assert_array_equal(knn_cal.mid_rank_p_values(s_in)[within], plain[within])
+    # past it: strictly falling, below the floor the plain p-value would give every one of them
+    p_far = knn_cal.mid_rank_p_values(knn_far)
+    assert (np.diff(p_far) < 0).all() and (p_far < 0.5 / (knn_cal.size + 1.0)).all()
+    assert (np.diff(d_far.scores) > 0).all(), d_far.scores
+    # each is still flagged, as any event past every calibration score was
+    assert d_far.is_anomaly.all()
+    assert d_far.scores.min() > d_in.scores.max()
+    # however far out (here ~1e5 fitted scales), the score stays finite
+    assert np.isfinite(mon.score(np.full((1, 4), 1e5, np.float32)).scores).all()
