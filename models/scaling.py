@@ -18,6 +18,15 @@ _IQR_TO_SIGMA = 1.349
 _FRAMES_KEPT = 4
 
 
+def _small_integers(rows: np.ndarray) -> np.ndarray | None:
+    """``rows`` as int16 if every value is a whole number in int16's range (no NaN), else None."""
+    lo, hi = rows.min(initial=0.0), rows.max(initial=0.0)
+    if not (-32768.0 <= lo and hi <= 32767.0):  # NaN fails too
+        return None
+    ints = rows.astype(np.int16)
+    return ints if np.array_equal(ints, rows) else None
+
+
 class RobustScaler:
     """Median/IQR standardisation learnt from a reservoir sample of rows.
 
@@ -157,10 +166,17 @@ class RobustScaler:
             lo = np.floor(pos).astype(np.int64)
             places.append((lo, np.minimum(lo + 1, last), pos - lo))
         complete = bool(len(rows)) and bool((counts == len(rows)).all())
-        if complete:
+        ints = _small_integers(rows) if complete else None
+        if ints is not None:
+            # Whole numbers (counts, pixel levels, coded categories): NumPy's radix
+            # sort of int16, the same values (a zero's sign aside): satellite's
+            # 2,048 x 36 tying pixel levels 1.3 ms -> 0.26, shuttle 0.28 -> 0.07.
+            ordered = np.sort(ints, axis=0, kind="stable").astype(np.float64)
+        elif complete:
             # No value missing: the six order statistics are in place after one
             # partition of the transposed copy, ~4x faster than sorting 2,048
-            # rows (the same values: order statistics do not depend on the method).
+            # rows of few ties (the same values: order statistics do not depend
+            # on the method; satellite's tying columns partition no faster).
             kth = np.unique(np.concatenate([p for lo, hi, _ in places for p in (lo, hi)]))
             ordered = np.ascontiguousarray(rows.T)
             ordered.partition(kth, axis=1)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from models.events import Event
-from models.scaling import RobustScaler
+from models.scaling import RobustScaler, _small_integers
 from models.tabular import TransactionEncoder
 
 
@@ -72,13 +72,18 @@ def _sorted_quartiles(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
     return out[0], out[1], out[2]
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_quartiles_by_partition_equal_those_of_the_sort(seed):
-    # without missing values the refresh partitions instead of sorting: the same centre and scale
+@pytest.mark.parametrize("seed", range(8))
+def test_quartiles_by_partition_or_int16_sort_equal_those_of_the_sort(seed):
+    # without missing values the refresh partitions, or sorts whole numbers as int16,
+    # instead of sorting the doubles: the same centre and scale
     rng = np.random.default_rng(seed)
     n, d = int(rng.integers(1, 3000)), int(rng.integers(1, 12))
     rows = rng.integers(-4, 5, (n, d)).astype(float) if seed % 2 else rng.lognormal(size=(n, d))
-    if seed >= 4:
+    if seed == 6:  # whole numbers beyond int16: the partition
+        rows = rng.integers(-40_000, 40_000, (n, d)).astype(float)
+    if seed in (1, 3):
+        assert _small_integers(rows) is not None
+    if seed >= 4 and seed != 6:
         rows[rng.random(rows.shape) < 0.2] = np.nan  # the sort's path
     q25, med, q75 = _sorted_quartiles(rows)
     center, scale = RobustScaler._estimate(rows)
