@@ -422,20 +422,22 @@ class SourceMonitor:
         return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
 
     def _refit_covariance(self, learned: int, *, now: bool = False) -> None:
-        """Estimate the covariance from the reference: at every commit while it holds
-        fewer than ``min_reference`` rows (the warm-up's scores are then distances too,
-        though never judged), then each ``_COVARIANCE_REFIT`` events it learnt (or ``now``).
+        """Estimate the covariance from the reference as it grows (each time it doubled,
+        so the warm-up's scores are distances too, though never judged), when it reaches
+        ``min_reference``, then each ``_COVARIANCE_REFIT`` events it learnt (or ``now``).
 
         The calibration set learns scores from the commit after the reference
         reached ``min_reference``, so each of them was read against a covariance
         of at least that many rows.
         """
         assert self.covariance is not None
-        if self.detector.index is None or self.detector.size < 2:
+        size = self.detector.size
+        if self.detector.index is None or size < 2:
             return
         self._learned_since_refit += learned
-        if (now or self.detector.size < self.min_reference + learned or not self.covariance.is_ready
-                or self._learned_since_refit >= _COVARIANCE_REFIT):
+        since = self._learned_since_refit
+        if (now or not self.covariance.is_ready or since >= min(_COVARIANCE_REFIT, size - since)
+                or size - learned < self.min_reference <= size):
             self.covariance.fit(self.detector.index.vectors())
             self._learned_since_refit = 0
 

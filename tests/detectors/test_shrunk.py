@@ -19,9 +19,9 @@ def test_ledoit_wolf_matches_scikit_learn(n, p):
     rng = np.random.default_rng(n)
     X = rng.normal(size=(n, p)) @ rng.normal(size=(p, p))
     Z = X - X.mean(axis=0)
-    S, s = ledoit_wolf(Z)
+    s, mu = ledoit_wolf(Z)
+    S = Z.T @ Z / n
     sk_cov, sk_s = sk_ledoit_wolf(X)
-    mu = np.trace(S) / p
     assert s == pytest.approx(sk_s, rel=1e-9)
     np.testing.assert_allclose((1 - s) * S + s * mu * np.eye(p), sk_cov, rtol=1e-9, atol=1e-12)
 
@@ -38,7 +38,20 @@ def test_distance_weighs_each_direction_by_its_spread_and_state_round_trips():
     other.set_state(m.get_state())
     np.testing.assert_array_equal(other.score(R[:20]), m.score(R[:20]))
     with pytest.raises(StateMismatch):
-        other.set_state({"mean": np.zeros(2), "whiten": np.eye(3)})
+        other.set_state({"mean": np.zeros(2), "axes": np.eye(3), "weights": np.ones(3), "isotropic": 1.0})
+
+
+@pytest.mark.parametrize(("n", "p"), [(30, 80), (400, 12)])
+def test_distance_is_that_of_the_full_shrunk_covariance(n, p):
+    from sklearn.covariance import LedoitWolf
+
+    rng = np.random.default_rng(p)
+    R = rng.normal(size=(n, p)) @ rng.normal(size=(p, p))
+    Q = rng.normal(size=(20, p)) * 3
+    m = ShrunkMahalanobis()
+    m.fit(R)
+    want = np.sqrt(LedoitWolf().fit(R).mahalanobis(Q))
+    np.testing.assert_allclose(m.score(Q), want, rtol=2e-3)
 
 
 def anisotropic_stream(seed: int, n: int = 2500, dim: int = 96) -> tuple[np.ndarray, np.ndarray]:
