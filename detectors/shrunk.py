@@ -61,8 +61,15 @@ class ShrunkMahalanobis:
     ``fit(R)`` estimates mean and covariance from the reference rows; ``score(X)``
     is higher for rows farther out (0 before the first fit). With the covariance
     ``C = (1 - s) S + c I`` (``c = s mu``) and ``S``'s eigenpairs ``(sigma_j, u_j)``,
-    ``d(x)^2 = |x - m|^2 / c + sum_j (u_j . (x - m))^2 (1 / ((1 - s) sigma_j + c) - 1 / c)``:
-    one product with the ``r <= min(n, p)`` axes of ``S`` per row, and an
+    the Mahalanobis distance is
+    ``d(x)^2 = |x - m|^2 / c + sum_j (u_j . (x - m))^2 (1 / ((1 - s) sigma_j + c) - 1 / c)``,
+    and the score ``sqrt(c) d(x)``: the same ranking for one fit, but in the data's
+    units, so scores of successive fits stay comparable in one calibration set. The
+    shrinkage falls as the reference grows (``s`` ~ 1 / n), so ``d`` of a typical
+    event rises from fit to fit while the set still holds scores of the earlier
+    ones: on 20news (stream seeds 0-2) the false-alarm rate was 0.0208 with ``d``
+    and 0.0083 with ``sqrt(c) d`` (20 seeds: 0.0069 and 0.0038), judged ROC-AUC 0.745 both.
+    One product with the ``r <= min(n, p)`` axes of ``S`` per row, and an
     eigendecomposition of the smaller of ``n x n`` and ``p x p`` per fit (20news,
     600 rows of 768-d: 0.13 against 0.29 s on a loaded 2-core machine).
 
@@ -108,7 +115,7 @@ class ShrunkMahalanobis:
         Y = X - self._mean
         P = (Y @ self._axes).astype(np.float64)
         d2 = np.einsum("ij,ij->i", Y, Y, dtype=np.float64) * self._isotropic + (P * P) @ self._weights
-        return np.sqrt(np.maximum(d2, 0.0))
+        return np.sqrt(np.maximum(d2, 0.0) / self._isotropic)
 
     def get_state(self) -> State:
         if self._axes is None:
