@@ -89,7 +89,7 @@ def stream(name: str, seeds: int, variants: list[str]) -> None:
         res = []
         for seed in range(seeds):
             s = vector_stream(name, X, y, seed=seed, max_events=len(X))
-            # the variant's settings alone, not the report's (streams.bench_quality.REPORT_SOURCES)
+            # the variant's settings alone (the report's opt-in row: streams.bench_quality.OPT_IN)
             f = figures(s.labels, replay(s, Settings(sources={s.source: VARIANTS[v]})))
             res.append((f["roc_auc_judged"], f["roc_auc"], f["false_alarm_rate"]))
         a = np.array(res)

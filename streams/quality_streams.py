@@ -18,8 +18,8 @@ import numpy as np
 TABULAR = ["6_cardio", "38_thyroid", "30_satellite", "23_mammography", "32_shuttle", "34_smtp", "16_http"]
 VECTORS = ["20news_3_bert", "cifar10_0_resnet18"]
 # The event source of each vector set ("vec" unless named here): language-model
-# embeddings get their own source, so the report can give them their own settings
-# (streams.bench_quality.REPORT_SOURCES).
+# embeddings get their own source, so the report can run them with opt-in settings
+# too (streams.bench_quality.OPT_IN).
 VECTOR_SOURCES = {"20news_3_bert": "bert"}
 
 
