@@ -60,6 +60,12 @@ class SourceSettings(_Frozen):
     # 0: the kNN distance alone. None: the kind's default (FOREST_TREES: 50 for
     # transactions, 0 elsewhere).
     forest_trees: int | None = Field(None, ge=0, le=1000)
+    # What scores an event: "knn", the distance to its nearest reference events,
+    # or "mahalanobis", its distance under the reference's shrunk covariance
+    # (detectors.shrunk; for embeddings with fewer reference rows than
+    # dimensions, such as BERT vectors: docs/quality-notes.md, "Branch vecq7").
+    # None: the kind's default (SCORER: "knn" for every kind).
+    scorer: Literal["knn", "mahalanobis"] | None = None
     # The pipeline's own settings (not the monitor's): the reference and the
     # encoder statistics learn every learn_block events of the source, so a
     # result depends on the event sequence alone, never on how it was batched.
@@ -78,6 +84,8 @@ class SourceSettings(_Frozen):
             kwargs["admit_repeats"] = ADMIT_REPEATS.get(kind, 0)
         if kwargs["forest_trees"] is None:
             kwargs["forest_trees"] = FOREST_TREES.get(kind, 0)
+        if kwargs["scorer"] is None:
+            kwargs["scorer"] = SCORER.get(kind, "knn")
         return kwargs
 
 
@@ -97,6 +105,9 @@ ADMIT_REPEATS: dict[str, int] = {"log": 3}
 # ~5 us per event (`python bench/pipeline_stages.py`), and recall at alpha on
 # dense attack clusters falls (http 0.930 -> 0.714): docs/quality-notes.md.
 FOREST_TREES: dict[str, int] = {"transaction": 50}
+
+# scorer by kind: the kNN everywhere (see SourceSettings.scorer).
+SCORER: dict[str, str] = {}
 
 PIPELINE_FIELDS = frozenset({"learn_block", "dedup_window", "max_lateness", "shards"})
 

@@ -88,11 +88,19 @@ def targets(results: dict, alpha: float) -> list[dict]:
     return out
 
 
+def _sources_text(sources: dict[str, dict]) -> str:
+    """``name (key value, ...)`` for each source with settings of its own (source ``bert``:
+    the 20news BERT vectors, ``vec`` the CIFAR ones; streams.quality_streams.VECTOR_SOURCES)."""
+    return "; ".join(f"`{name}` ({', '.join(f'{k} {v}' for k, v in conf.items())})" for name, conf in sources.items())
+
+
 def to_json(results: dict, settings: Settings, *, seeds: int, max_events: int, seconds: float) -> dict:
     alpha = settings.defaults.alpha
     return {
         "settings": {"alpha": alpha, "k": settings.defaults.k, "reference_size": settings.defaults.reference_size,
-                     "seeds": seeds, "max_events": max_events, "batch_size": settings.batch_size},
+                     "seeds": seeds, "max_events": max_events, "batch_size": settings.batch_size,
+                     "sources": {name: conf.model_dump(mode="json", exclude_unset=True)
+                                 for name, conf in settings.sources.items()}},
         "seconds": seconds,
         "streams": _clean(results),
         "targets": targets(results, alpha),
@@ -261,6 +269,7 @@ def write_report(results: dict, doc: dict, out: Path) -> Path:
         f"per stream; {doc['seconds'] / 60:.1f} min on this machine). Every stream goes through the "
         "pipeline of `nwatch replay`. All figures are in `quality/quality.json`.",
         "",
+        *([f"Per-source settings: {_sources_text(st['sources'])}.", ""] if st.get("sources") else []),
         "ROC-AUC and PR-AUC are over all events (the stream's first events are scored against a "
         "nearly empty reference and count too); *judged* excludes the warm-up. FAR is the share "
         "of normal events flagged after warm-up; recall, precision and F1 count warm-up events as "

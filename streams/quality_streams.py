@@ -17,6 +17,10 @@ import numpy as np
 
 TABULAR = ["6_cardio", "38_thyroid", "30_satellite", "23_mammography", "32_shuttle", "34_smtp", "16_http"]
 VECTORS = ["20news_3_bert", "cifar10_0_resnet18"]
+# The event source of each vector set ("vec" unless named here): language-model
+# embeddings get their own source, so the report can run them with opt-in settings
+# too (streams.bench_quality.OPT_IN).
+VECTOR_SOURCES = {"20news_3_bert": "bert"}
 
 
 @dataclass
@@ -57,14 +61,16 @@ def tabular_stream(name: str, X: np.ndarray, y: np.ndarray, *, seed: int, max_ev
 
 
 def vector_stream(name: str, X: np.ndarray, y: np.ndarray, *, seed: int, max_events: int) -> Stream:
-    """Rows as ``vector`` events in an order shuffled by ``seed`` (6 decimals, as a producer would)."""
+    """Rows as ``vector`` events in an order shuffled by ``seed`` (6 decimals, as a producer would),
+    from the source ``VECTOR_SOURCES[name]`` (``vec`` by default)."""
     order = np.random.default_rng(seed).permutation(len(X))[:max_events]
+    source = VECTOR_SOURCES.get(name, "vec")
     lines = [
-        _dumps({"id": f"r{i}", "source": "vec", "kind": "vector",
+        _dumps({"id": f"r{i}", "source": source, "kind": "vector",
                 "vector": [round(float(v), 6) for v in X[i]], "label": int(y[i])})
         for i in order
     ]
-    return Stream(name, "vectors", "vec", lines, y[order], X=X[order], seed=seed)
+    return Stream(name, "vectors", source, lines, y[order], X=X[order], seed=seed)
 
 
 def bgl_stream(path: Path) -> Stream:

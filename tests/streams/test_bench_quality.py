@@ -102,6 +102,24 @@ def test_vector_stream_events_round_trip():
     np.testing.assert_allclose(np.stack([e.payload for e in events]), s.X, atol=1e-6)
 
 
+def test_the_reports_opt_in_run_of_the_bert_vectors_lays_its_settings_over_the_callers():
+    from streams.bench_quality import OPT_IN, opt_in_label, opt_in_settings
+    from streams.config import Settings
+
+    X = np.random.default_rng(2).normal(size=(10, 4))
+    assert vector_stream("20news_3_bert", X, np.zeros(10, int), seed=0, max_events=10).source == "bert"
+    assert vector_stream("cifar10_0_resnet18", X, np.zeros(10, int), seed=0, max_events=10).source == "vec"
+    default = Settings()
+    assert default.source("bert", "vector").monitor_kwargs("vector")["scorer"] == "knn"  # targets: defaults
+    extra = opt_in_settings(default, OPT_IN["20news_3_bert"])
+    assert extra.source("bert", "vector").monitor_kwargs("vector")["scorer"] == "mahalanobis"
+    assert extra.source("vec", "vector").monitor_kwargs("vector")["scorer"] == "knn"
+    theirs = opt_in_settings(Settings(sources={"bert": {"k": 5}}), OPT_IN["20news_3_bert"])
+    assert theirs.source("bert", "vector").monitor_kwargs("vector")["scorer"] == "mahalanobis"
+    assert theirs.source("bert", "vector").monitor_kwargs("vector")["k"] == 5
+    assert opt_in_label(OPT_IN["20news_3_bert"]) == "opt-in: scorer mahalanobis, metric l2"
+
+
 def test_hdfs_stream_counts_templates_per_block(tmp_path: Path):
     rows = [
         {"block_id": "blk_1", "label": 0, "templates": ["A <*>", "B", "A <*>"]},

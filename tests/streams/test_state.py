@@ -268,3 +268,24 @@ def test_poison_leaves_no_trace_in_the_state_and_the_index_stays_exact(lines):
     true_sets = [{ids[s] for s in row} for row in true_slots.tolist()]
     recall = np.mean([len(g & t) / 10 for g, t in zip(got_sets, true_sets)])
     assert recall >= 0.95, recall
+
+
+def test_mahalanobis_source_ignores_batching_and_restores_mid_block(lines, tmp_path):
+    # the covariance is refitted as the reference learns (every learn_block): a
+    # snapshot taken mid-block must carry it, and batching must not matter
+    maha = Settings(sources={"embeddings": SourceSettings(scorer="mahalanobis")})
+    whole = _run(_pipeline(maha), lines, [200] * 100)
+    assert_same_results(_run(_pipeline(maha), lines, _random_sizes(5, 97)), whole, "sizes<97")
+    cut = 1237
+    first = _pipeline(maha)
+    head = _run(first, lines[:cut], [200] * 100)
+    assert first.sources["embeddings"].monitor.covariance.is_ready
+    store = SnapshotStore(tmp_path / "state")
+    store.save("nwatch.events", 0, offset=cut, sources=first.source_states(first.sources))
+    second = _pipeline(maha)
+    assert second.restore_sources(store.load("nwatch.events", 0).sources) == []
+    tail = _run(second, lines[cut:], [57] * 100)
+    assert_same_results(head[0] + tail[0], whole[0])
+    plain = _run(_pipeline(), lines, [200] * 100)
+    emb = [i for i, s in enumerate(whole[0]) if s["source"] == "embeddings" and not s["warming_up"]]
+    assert emb and any(whole[0][i]["score"] != plain[0][i]["score"] for i in emb)
