@@ -463,13 +463,15 @@ class CentroidDriftMonitor:
         """Normal scores u of consecutive complete blocks of ``rows``."""
         b = self.block_size
         nb = len(rows) // b
-        means = rows[: nb * b].reshape(nb, b, -1).mean(axis=1, dtype=np.float64)
+        # add.reduce and a division: np.mean's own arithmetic, without its Python
+        # wrapper (~3 us a call, three calls every block)
+        means = np.add.reduce(rows[: nb * b].reshape(nb, b, -1), axis=1, dtype=np.float64) / b
         z = (means - self._mu) / self._sigma
-        u = _normal_scores(self._null_t, b * np.mean(z * z, axis=1))
+        u = _normal_scores(self._null_t, b * (np.add.reduce(z * z, axis=1) / z.shape[1]))
         if self._basis.shape[1] == 0:
             return u
         y = z @ self._basis
-        up = _normal_scores(self._null_tp, b * np.mean(y * y, axis=1))
+        up = _normal_scores(self._null_tp, b * (np.add.reduce(y * y, axis=1) / y.shape[1]))
         return _normal_scores(self._null_v, _larger(u, up))
 
     def _monitor(self, X: np.ndarray, ids: list[str]) -> tuple[int, list[DriftAlarm]]:
@@ -1132,8 +1134,9 @@ def _normal_scores(null_t: np.ndarray, t: np.ndarray) -> np.ndarray:
     u = 0, not the maximum) and keeps p inside (0, 1): u is finite, at most
     Phi^-1(1 - 1 / (2 (B + 1))), 3.48 for B = 2000.
     """
-    lo = np.searchsorted(null_t, t, side="left")
-    hi = np.searchsorted(null_t, t, side="right")
+    # the array's own method: np.searchsorted's Python wrapper costs as much at these sizes
+    lo = null_t.searchsorted(t, side="left")
+    hi = null_t.searchsorted(t, side="right")
     return ndtri((lo + hi + 1.0) / (2.0 * (len(null_t) + 1)))
 
 

@@ -199,7 +199,10 @@ class SourceMonitor:
             if drift
             else None
         )
-        self._recent: deque[tuple[np.ndarray, str]] = deque(maxlen=adopt_window)
+        # the latest adopt_window vectors and ids, as the blocks committed (a block of
+        # rows and its ids each; the oldest block may hold more): no row view per event
+        self._recent: deque[tuple[np.ndarray, list[str]]] = deque()
+        self._recent_rows = 0
         # flagged events not (yet) admitted, for admit_repeats
         self._flagged: deque[tuple[np.ndarray, str]] = deque(maxlen=_FLAGGED_KEPT)
         self.events_seen = 0
@@ -307,7 +310,7 @@ class SourceMonitor:
         alarms: list[DriftAlarm] = []
         if self.drift_monitor is not None:
             alarms = self.drift_monitor.update(X if drift_X is None else drift_X, list(ids))
-            self._recent.extend(zip(X, ids))
+            self._remember(X, ids)
             if alarms and self.drift_policy == "adopt":
                 self._adopt_recent()
         self.events_seen += n
@@ -502,6 +505,22 @@ class SourceMonitor:
         if self.drift_monitor is not None:
             self.drift_monitor.rebase(move)
 
+    def _remember(self, X: np.ndarray, ids: list[str]) -> None:
+        """Keep ``X`` and ``ids`` among the latest ``adopt_window`` (see :meth:`_recent_window`)."""
+        if not self.adopt_window or not len(X):
+            return
+        self._recent.append((X, list(ids)))
+        self._recent_rows += len(X)
+        while self._recent_rows - len(self._recent[0][0]) >= self.adopt_window:
+            self._recent_rows -= len(self._recent.popleft()[0])
+
+    def _recent_window(self) -> tuple[np.ndarray, list[str]]:
+        """The latest ``adopt_window`` vectors (at most) and their ids, oldest first."""
+        m = min(self.adopt_window, self._recent_rows)
+        X = np.concatenate([x for x, _ in self._recent])[self._recent_rows - m :]
+        ids = [i for _, block in self._recent for i in block][self._recent_rows - m :]
+        return X, ids
+
     def _adopt_recent(self) -> None:
         """The new normal: learn the recent window (flagged events too).
 
@@ -519,9 +538,9 @@ class SourceMonitor:
         against 0.037 with the fresh set (5 seeds; docs/quality-notes.md).
         """
         if self._recent:
-            X = np.stack([x for x, _ in self._recent])
-            self.detector.learn(X, [i for _, i in self._recent])
+            self.detector.learn(*self._recent_window())
             self._recent.clear()
+            self._recent_rows = 0
         if self.forest is not None and self.forest.is_ready and self.detector.index is not None:
             # the forest turns over slowly (_FOREST_TURNOVER): the new normal
             # must not stay isolated by trees of the old one
@@ -533,14 +552,13 @@ class SourceMonitor:
             self.thresholder.reset()
 
     def get_state(self) -> State:
+        recent, recent_ids = self._recent_window() if self._recent else (np.zeros((0, 0), np.float32), [])
         return {
             "detector": self.detector.get_state(),
             "thresholder": self.thresholder.get_state(),
             "drift": None if self.drift_monitor is None else self.drift_monitor.get_state(),
-            "recent_vectors": (
-                np.stack([x for x, _ in self._recent]) if self._recent else np.zeros((0, 0), np.float32)
-            ),
-            "recent_ids": [i for _, i in self._recent],
+            "recent_vectors": recent,
+            "recent_ids": recent_ids,
             "flagged_vectors": (
                 np.stack([x for x, _ in self._flagged]) if self._flagged else np.zeros((0, 0), np.float32)
             ),
@@ -562,8 +580,9 @@ class SourceMonitor:
         if self.drift_monitor is not None and state["drift"] is not None:
             self.drift_monitor.set_state(state["drift"])
         self._recent.clear()
-        for x, i in zip(state["recent_vectors"], state["recent_ids"]):
-            self._recent.append((np.asarray(x, dtype=np.float32), i))
+        self._recent_rows = 0
+        if len(state["recent_ids"]):
+            self._remember(np.asarray(state["recent_vectors"], dtype=np.float32), list(state["recent_ids"]))
         self._flagged.clear()
         # absent from states saved before admit_repeats: no flagged event kept
         for x, i in zip(state.get("flagged_vectors", ()), state.get("flagged_ids", ())):

@@ -18,6 +18,15 @@ _IQR_TO_SIGMA = 1.349
 _FRAMES_KEPT = 4
 
 
+def _small_integers(rows: np.ndarray) -> np.ndarray | None:
+    """``rows`` as int16 if every value is a whole number in int16's range (no NaN), else None."""
+    lo, hi = rows.min(initial=0.0), rows.max(initial=0.0)
+    if not (-32768.0 <= lo and hi <= 32767.0):  # NaN fails too
+        return None
+    ints = rows.astype(np.int16)
+    return ints if np.array_equal(ints, rows) else None
+
+
 class RobustScaler:
     """Median/IQR standardisation learnt from a reservoir sample of rows.
 
@@ -146,27 +155,48 @@ class RobustScaler:
     @staticmethod
     def _estimate(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Centre (median) and scale (IQR, else standard deviation, else 1) of each column of ``rows``."""
-        # Quartiles read off one sort (NaNs sort last), with the linear
+        # Quartiles read off the ordered columns (NaNs last), with the linear
         # interpolation of np.nanpercentile at a fraction of its cost.
-        ordered = np.sort(rows, axis=0)
         counts = (~np.isnan(rows)).sum(axis=0)
         valid = counts > 0
         last = np.maximum(counts - 1, 0)
-
-        def quantile(q: float) -> np.ndarray:
+        places = []
+        for q in (0.25, 0.5, 0.75):
             pos = q * last
             lo = np.floor(pos).astype(np.int64)
-            hi = np.minimum(lo + 1, last)
-            frac = pos - lo
+            places.append((lo, np.minimum(lo + 1, last), pos - lo))
+        complete = bool(len(rows)) and bool((counts == len(rows)).all())
+        ints = _small_integers(rows) if complete else None
+        if ints is not None:
+            # Whole numbers (counts, pixel levels, coded categories): NumPy's radix
+            # sort of int16, the same values (a zero's sign aside): satellite's
+            # 2,048 x 36 tying pixel levels 1.3 ms -> 0.26, shuttle 0.28 -> 0.07.
+            ordered = np.sort(ints, axis=0, kind="stable").astype(np.float64)
+        elif complete:
+            # No value missing: the six order statistics are in place after one
+            # partition of the transposed copy, ~4x faster than sorting 2,048
+            # rows of few ties (the same values: order statistics do not depend
+            # on the method; satellite's tying columns partition no faster).
+            kth = np.unique(np.concatenate([p for lo, hi, _ in places for p in (lo, hi)]))
+            ordered = np.ascontiguousarray(rows.T)
+            ordered.partition(kth, axis=1)
+            ordered = ordered.T
+        else:
+            ordered = np.sort(rows, axis=0)
+
+        def quantile(lo: np.ndarray, hi: np.ndarray, frac: np.ndarray) -> np.ndarray:
             a = np.take_along_axis(ordered, lo[None, :], axis=0)[0]
             b = np.take_along_axis(ordered, hi[None, :], axis=0)[0]
             return np.where(valid, a + (b - a) * frac, np.nan)
 
-        q25, med, q75 = quantile(0.25), quantile(0.5), quantile(0.75)
-        finite_rows = np.where(np.isnan(rows), 0.0, rows)
+        q25, med, q75 = (quantile(*place) for place in places)
         n = np.maximum(counts, 1)
-        mean = finite_rows.sum(axis=0) / n
-        var = np.where(np.isnan(rows), 0.0, (rows - mean) ** 2).sum(axis=0) / n
+        if complete:  # np.where(isnan) would copy the same values: the same sums without it
+            mean = rows.sum(axis=0) / n
+            var = ((rows - mean) ** 2).sum(axis=0) / n
+        else:
+            mean = np.where(np.isnan(rows), 0.0, rows).sum(axis=0) / n
+            var = np.where(np.isnan(rows), 0.0, (rows - mean) ** 2).sum(axis=0) / n
         std = np.sqrt(var)
         scale = (q75 - q25) / _IQR_TO_SIGMA
         # Binary or mostly-constant columns have IQR 0: fall back to the std.
@@ -174,9 +204,14 @@ class RobustScaler:
         scale = np.where(np.isfinite(scale) & (scale > 1e-12), scale, 1.0)
         return np.where(np.isfinite(med), med, 0.0), scale
 
-    def transform(self, X: np.ndarray) -> np.ndarray:
+    def transform(self, X: np.ndarray, cols: np.ndarray | None = None) -> np.ndarray:
+        """``X`` standardised (and squashed), float32; with ``cols``, ``X`` holds only those
+        columns (as many as ``cols``), and so does the result."""
         X = np.asarray(X, dtype=np.float64)
-        Z = (X - self._center) / self._scale
+        if cols is None:
+            Z = (X - self._center) / self._scale
+        else:
+            Z = (X - self._center[cols]) / self._scale[cols]
         Z = np.where(np.isnan(Z), 0.0, Z)
         if self.squash:
             Z = np.arcsinh(Z)

@@ -232,6 +232,9 @@ class TransactionEncoder:
         # gathering each payload a second time (~5% of a tabular pipeline).
         # Only batches of numbers that all have their slots are kept.
         self._gathered: dict[int, tuple[Event, np.ndarray]] = {}
+        # After _gather: the only columns of its raw matrix that hold values (the
+        # slots of the batch's one schema), or None (any may).
+        self._filled: np.ndarray | None = None
 
     # -- public properties -------------------------------------------------
 
@@ -310,6 +313,7 @@ class TransactionEncoder:
         if n == 0:
             return out
         raw, cats, new_numeric, new_categorical = self._gather(events, find_new=True)
+        cols = self._filled
         if not cats and not new_numeric and not new_categorical:
             # Numbers only, every field in its slot: what learn() would gather
             # for these events again (a cache, not state; see _gathered).
@@ -317,11 +321,17 @@ class TransactionEncoder:
                 self._gathered.clear()
             self._gathered.update(zip(map(id, events), zip(events, raw)))
         S, C, B = self.numeric_slots, self.categorical_slots, self.hash_buckets
-        z = self._scaler.transform(raw)
+        # Slots no field of the batch filled are NaN in raw and 0 out: with one
+        # schema, only its slots are scaled (each value as it would be in the
+        # whole matrix; 9 of 64 columns on shuttle).
+        z = self._scaler.transform(raw if cols is None else raw[:, cols], cols=cols)
         if self.squash:
             c = np.float32(self.squash_scale)
             z = c * np.arcsinh(z / c)
-        out[:, :S] = z
+        if cols is None:
+            out[:, :S] = z
+        else:
+            out[:, cols] = z
         if cats:
             self._encode_categorical(cats, out[:, S : S + C], out[:, S + C : S + C + B])
         if self.time_features:
@@ -336,7 +346,8 @@ class TransactionEncoder:
         self._gathered.clear()
         if all(h is not None and h[0] is e for h, e in zip(hits, events)):
             # All encoded since the last learn, with the slots as they are.
-            self._scaler.learn(np.stack([row for _, row in hits]))
+            # np.array of the equal rows: np.stack's copy without its Python (~4 against ~12 us)
+            self._scaler.learn(np.array([row for _, row in hits]))
             self._n_learned += len(events)
             return
         raw, cats, new_numeric, new_categorical = self._gather(events, find_new=True)
@@ -436,6 +447,7 @@ class TransactionEncoder:
         and (with ``find_new``) the names still without a slot, in order of appearance.
         """
         n, S = len(events), self.numeric_slots
+        self._filled = None
         fast = self._gather_numbers(events)
         if fast is not None:
             return fast, [], [], []
@@ -485,6 +497,7 @@ class TransactionEncoder:
             bad = int(np.searchsorted(np.cumsum(lengths), first, side="right"))
             raise NonFinite(f"event {events[bad].id[:40]!r} has a non-finite field", field="fields")
         if one is not None and not one.shared and not one.unslotted:
+            self._filled = one.slots
             return self._one_schema_rows(one, vals_arr, n), cats, new_numeric, new_categorical
         shared = any(plan.shared for plan in used)
         unslotted = any(plan.unslotted for plan in used)
@@ -523,6 +536,7 @@ class TransactionEncoder:
         vals_arr = np.asarray(values, dtype=np.float64)
         if not np.isfinite(vals_arr).all():
             return None  # the general path names the event
+        self._filled = plan.slots
         return self._one_schema_rows(plan, vals_arr, len(events))
 
     def _one_schema_rows(self, plan: _Plan, values: np.ndarray, n: int) -> np.ndarray:

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import compress
 from operator import itemgetter
 from typing import Any
 
@@ -56,7 +57,7 @@ from models.events import (
     DEFAULT_LIMITS,
     Event,
     Limits,
-    decode_event,
+    decode_events,
     event_from_state,
     event_to_state,
     format_ts,
@@ -76,6 +77,7 @@ NEIGHBOURS_FOR_NORMAL = 3
 # tuple's __new__ is Python code, and score records carry 3 to 10 per event.
 _neighbour = partial(tuple.__new__, Neighbour)
 _score_record = partial(tuple.__new__, ScoreRecord)
+_id, _kind, _has_ts = itemgetter(0), itemgetter(1), itemgetter(6)  # fields of an Event
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +199,25 @@ class SourceState:
             self.seen[e.id] = None
             while len(self.seen) > window:
                 self.seen.popitem(last=False)
+
+    def admit_all(self, events: list[Event]) -> bool:
+        """:meth:`admit` of every event at once, if none can be refused: events of this
+        source's kind without an event time, whose ids are new and distinct. False (and
+        nothing changed) otherwise: the caller admits them one by one."""
+        kind = self.kind
+        if True in map(_has_ts, events) or any(k != kind for k in map(_kind, events)):
+            return False
+        window = self.conf.dedup_window
+        if window:
+            new = dict.fromkeys(map(_id, events))
+            seen = self.seen
+            if len(new) != len(events) or not seen.keys().isdisjoint(new):
+                return False
+            seen.update(new)
+            pop = seen.popitem
+            for _ in range(len(seen) - window):
+                pop(last=False)
+        return True
 
     def get_state(self) -> State:
         p = self.pending
@@ -375,15 +396,8 @@ class Pipeline:
 
     # -- processing -------------------------------------------------------------
     def decode(self, raws: Sequence[bytes | str]) -> tuple[list[tuple[int, Event]], list[Reject]]:
-        now = self.clock()
-        events: list[tuple[int, Event]] = []
-        rejects: list[Reject] = []
-        for i, raw in enumerate(raws):
-            try:
-                events.append((i, decode_event(raw, arrival_ts=now, limits=self.limits)))
-            except InvalidEvent as err:
-                rejects.append(Reject(i, err.reason, str(err)))
-        return events, rejects
+        events, errors = decode_events(raws, arrival_ts=self.clock(), limits=self.limits)
+        return events, [Reject(i, err.reason, str(err)) for i, err in errors]
 
     def process_raw(self, raws: Sequence[bytes | str]) -> BatchResult:
         events, rejects = self.decode(raws)
@@ -409,6 +423,12 @@ class Pipeline:
     def _process_source(self, group: list[tuple[int, Event]], result: BatchResult) -> None:
         accepted: list[tuple[int, Event]] = []
         state: SourceState | None = None
+        try:
+            state = self._source(group[0][1])
+        except InvalidEvent:
+            pass  # refused again below, with its position
+        if state is not None and state.admit_all([e for _, e in group]):
+            accepted, group = group, []
         now = self.clock()
         max_future = self.limits.max_future_seconds
         for i, e in group:
@@ -508,7 +528,7 @@ class Pipeline:
             except InvalidEvent:
                 pass
         elif learner:
-            normal = [e for e, k in zip(events, keep) if k]
+            normal = list(compress(events, p.keep))  # the list, not the array: no NumPy bools
             if normal:
                 state.encoder.learn(normal)
         drift_X = state.drift_view(X)
@@ -521,7 +541,7 @@ class Pipeline:
                 state.monitor.rebase_drift(move)
                 if not reencoded:
                     drift_X = move(view)
-        ids = [e.id for e in events]
+        ids = list(map(_id, events))
         components = np.concatenate(p.components) if p.components else None
         if components is not None and len(components) != len(events):
             components = None

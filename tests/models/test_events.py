@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models import errors
-from models.events import Limits, decode_event, format_ts, parse_ts
+from models.events import Limits, decode_event, decode_events, format_ts, parse_ts
 
 
 def dec(obj, **kw):
@@ -137,3 +137,32 @@ def test_a_record_of_floats_decodes_as_the_general_path_would():
     with pytest.raises(errors.InvalidEvent) as info:
         dec(b'{"id": "a", "kind": "transaction", "fields": {"a": 1.5, "b": NaN}}')
     assert info.value.reason == "non_finite"
+
+
+def _one_by_one(raws, limits):
+    out, errs = [], []
+    for i, raw in enumerate(raws):
+        try:
+            out.append((i, decode_event(raw, arrival_ts=5.0, limits=limits)))
+        except errors.InvalidEvent as err:
+            errs.append((i, type(err), err.reason, str(err)))
+    return out, errs
+
+
+transaction_like = st.fixed_dictionaries(
+    {"id": st.text(max_size=6), "kind": st.sampled_from(["transaction", "transaction", "log"]),
+     "fields": st.dictionaries(st.text(max_size=3), st.floats(allow_nan=False) | st.integers() | st.text(max_size=3),
+                               max_size=5)},
+    optional={"source": st.text(max_size=6) | st.integers(), "ts": st.floats(0, 2e9) | st.text(max_size=4),
+              "label": st.sampled_from([None, 0, 1, 2]), "line": st.text(max_size=4), "extra": st.integers()},
+).map(lambda d: json.dumps(d).encode())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(transaction_like | st.binary(max_size=40) | json_values.map(lambda v: json.dumps(v).encode()),
+                max_size=8))
+def test_decode_events_is_decode_event_per_message(raws):
+    # the batch decoder's in-line checks of common transactions: the same events, the same errors
+    limits = Limits(max_id_chars=4, max_fields=3, max_bytes=150)
+    events, errs = decode_events(raws, arrival_ts=5.0, limits=limits)
+    assert (events, [(i, type(e), e.reason, str(e)) for i, e in errs]) == _one_by_one(raws, limits)

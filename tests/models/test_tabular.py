@@ -399,3 +399,22 @@ def test_learning_what_was_just_encoded_learns_what_learning_alone_learns():
         assert state_equal(cached.get_state(), plain.get_state())
     probe = batch(300, 20, c=0.5)
     np.testing.assert_array_equal(cached.encode(probe), plain.encode(probe))
+
+
+@pytest.mark.parametrize("numbers_only", [True, False])
+def test_one_schema_batch_scales_only_its_slots_and_equals_the_whole_matrix(numbers_only):
+    # encode() scales just the slots of a one-schema batch; every other numeric
+    # slot is NaN in the raw matrix and 0 out, so the vectors are those of the
+    # whole matrix, bit for bit
+    rng = np.random.default_rng(3)
+    events = [tx({"b": float(rng.normal()), "a": float(rng.lognormal()), "z": float(rng.integers(3)),
+                  **({} if numbers_only else {"c": str(rng.choice(["x", "y"]))})}, i=i) for i in range(300)]
+    enc = small()
+    enc.learn(events[:200])
+    got = enc.encode(events[200:])
+    assert enc._filled is not None and len(enc._filled) == 3
+    raw = enc._gather(events[200:])[0]
+    c = np.float32(enc.squash_scale)
+    whole = c * np.arcsinh(enc._scaler.transform(raw) / c)
+    assert np.array_equal(got[:, : enc.numeric_slots], whole)
+    assert np.count_nonzero(got[:, : enc.numeric_slots].any(axis=0)) == 3
