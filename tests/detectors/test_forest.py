@@ -8,6 +8,7 @@ import pytest
 from detectors.forest import IsolationForest, average_path
 from detectors.monitor import SourceMonitor
 from models.errors import StateMismatch
+from tests.monitor_runs import assert_restored_carries_on_alike, run
 
 
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -81,16 +82,6 @@ def scale_blind_stream(seed: int) -> tuple[np.ndarray, np.ndarray]:
     return X.astype(np.float32), y
 
 
-def run(mon: SourceMonitor, X: np.ndarray, batch: int = 50):
-    scores, flags, warm = [], [], []
-    for i in range(0, len(X), batch):
-        d = mon.process(X[i : i + batch], [f"e{j}" for j in range(i, min(i + batch, len(X)))])
-        scores.append(d.scores)
-        flags.append(d.is_anomaly)
-        warm.append(d.warming_up)
-    return np.concatenate(scores), np.concatenate(flags), np.concatenate(warm)
-
-
 def test_forest_finds_what_the_knn_distance_misses_and_keeps_the_false_alarm_budget():
     X, y = scale_blind_stream(5)
     knn_scores, knn_flags, warm_k = run(SourceMonitor(alpha=0.01, drift=False), X)
@@ -113,12 +104,7 @@ def test_combined_monitor_state_round_trips_mid_stream_and_score_reads_only():
     first = a.score(Q)
     second = a.score(Q)
     np.testing.assert_array_equal(first.scores, second.scores)
-    b = SourceMonitor(alpha=0.01, forest_trees=20, reference_size=500)
-    b.set_state(a.get_state())
-    sa, fa, _ = run(a, X[2000:])
-    sb, fb, _ = run(b, X[2000:])
-    np.testing.assert_array_equal(sa, sb)
-    np.testing.assert_array_equal(fa, fb)
+    assert_restored_carries_on_alike(a, SourceMonitor(alpha=0.01, forest_trees=20, reference_size=500), X[2000:])
     with pytest.raises(StateMismatch):
         SourceMonitor(alpha=0.01).set_state(a.get_state())
 

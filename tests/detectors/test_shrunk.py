@@ -10,6 +10,7 @@ from detectors.shrunk import ShrunkMahalanobis, ledoit_wolf
 from models.errors import StateMismatch
 from streams.config import SourceSettings
 from streams.quality_metrics import roc_auc
+from tests.monitor_runs import assert_restored_carries_on_alike, run
 
 
 @pytest.mark.parametrize(("n", "p"), [(40, 100), (300, 20)])
@@ -71,18 +72,11 @@ def anisotropic_stream(seed: int, n: int = 2500, dim: int = 96) -> tuple[np.ndar
     return X.astype(np.float32), y
 
 
-def run(mon: SourceMonitor, X: np.ndarray, batch: int = 32):
-    out = [mon.process(X[i : i + batch], [f"e{j}" for j in range(i, min(i + batch, len(X)))])
-           for i in range(0, len(X), batch)]
-    return (np.concatenate([d.scores for d in out]), np.concatenate([d.is_anomaly for d in out]),
-            np.concatenate([d.warming_up for d in out]))
-
-
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
 def test_mahalanobis_scorer_finds_a_step_along_a_silent_direction_within_the_budget(metric):
     X, y = anisotropic_stream(2)
-    ks, _, kw = run(SourceMonitor(metric=metric, drift=False, reference_size=500), X)
-    ms, mf, mw = run(SourceMonitor(metric=metric, drift=False, reference_size=500, scorer="mahalanobis"), X)
+    ks, _, kw = run(SourceMonitor(metric=metric, drift=False, reference_size=500), X, 32)
+    ms, mf, mw = run(SourceMonitor(metric=metric, drift=False, reference_size=500, scorer="mahalanobis"), X, 32)
     judged = ~kw & ~mw
     auc_knn, auc_maha = roc_auc(y[judged], ks[judged]), roc_auc(y[judged], ms[judged])
     assert auc_knn < 0.75 and auc_maha > 0.95, (auc_knn, auc_maha)
@@ -93,22 +87,18 @@ def test_mahalanobis_scorer_finds_a_step_along_a_silent_direction_within_the_bud
 def test_mahalanobis_monitor_state_round_trips_and_the_knn_states_load():
     X, _ = anisotropic_stream(3)
     a = SourceMonitor(drift=False, reference_size=500, scorer="mahalanobis")
-    run(a, X[:1200])
-    b = SourceMonitor(drift=False, reference_size=500, scorer="mahalanobis")
-    b.set_state(a.get_state())
-    sa, fa, _ = run(a, X[1200:])
-    sb, fb, _ = run(b, X[1200:])
-    np.testing.assert_array_equal(sa, sb)
-    np.testing.assert_array_equal(fa, fb)
+    run(a, X[:1200], 32)
+    assert_restored_carries_on_alike(a, SourceMonitor(drift=False, reference_size=500, scorer="mahalanobis"),
+                                     X[1200:], 32)
     with pytest.raises(StateMismatch):
         SourceMonitor(drift=False, reference_size=500).set_state(a.get_state())
     # a state saved by the kNN scorer: the reference carries on, the calibration fills again
     knn = SourceMonitor(drift=False, reference_size=500)
-    run(knn, X[:1200])
+    run(knn, X[:1200], 32)
     c = SourceMonitor(drift=False, reference_size=500, scorer="mahalanobis")
     c.set_state(knn.get_state())
     assert c.covariance.is_ready and c.is_warming_up and c.detector.size == knn.detector.size
-    _, _, warm = run(c, X[1200:])
+    _, _, warm = run(c, X[1200:], 32)
     assert warm[:100].all() and not warm[-100:].any()
 
 
