@@ -534,7 +534,7 @@ class TransactionEncoder:
         if plan is None or plan.shared or plan.unslotted or plan.new_categorical or not plan.takes_all:
             return None  # the general path builds (and caches) the plan
         vals_arr = np.asarray(values, dtype=np.float64)
-        if not np.isfinite(vals_arr).all():
+        if not np.logical_and.reduce(np.isfinite(vals_arr)):  # .all() without its wrapper
             return None  # the general path names the event
         self._filled = plan.slots
         return self._one_schema_rows(plan, vals_arr, len(events))
