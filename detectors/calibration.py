@@ -105,7 +105,7 @@ class ConformalThresholder:
     def _sorted_scores(self) -> np.ndarray:
         if self._sorted is None:
             if kernels.already_loaded():
-                self._order = np.argsort(self._ring[: self.size], kind="stable")
+                self._order = self._ring[: self.size].argsort(kind="stable")
                 self._sorted = self._ring[self._order]
             else:
                 self._sorted = np.sort(self._ring[: self.size])
@@ -118,7 +118,7 @@ class ConformalThresholder:
             return np.ones(len(scores))
         cal = self._sorted_scores()
         n = len(cal)
-        n_ge = n - np.searchsorted(cal, scores, side="left")
+        n_ge = n - cal.searchsorted(scores, side="left")  # the method: no wrapper
         return (1.0 + n_ge) / (n + 1.0)
 
     def mid_rank_p_values(self, scores: np.ndarray) -> np.ndarray:
@@ -146,7 +146,7 @@ class ConformalThresholder:
         n = self.size
         floor = 0.5 / (n + 1.0)  # the p-value of a score past every calibration score
         p = self.p_values(scores) - floor
-        if n > 5 and len(p) and p.min() <= floor:  # most blocks have none: ~1 us, not ~20
+        if n > 5 and len(p) and np.minimum.reduce(p) <= floor:  # most blocks have none: ~1 us, not ~20
             cal = self._sorted_scores()  # p_values sorted it: no work
             m = max(5, n // 100)
             top = float(cal[-1])
@@ -194,7 +194,7 @@ class ConformalThresholder:
             order = np.argsort(self._ring[:n], kind="stable")
             ascending = self._ring[:n][order]
         out = np.empty(n)
-        out[order] = (n - np.searchsorted(ascending, ascending, side="left")) / n
+        out[order] = (n - ascending.searchsorted(ascending, side="left")) / n
         return out
 
     def learn(self, scores: np.ndarray) -> None:

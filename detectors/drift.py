@@ -439,7 +439,7 @@ class CentroidDriftMonitor:
             raise WrongDimension(f"drift monitor expects a 2-D batch, got shape {X.shape}")
         if self._dim is not None and X.shape[1] != self._dim:
             raise WrongDimension(f"vector dimension {X.shape[1]}, this monitor's is {self._dim}")
-        if not np.isfinite(X).all():
+        if not np.logical_and.reduce(np.isfinite(X), axis=None):  # .all() without its wrapper
             raise NonFinite("drift monitor input holds NaN or infinite values")
         if len(ids) != len(X):
             raise ValueError(f"{len(ids)} ids for {len(X)} vectors")

@@ -244,7 +244,9 @@ class IsolationForest:
             return np.zeros(n, np.float64)
         feature, threshold, leaf_depth = self._pack()
         if kernels.loaded():
-            return -kernels.forest_paths(X, feature, threshold, leaf_depth, self.depth).mean(axis=1)
+            # np.mean's arithmetic (add.reduce, then a division) without its Python wrapper
+            paths = kernels.forest_paths(X, feature, threshold, leaf_depth, self.depth)
+            return -(np.add.reduce(paths, axis=1) / paths.shape[1])
         inner = feature.shape[1]
         feature, threshold = feature.ravel(), threshold.ravel()
         base = np.arange(self.trees, dtype=np.intp) * inner

@@ -221,7 +221,7 @@ class ReferenceIndex:
         X = np.ascontiguousarray(X, dtype=np.float32)
         if X.ndim != 2 or X.shape[1] != self.dim:
             raise WrongDimension(f"expected vectors of dimension {self.dim}, got shape {X.shape}")
-        if not np.isfinite(X).all():
+        if not np.logical_and.reduce(np.isfinite(X), axis=None):  # .all() without its wrapper
             raise NonFinite("vectors contain NaN or infinity")
         if self.metric == "cosine":
             norms = np.linalg.norm(X, axis=1, keepdims=True)

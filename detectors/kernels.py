@@ -79,7 +79,7 @@ def replaced(
     argsort then)."""
     drop = np.zeros(window, np.bool_)
     drop[slots] = True
-    by_value = np.argsort(coming, kind="stable")
+    by_value = coming.argsort(kind="stable")
     n = len(sorted_) - len(slots) + len(coming)
     out, out_order = np.empty(n), np.empty(n, np.int64)
     assert _replace is not None, "loaded() first"

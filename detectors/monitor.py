@@ -324,7 +324,11 @@ class SourceMonitor:
         stage = 0.0
         if self.forest.is_ready:
             stage = 2.0 if all(c.size > 0 for c in self._component_cal) else 1.0
-        return np.column_stack([knn_scores, self.forest.score(X), np.full(len(X), stage)])
+        out = np.empty((len(X), 3))  # column_stack's float64 columns, without its wrappers
+        out[:, 0] = knn_scores
+        out[:, 1] = self.forest.score(X)
+        out[:, 2] = stage
+        return out
 
     def _combined(self, components: np.ndarray) -> np.ndarray:
         """The smaller of the two components' p-values, each against its own calibration set, as ``-log p``.

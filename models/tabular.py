@@ -42,6 +42,8 @@ from models.errors import NonFinite, StateMismatch, WrongType
 from models.events import Event
 from models.scaling import RobustScaler
 
+_HAS_TS = itemgetter(6)  # Event.has_ts, read by the tuple's own getter
+
 ENCODER_VERSION = "1"
 
 # Each categorical field adds one signed unit to one bucket, times 1/sqrt(2):
@@ -334,7 +336,9 @@ class TransactionEncoder:
             out[:, cols] = z
         if cats:
             self._encode_categorical(cats, out[:, S : S + C], out[:, S + C : S + C + B])
-        if self.time_features:
+        if self.time_features and any(map(_HAS_TS, events)):
+            # without an event time in the batch the time features stay 0 (the
+            # centre of both circles), as ``out`` was made
             out[:, S + C + B :] = self._time(events)
         return out
 
@@ -534,7 +538,7 @@ class TransactionEncoder:
         if plan is None or plan.shared or plan.unslotted or plan.new_categorical or not plan.takes_all:
             return None  # the general path builds (and caches) the plan
         vals_arr = np.asarray(values, dtype=np.float64)
-        if not np.isfinite(vals_arr).all():
+        if not np.logical_and.reduce(np.isfinite(vals_arr)):  # .all() without its wrapper
             return None  # the general path names the event
         self._filled = plan.slots
         return self._one_schema_rows(plan, vals_arr, len(events))

@@ -330,6 +330,19 @@ def test_time_features():
     assert small(time_features=False).encode([tx({"a": 1.0}, ts=MONDAY_MIDNIGHT)]).shape[1] == t0
 
 
+def test_time_features_of_a_batch_are_those_of_its_events_alone():
+    """A batch without event times skips the time features (left 0); with some, each row
+    is what its event gives alone: batches mixing both, and none, encode row by row alike."""
+    enc = small(time_weight=0.5)
+    enc.learn(stream(200))
+    t0 = enc.dim - 4
+    mixed = [tx({"amount": 1.0 + i}, i=i, ts=None if i % 3 else MONDAY_MIDNIGHT + 7_000.0 * i) for i in range(9)]
+    for batch in (mixed, [e for e in mixed if not e.has_ts], [e for e in mixed if e.has_ts]):
+        X = enc.encode(batch)
+        np.testing.assert_array_equal(X, np.concatenate([enc.encode([e]) for e in batch]))
+        assert (X[:, t0:] != 0).any(axis=1).tolist() == [e.has_ts for e in batch]
+
+
 def test_bad_events_raise_declared_errors():
     enc = small()
     with pytest.raises(WrongType):
