@@ -156,15 +156,6 @@ class ConformalThresholder:
                 s = np.asarray(scores, dtype=np.float64)[beyond]
                 p[beyond] = floor * np.exp(-np.minimum((s - top) / b, _TAIL_SCALES))
         return p
-        cal = self._sorted_scores()  # p_values sorted it: no work
-        top = cal[-1]
-        if not scores.max() > top:  # most blocks: nothing past the set (a few us, not ~20)
-            return p
-        b = (math.fsum(cal[n - m:]) - m * float(cal[n - m - 1])) / m
-        if b > 0:
-            beyond = scores > top
-            p[beyond] *= np.exp(-np.minimum((scores[beyond] - top) / b, _TAIL_SCALES))
-        return p
 
     def calibration_scores(self) -> np.ndarray:
         """The scores of the set in slot order (see :meth:`own_p_values`), a copy."""
