@@ -405,7 +405,8 @@ def bench_rss_slope(data_dir: Path, *, events: int, every: int = 50_000) -> dict
     mb = np.array([r for _, r in after])
     slope = float(np.polyfit(ev, mb, 1)[0] * 1e6) if len(after) > 1 else 0.0
     return {"events": done, "seconds": seconds, "samples": samples, "slope_mb_per_million": slope,
-            "rss_first_mb": after[0][1], "rss_last_mb": after[-1][1]}
+            "rss_first_mb": after[0][1], "rss_last_mb": after[-1][1],
+            "heap_trims": p.heap_trim.calls, "heap_trim_seconds": p.heap_trim.seconds}
 
 
 # -- the command ------------------------------------------------------------------------------------
@@ -462,7 +463,9 @@ def main(*, data_dir: str, json_out: str | None = None, only: Sequence[str] | No
         report["rss_slope"] = slope
         print(f"resident memory over {slope['events']:,} tabular events ({slope['seconds']:.0f} s): "
               f"{slope['rss_first_mb']:.0f} -> {slope['rss_last_mb']:.0f} MiB after warm-up, "
-              f"slope {slope['slope_mb_per_million']:+.2f} MiB per million events", flush=True)
+              f"slope {slope['slope_mb_per_million']:+.2f} MiB per million events; "
+              f"heap trims {slope['heap_trims']} ({1e3 * slope['heap_trim_seconds'] / max(1, slope['heap_trims']):.1f} ms "
+              f"each, {100 * slope['heap_trim_seconds'] / slope['seconds']:.2f} % of the run)", flush=True)
     if "kafka" in want:
         from streams.bench_kafka import bench_kafka
 

@@ -65,6 +65,7 @@ from models.events import (
 from models.registry import make_encoder
 from models.text import TextBackend, shared_backend
 from streams.config import Settings, SourceSettings
+from streams.heap import HeapTrimmer, load_malloc_trim
 
 # Saved source state carries this; a snapshot of another layout is refused.
 STATE_FORMAT = 1
@@ -316,6 +317,7 @@ class Pipeline:
             )
         )
         self.sources: dict[str, SourceState] = {}
+        self.heap_trim = HeapTrimmer(every=settings.heap_trim_events, trim=load_malloc_trim())
 
     # -- sources --------------------------------------------------------------
     def state_key(self, event: Event) -> str:
@@ -404,6 +406,7 @@ class Pipeline:
         result = self.process(events)
         result.rejects[:0] = rejects
         result.rejects.sort(key=lambda r: r.index)
+        self.heap_trim.count(len(raws))
         return result
 
     def process(self, events: Sequence[tuple[int, Event]]) -> BatchResult:
