@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -78,14 +78,25 @@ class SourceSettings(_Frozen):
     # runs on the exact merge of the shards' block summaries (detectors.shards).
     shards: int = Field(1, ge=1, le=256)
 
+    @model_validator(mode="after")
+    def _scorer_alone(self) -> SourceSettings:
+        """The Mahalanobis scorer goes with neither trees nor admitted repeats (both read the
+        calibration set as kNN distances): said when the settings are read, not at an event."""
+        if self.scorer == "mahalanobis" and (self.forest_trees or self.admit_repeats):
+            raise ValueError("scorer 'mahalanobis' goes with neither forest_trees nor admit_repeats "
+                             "(set them to 0 or leave them out)")
+        return self
+
     def monitor_kwargs(self, kind: str) -> dict[str, Any]:
         kwargs = self.model_dump(exclude={"kind", "metric", *PIPELINE_FIELDS})
-        if kwargs["admit_repeats"] is None:
-            kwargs["admit_repeats"] = ADMIT_REPEATS.get(kind, 0)
-        if kwargs["forest_trees"] is None:
-            kwargs["forest_trees"] = FOREST_TREES.get(kind, 0)
         if kwargs["scorer"] is None:
             kwargs["scorer"] = SCORER.get(kind, "knn")
+        # the kind's trees and admitted repeats step aside for the Mahalanobis scorer
+        plain = kwargs["scorer"] == "mahalanobis"
+        if kwargs["admit_repeats"] is None:
+            kwargs["admit_repeats"] = 0 if plain else ADMIT_REPEATS.get(kind, 0)
+        if kwargs["forest_trees"] is None:
+            kwargs["forest_trees"] = 0 if plain else FOREST_TREES.get(kind, 0)
         return kwargs
 
 
@@ -266,6 +277,17 @@ class Settings(BaseSettings):
         if own is None:
             return self.defaults
         return self.defaults.model_copy(update={f: getattr(own, f) for f in own.model_fields_set})
+
+    @model_validator(mode="after")
+    def _sources_over_defaults_valid(self) -> Settings:
+        """Each source's entry over the defaults is valid settings too (e.g. a source's
+        ``scorer = "mahalanobis"`` under defaults with ``forest_trees``)."""
+        for name in self.sources:
+            try:
+                SourceSettings.model_validate(self.source(name, "").model_dump())
+            except ValueError as err:  # pydantic's ValidationError is one
+                raise ValueError(f"source {name!r} over the defaults: {err}") from None
+        return self
 
     @property
     def shard_counts(self) -> dict[str, int]:

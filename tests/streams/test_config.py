@@ -79,3 +79,15 @@ def test_forest_is_the_transaction_default_a_setting_overrides_it_and_it_reaches
     assert SourceMonitor(**s.source("plain", "transaction").monitor_kwargs("transaction")).forest is None
     with pytest.raises(ValidationError):
         Settings(defaults={"forest_trees": -1})
+
+
+def test_a_mahalanobis_source_drops_its_kinds_trees_and_repeats_and_conflicts_fail_when_read():
+    s = Settings(sources={"bert": {"scorer": "mahalanobis"}})
+    for kind in ("transaction", "log", "vector"):  # trees by default for transactions, repeats for logs
+        kw = s.source("bert", kind).monitor_kwargs(kind)
+        assert (kw["scorer"], kw["forest_trees"], kw["admit_repeats"]) == ("mahalanobis", 0, 0)
+    assert Settings().source("x", "log").monitor_kwargs("log")["admit_repeats"] > 0  # the kind's default stays
+    with pytest.raises(ValidationError, match="neither forest_trees"):
+        Settings(sources={"bert": {"scorer": "mahalanobis", "forest_trees": 5}})
+    with pytest.raises(ValidationError, match="source 'bert' over the defaults"):
+        Settings(defaults={"admit_repeats": 3}, sources={"bert": {"scorer": "mahalanobis"}})
