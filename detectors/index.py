@@ -217,7 +217,9 @@ class ReferenceIndex:
         return self.capacity * per
 
     # -- input checks ---------------------------------------------------------
-    def _check(self, X: np.ndarray) -> np.ndarray:
+    def as_stored(self, X: np.ndarray) -> np.ndarray:
+        """``X`` checked (dimension, finite values) and as the index stores it: float32, unit rows
+        for the cosine metric."""
         X = np.ascontiguousarray(X, dtype=np.float32)
         if X.ndim != 2 or X.shape[1] != self.dim:
             raise WrongDimension(f"expected vectors of dimension {self.dim}, got shape {X.shape}")
@@ -251,7 +253,7 @@ class ReferenceIndex:
 
     def add(self, X: np.ndarray, ids: list[str]) -> None:
         """Insert vectors, evicting the oldest beyond capacity."""
-        X = self._check(X)
+        X = self.as_stored(X)
         if len(ids) != len(X):
             raise ValueError("one id per vector")
         if len(X) == 0:
@@ -304,7 +306,7 @@ class ReferenceIndex:
         ``1 - cos``) and their slots ``(n, k')`` (see :meth:`ids_of`).
         Does not change the index.
         """
-        X = self._check(X)
+        X = self.as_stored(X)
         k = min(k, self.size)
         n = len(X)
         if k == 0 or n == 0:

@@ -247,7 +247,10 @@ class SourceMonitor:
         result = self.detector.query(X)
         scores = result.scores
         if self.covariance is not None:
-            scores = self.covariance.score(self._as_stored(X))
+            # the rows as the reference holds them (unit rows for cosine); before the
+            # first reference there is no covariance and every score is 0
+            index = self.detector.index
+            scores = self.covariance.score(X if index is None else index.as_stored(X))
         components = None
         if self.forest is not None:
             components = self._components(X, result.scores)
@@ -420,12 +423,6 @@ class SourceMonitor:
         while self._learned_since_regrow >= every:
             self.forest.regrow(self.detector.index.vectors(), count)
             self._learned_since_regrow -= every
-
-    def _as_stored(self, X: np.ndarray) -> np.ndarray:
-        """``X`` as the reference stores it: unit rows for the cosine metric."""
-        if self.metric != "cosine":
-            return X
-        return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
 
     def _refit_covariance(self, learned: int, *, now: bool = False) -> None:
         """Estimate the covariance from the reference as it grows (each time it doubled,

@@ -39,10 +39,8 @@ import numpy as np
 
 from models.base import State
 from models.errors import NonFinite, StateMismatch, WrongType
-from models.events import Event
+from models.events import Event, event_has_ts
 from models.scaling import RobustScaler
-
-_HAS_TS = itemgetter(6)  # Event.has_ts, read by the tuple's own getter
 
 ENCODER_VERSION = "1"
 
@@ -336,7 +334,7 @@ class TransactionEncoder:
             out[:, cols] = z
         if cats:
             self._encode_categorical(cats, out[:, S : S + C], out[:, S + C : S + C + B])
-        if self.time_features and any(map(_HAS_TS, events)):
+        if self.time_features and any(map(event_has_ts, events)):
             # without an event time in the batch the time features stay 0 (the
             # centre of both circles), as ``out`` was made
             out[:, S + C + B :] = self._time(events)

@@ -64,7 +64,7 @@ class SourceSettings(_Frozen):
     # or "mahalanobis", its distance under the reference's shrunk covariance
     # (detectors.shrunk; for embeddings with fewer reference rows than
     # dimensions, such as BERT vectors: docs/quality-notes.md, "Branch vecq7").
-    # None: the kind's default (SCORER: "knn" for every kind).
+    # None: "knn", for every kind.
     scorer: Literal["knn", "mahalanobis"] | None = None
     # The pipeline's own settings (not the monitor's): the reference and the
     # encoder statistics learn every learn_block events of the source, so a
@@ -90,7 +90,7 @@ class SourceSettings(_Frozen):
     def monitor_kwargs(self, kind: str) -> dict[str, Any]:
         kwargs = self.model_dump(exclude={"kind", "metric", *PIPELINE_FIELDS})
         if kwargs["scorer"] is None:
-            kwargs["scorer"] = SCORER.get(kind, "knn")
+            kwargs["scorer"] = "knn"
         # the kind's trees and admitted repeats step aside for the Mahalanobis scorer
         plain = kwargs["scorer"] == "mahalanobis"
         if kwargs["admit_repeats"] is None:
@@ -116,9 +116,6 @@ ADMIT_REPEATS: dict[str, int] = {"log": 3}
 # ~5 us per event (`python bench/pipeline_stages.py`), and recall at alpha on
 # dense attack clusters falls (http 0.930 -> 0.714): docs/quality-notes.md.
 FOREST_TREES: dict[str, int] = {"transaction": 50}
-
-# scorer by kind: the kNN everywhere (see SourceSettings.scorer).
-SCORER: dict[str, str] = {}
 
 PIPELINE_FIELDS = frozenset({"learn_block", "dedup_window", "max_lateness", "shards"})
 

@@ -58,6 +58,9 @@ from models.events import (
     Event,
     Limits,
     decode_events,
+    event_has_ts,
+    event_id,
+    event_kind,
     event_from_state,
     event_to_state,
     format_ts,
@@ -78,7 +81,6 @@ NEIGHBOURS_FOR_NORMAL = 3
 # tuple's __new__ is Python code, and score records carry 3 to 10 per event.
 _neighbour = partial(tuple.__new__, Neighbour)
 _score_record = partial(tuple.__new__, ScoreRecord)
-_id, _kind, _has_ts = itemgetter(0), itemgetter(1), itemgetter(6)  # fields of an Event
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,27 +200,30 @@ class SourceState:
                 self.watermark = e.ts
         if window:
             self.seen[e.id] = None
-            while len(self.seen) > window:
-                self.seen.popitem(last=False)
+            self._forget_oldest(window)
 
     def admit_all(self, events: list[Event]) -> bool:
         """:meth:`admit` of every event at once, if none can be refused: events of this
         source's kind without an event time, whose ids are new and distinct. False (and
         nothing changed) otherwise: the caller admits them one by one."""
         kind = self.kind
-        if True in map(_has_ts, events) or any(k != kind for k in map(_kind, events)):
+        if True in map(event_has_ts, events) or any(k != kind for k in map(event_kind, events)):
             return False
         window = self.conf.dedup_window
         if window:
-            new = dict.fromkeys(map(_id, events))
+            new = dict.fromkeys(map(event_id, events))
             seen = self.seen
             if len(new) != len(events) or not seen.keys().isdisjoint(new):
                 return False
             seen.update(new)
-            pop = seen.popitem
-            for _ in range(len(seen) - window):
-                pop(last=False)
+            self._forget_oldest(window)
         return True
+
+    def _forget_oldest(self, window: int) -> None:
+        """Drop the oldest ids past the dedup window."""
+        pop = self.seen.popitem
+        for _ in range(len(self.seen) - window):
+            pop(last=False)
 
     def get_state(self) -> State:
         p = self.pending
@@ -544,7 +549,7 @@ class Pipeline:
                 state.monitor.rebase_drift(move)
                 if not reencoded:
                     drift_X = move(view)
-        ids = list(map(_id, events))
+        ids = list(map(event_id, events))
         components = np.concatenate(p.components) if p.components else None
         if components is not None and len(components) != len(events):
             components = None

@@ -244,9 +244,9 @@ def test_compiled_scan_gives_the_numpy_scans_answers_bit_for_bit(metric, dim, fi
     Q[:, :wide] = rng.standard_normal((queries, wide))
     for k in (1, 10):
         k = min(k, idx.size)
-        compiled = idx._query_exact(idx._check(Q), k)
+        compiled = idx._query_exact(idx.as_stored(Q), k)
         monkeypatch.setattr(kernels, "enabled", False)
-        plain = idx._query_exact(idx._check(Q), k)
+        plain = idx._query_exact(idx.as_stored(Q), k)
         monkeypatch.setattr(kernels, "enabled", True)
         assert compiled[0].dtype == plain[0].dtype and compiled[1].dtype == plain[1].dtype
         assert np.array_equal(compiled[0], plain[0]) and np.array_equal(compiled[1], plain[1])

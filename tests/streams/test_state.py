@@ -89,21 +89,28 @@ def test_forest_source_ignores_batching_and_restores_mid_block(lines, tmp_path):
     # the combined kNN + forest score: its components wait in the block in progress,
     # and a snapshot taken mid-block must carry them
     forest = Settings(sources={"cards": SourceSettings(forest_trees=10)})
-    whole = _run(_pipeline(forest), lines, [200] * 100)
-    assert_same_results(_run(_pipeline(forest), lines, _random_sizes(4, 97)), whole, "sizes<97")
+    first, whole, plain = _batching_and_mid_block_restore(forest, lines, tmp_path, sizes_seed=4)
+    assert len(first.sources["cards"].pending.components) > 0
+    cards = [i for i, s in enumerate(whole) if s["source"] == "cards" and not s["warming_up"]]
+    assert any(whole[i]["score"] != plain[i]["score"] for i in cards)
+
+
+def _batching_and_mid_block_restore(settings: Settings, lines, tmp_path, *, sizes_seed: int):
+    """Asserts that ``settings``' results ignore batch sizes and carry on exactly from a snapshot
+    taken mid-block; returns the pipeline snapshotted (as it was saved), the scores of the whole
+    run and those of the default settings on the same lines."""
+    whole = _run(_pipeline(settings), lines, [200] * 100)
+    assert_same_results(_run(_pipeline(settings), lines, _random_sizes(sizes_seed, 97)), whole, "sizes<97")
     cut = 1237
-    first = _pipeline(forest)
+    first = _pipeline(settings)
     head = _run(first, lines[:cut], [200] * 100)
     store = SnapshotStore(tmp_path / "state")
     store.save("nwatch.events", 0, offset=cut, sources=first.source_states(first.sources))
-    assert len(first.sources["cards"].pending.components) > 0
-    second = _pipeline(forest)
+    second = _pipeline(settings)
     assert second.restore_sources(store.load("nwatch.events", 0).sources) == []
     tail = _run(second, lines[cut:], [57] * 100)
     assert_same_results(head[0] + tail[0], whole[0])
-    plain = _run(_pipeline(), lines, [200] * 100)
-    cards = [i for i, s in enumerate(whole[0]) if s["source"] == "cards" and not s["warming_up"]]
-    assert any(whole[0][i]["score"] != plain[0][i]["score"] for i in cards)
+    return first, whole[0], _run(_pipeline(), lines, [200] * 100)[0]
 
 
 def test_snapshot_of_another_encoder_version_or_settings_is_refused_not_mixed(lines, tmp_path):
@@ -274,18 +281,7 @@ def test_mahalanobis_source_ignores_batching_and_restores_mid_block(lines, tmp_p
     # the covariance is refitted as the reference learns (every learn_block): a
     # snapshot taken mid-block must carry it, and batching must not matter
     maha = Settings(sources={"embeddings": SourceSettings(scorer="mahalanobis")})
-    whole = _run(_pipeline(maha), lines, [200] * 100)
-    assert_same_results(_run(_pipeline(maha), lines, _random_sizes(5, 97)), whole, "sizes<97")
-    cut = 1237
-    first = _pipeline(maha)
-    head = _run(first, lines[:cut], [200] * 100)
+    first, whole, plain = _batching_and_mid_block_restore(maha, lines, tmp_path, sizes_seed=5)
     assert first.sources["embeddings"].monitor.covariance.is_ready
-    store = SnapshotStore(tmp_path / "state")
-    store.save("nwatch.events", 0, offset=cut, sources=first.source_states(first.sources))
-    second = _pipeline(maha)
-    assert second.restore_sources(store.load("nwatch.events", 0).sources) == []
-    tail = _run(second, lines[cut:], [57] * 100)
-    assert_same_results(head[0] + tail[0], whole[0])
-    plain = _run(_pipeline(), lines, [200] * 100)
-    emb = [i for i, s in enumerate(whole[0]) if s["source"] == "embeddings" and not s["warming_up"]]
-    assert emb and any(whole[0][i]["score"] != plain[0][i]["score"] for i in emb)
+    emb = [i for i, s in enumerate(whole) if s["source"] == "embeddings" and not s["warming_up"]]
+    assert emb and any(whole[i]["score"] != plain[i]["score"] for i in emb)
