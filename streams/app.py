@@ -325,10 +325,19 @@ class Worker:
 
     # -- detection ----------------------------------------------------------------------
     async def handle(self, events: Sequence[Any]) -> None:
-        """Process one batch; never raises (see the module docstring)."""
+        """Process one batch of faust events; never raises (see the module docstring)."""
+        await self.handle_messages([e.message for e in events])
+
+    async def handle_messages(self, msgs: Sequence[Any], *, timestamps_ms: bool = False) -> None:
+        """Process one batch of messages; never raises (see the module docstring).
+
+        A message is read through ``key``, ``value``, ``topic``, ``partition``,
+        ``offset`` and ``timestamp``: faust's messages (timestamps in seconds)
+        and aiokafka's records as ``getmany`` returns them (``timestamps_ms``),
+        so the aiokafka input path wraps no record in an object of its own.
+        """
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
-        msgs = [e.message for e in events]  # one attribute read per event, not one per use
         tps = [(m.topic, m.partition) for m in msgs]
         firsts: dict[TP, int] = {}
         seen: set[TP] = set()
@@ -350,10 +359,9 @@ class Worker:
         skip = self.durable.skip_below
         if any(m.offset < skip[tp] for tp, m in zip(tps, msgs)):
             keep = [i for i, (tp, m) in enumerate(zip(tps, msgs)) if m.offset >= skip[tp]]
-            events = [events[i] for i in keep]
             msgs = [msgs[i] for i in keep]
             tps = [tps[i] for i in keep]
-        if not events:
+        if not msgs:
             return  # already in the restored state, outputs produced before the snapshot
         raws = [m.value if m.value is not None else b"" for m in msgs]
         self.durable.begin()
@@ -361,27 +369,29 @@ class Worker:
             result = await loop.run_in_executor(self._pipeline_executor(), self.pipeline.process_raw, raws)
         except Exception as err:  # a bug, not bad data: keep the batch, keep the stream
             log.exception("pipeline failed on a batch of %d events; sent to the dead-letter topic", len(raws))
-            await self._dead_letter_all(events, err)
+            await self._dead_letter_all(msgs, err)
             self.durable.abandon()
             return
         try:
-            outputs = self._outputs(result, events)
+            outputs = self._outputs(result, msgs)
         except Exception as err:
             log.exception("building the outputs of a batch failed; sent to the dead-letter topic")
-            await self._dead_letter_all(events, err)
+            await self._dead_letter_all(msgs, err)
             return
         await self._send(outputs)
         self.durable.done(tps, [m.offset for m in msgs], result, raws)
         if self.durable.due() and not self.durable.in_flight:
             await loop.run_in_executor(self._pipeline_executor(), self.durable.snapshot)
         self.batches += 1
-        self.events += len(events)
+        self.events += len(msgs)
         if self.metrics is not None:
             try:
+                times = [m.timestamp for m in msgs]
+                if timestamps_ms:
+                    times = [t / 1000.0 if t is not None else None for t in times]
                 self.metrics.observe_batch(
                     result, pipeline=self.pipeline, input_topic=tps[0][0],
-                    batch_seconds=time.perf_counter() - t0,
-                    event_times=[m.timestamp for m in msgs],
+                    batch_seconds=time.perf_counter() - t0, event_times=times,
                 )
             except Exception:  # metrics must never stop detection
                 log.exception("metrics failed")
@@ -500,8 +510,8 @@ class Worker:
             log.error("partition %s[%d]: replay stopped at %d of [%d, %d)", tp[0], tp[1], position, start, end)
         return done
 
-    def _outputs(self, result: BatchResult, events: Sequence[Any]) -> list[tuple[Any, bytes | None, bytes, list | None]]:
-        """Every record a batch produces, as ``(topic, key, value, headers)``."""
+    def _outputs(self, result: BatchResult, msgs: Sequence[Any]) -> list[tuple[Any, bytes | None, bytes, list | None]]:
+        """Every record a batch of messages produces, as ``(topic, key, value, headers)``."""
         out: list[tuple[Any, bytes | None, bytes, list | None]] = []
         publish_scores = self.settings.kafka.publish_scores
         for _, rec in result.scores:
@@ -524,7 +534,7 @@ class Worker:
             out.append((self.alerts_topic, alert.fingerprint.encode(), _bytes(alert.to_json()), None))
         cap = self.settings.kafka.dlq_max_value_bytes
         for reject in result.rejects:
-            key, value, headers = dead_letter(events[reject.index].message, reject.reason, reject.message, cap)
+            key, value, headers = dead_letter(msgs[reject.index], reject.reason, reject.message, cap)
             out.append((self.dlq_topic, key, value, headers))
         return out
 
@@ -699,13 +709,13 @@ class Worker:
                 futures.append(await producer.send_batch(batch, name, partition=part))
         return futures
 
-    async def _dead_letter_all(self, events: Sequence[Any], err: Exception) -> None:
+    async def _dead_letter_all(self, msgs: Sequence[Any], err: Exception) -> None:
         if self.metrics is not None:
-            self.metrics.observe_rejected(INTERNAL_ERROR, topic=events[0].message.topic, n=len(events))
+            self.metrics.observe_rejected(INTERNAL_ERROR, topic=msgs[0].topic, n=len(msgs))
         outputs = []
         cap = self.settings.kafka.dlq_max_value_bytes
-        for e in events:
-            key, value, headers = dead_letter(e.message, INTERNAL_ERROR, f"{type(err).__name__}: {err}", cap)
+        for m in msgs:
+            key, value, headers = dead_letter(m, INTERNAL_ERROR, f"{type(err).__name__}: {err}", cap)
             outputs.append((self.dlq_topic, key, value, headers))
         await self._send(outputs)
 
@@ -799,7 +809,7 @@ class Worker:
                     while inflight:
                         await self._finish_oldest(consumer)
                     await asyncio.get_running_loop().run_in_executor(self._pipeline_executor(), self.durable.snapshot)
-                records = [InputRecord(r) for recs in batches.values() for r in recs]
+                records = [r for recs in batches.values() for r in recs]
                 if not records:
                     continue
                 offsets = {tp: recs[-1].offset + 1 for tp, recs in batches.items() if recs}
@@ -808,7 +818,7 @@ class Worker:
                 # trips. Batches run through the one pipeline thread in order,
                 # their outputs are issued in order (``_produce_direct``), and
                 # offsets are committed in order, each after its batch's acks.
-                inflight.append((asyncio.ensure_future(self.handle(records)), offsets))
+                inflight.append((asyncio.ensure_future(self.handle_messages(records, timestamps_ms=True)), offsets))
                 while len(inflight) >= MAX_BATCHES_IN_FLIGHT:
                     await self._finish_oldest(consumer)
         finally:
@@ -911,29 +921,6 @@ def _faust_dir(settings: Settings) -> str:
     import tempfile
 
     return tempfile.mkdtemp(prefix="nwatch-faust-")
-
-
-class InputRecord:
-    """An aiokafka record seen through the attributes ``handle`` reads of a faust event.
-
-    ``record.message`` is the record itself; ``timestamp`` is in seconds, as
-    faust's (aiokafka's is in milliseconds).
-    """
-
-    __slots__ = ("key", "value", "topic", "partition", "offset", "timestamp", "headers")
-
-    def __init__(self, record: Any) -> None:
-        self.key = record.key
-        self.value = record.value
-        self.topic = record.topic
-        self.partition = record.partition
-        self.offset = record.offset
-        self.timestamp = record.timestamp / 1000.0 if record.timestamp is not None else None
-        self.headers = record.headers
-
-    @property
-    def message(self) -> InputRecord:
-        return self
 
 
 def _text(value: str | bytes | None) -> str:
