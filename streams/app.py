@@ -366,17 +366,15 @@ class Worker:
         raws = [m.value if m.value is not None else b"" for m in msgs]
         self.durable.begin()
         try:
-            result = await loop.run_in_executor(self._pipeline_executor(), self.pipeline.process_raw, raws)
+            result, outputs = await loop.run_in_executor(self._pipeline_executor(), self._process, raws, msgs)
         except Exception as err:  # a bug, not bad data: keep the batch, keep the stream
             log.exception("pipeline failed on a batch of %d events; sent to the dead-letter topic", len(raws))
             await self._dead_letter_all(msgs, err)
             self.durable.abandon()
             return
-        try:
-            outputs = self._outputs(result, msgs)
-        except Exception as err:
-            log.exception("building the outputs of a batch failed; sent to the dead-letter topic")
-            await self._dead_letter_all(msgs, err)
+        if isinstance(outputs, Exception):
+            await self._dead_letter_all(msgs, outputs)
+            self.durable.abandon()
             return
         await self._send(outputs)
         self.durable.done(tps, [m.offset for m in msgs], result, raws)
@@ -509,6 +507,20 @@ class Worker:
         if position < end:
             log.error("partition %s[%d]: replay stopped at %d of [%d, %d)", tp[0], tp[1], position, start, end)
         return done
+
+    def _process(self, raws: list[bytes], msgs: Sequence[Any]) -> tuple[BatchResult, list | Exception]:
+        """Pipeline thread: a batch's results and the records they produce (or why those could not be built).
+
+        The records are built here, right after the results, not on the event
+        loop: the score records are still in the cache, and the loop, which
+        shares the GIL with this thread, is left the Kafka I/O alone.
+        """
+        result = self.pipeline.process_raw(raws)
+        try:
+            return result, self._outputs(result, msgs)
+        except Exception as err:
+            log.exception("building the outputs of a batch failed; sent to the dead-letter topic")
+            return result, err
 
     def _outputs(self, result: BatchResult, msgs: Sequence[Any]) -> list[tuple[Any, bytes | None, bytes, list | None]]:
         """Every record a batch of messages produces, as ``(topic, key, value, headers)``."""
