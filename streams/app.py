@@ -4,7 +4,8 @@ Data path, per batch (``stream.take_events`` with a time bound):
 
 1. the raw message values go to :meth:`Pipeline.process_raw` in one worker
    thread, off the event loop (hnswlib and a shared SentenceTransformer are not
-   safe to call concurrently, and the loop must keep the consumer heartbeating);
+   safe to call concurrently, and the loop must keep the consumer heartbeating),
+   and the same thread encodes the output records of the results;
 2. the results are produced: every score record to ``nwatch.scores``, anomalies
    to ``nwatch.anomalies``, drift records to ``nwatch.drift``, alerts to
    ``nwatch.alerts`` keyed by their fingerprint, and each rejected message,
