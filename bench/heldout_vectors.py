@@ -11,11 +11,14 @@ population, about 4 % of another group's rows the rare anomalies.
 (never in git). ``batch``: Mahalanobis (Ledoit-Wolf, ``detectors.shrunk``) against
 the kNN (k=10 mean, cosine, as the pipeline) fitted on ``n`` normal rows,
 scoring held-out normals and anomalies, for ``n`` from 0.25 d to 8 d: where one
-stops beating the other, in units of the dimension. ``stream``: the sets as
+stops beating the other, in units of the dimension. ``rule``: label-free statistics of each set's reference at the end of
+the warm-up, the threshold of the one that splits the families, and what it
+picks for 20news and CIFAR. ``tabular``: the ADBench sets as unit-row vectors.
+``stream``: the sets as
 ``vector`` events through fresh pipelines, per scorer variant, over seeds
 (``bench/quality_20news.py``'s figures).
 
-Run from the repository root: ``python bench/heldout_vectors.py [embed] [batch] [stream]``.
+Run from the repository root: ``python bench/heldout_vectors.py [embed] [batch] [rule] [tabular] [stream]``.
 """
 
 from __future__ import annotations
@@ -214,33 +217,76 @@ def screen(E: dict[str, np.ndarray], splits: int = 3) -> None:
 def offset_share(R: np.ndarray) -> float:
     """``|mean of the unit rows|^2``: the share of the rows' direction they all have in common
     (about the mean cosine between two rows; 0 for directions spread evenly, 1 for one direction)."""
-    U = R / np.maximum(np.linalg.norm(R, axis=1, keepdims=True), 1e-12)
-    m = U.astype(np.float64).mean(axis=0)
+    m = _unit(np.asarray(R, dtype=np.float64)).mean(axis=0)
     return float(m @ m)
 
 
+def reference_statistics(R: np.ndarray, k: int = 10) -> tuple[float, float, float, float]:
+    """Offset share, effective rank of the centred unit rows over d, the kNN contrast (k-th
+    nearest over farthest cosine distance, mean over rows), the top component's share."""
+    U = _unit(np.asarray(R, dtype=np.float64))
+    Z = U - U.mean(axis=0)
+    s = np.linalg.svd(Z, compute_uv=False) ** 2
+    p = s / s.sum()
+    erank = float(np.exp(-(p * np.log(p + 1e-300)).sum())) / U.shape[1]
+    D = 1.0 - U @ U.T
+    np.fill_diagonal(D, np.nan)
+    D = np.sort(D, axis=1)[:, :-1]
+    return offset_share(U), erank, float(np.mean(D[:, k - 1] / D[:, -1])), float(p[0])
+
+
 def rule(rows: int = 200, seeds: int = 3) -> None:
-    """The one reference statistic that splits the held-out families (the offset share of the
-    first ``rows`` events, the reference when the warm-up ends), the threshold fixed on them
-    (midway between the families), then what it chooses for the report's vector sets."""
+    """The reference statistics of the first ``rows`` events (the reference when the warm-up
+    ends) per held-out group; the one that splits the families (the offset share) with its
+    threshold fixed on them (midway), then what it chooses for the report's vector sets."""
     share = {}
+    print(f"first {rows} rows, mean of {seeds} draws: offset share, effective rank / d, kNN contrast, top component")
     for family in ("minilm", "cls"):
         E = embeddings(family)
         for normal, _ in PAIRS:
             N = E[normal]
-            share[(family, normal)] = np.mean(
-                [offset_share(N[np.random.default_rng(s).choice(len(N), rows, replace=False)]) for s in range(seeds)])
+            st = np.mean([reference_statistics(N[np.random.default_rng(s).choice(len(N), rows, replace=False)])
+                          for s in range(seeds)], axis=0)
+            share[(family, normal)] = st[0]
+            print(f"  {family} {normal}: " + " ".join(f"{v:.3f}" for v in st))
     low = max(v for (f, _), v in share.items() if f == "minilm")
     high = min(v for (f, _), v in share.items() if f == "cls")
     cut = (low + high) / 2
-    print(f"offset share of the first {rows} rows: minilm at most {low:.3f} (kNN ahead), cls at least "
-          f"{high:.3f} (Mahalanobis ahead): threshold {cut:.3f}")
+    print(f"offset share: minilm at most {low:.3f} (kNN ahead), cls at least {high:.3f} (Mahalanobis ahead): "
+          f"threshold {cut:.3f}")
     from streams.quality_streams import load_npz
 
     for name in ("20news_3_bert", "cifar10_0_resnet18"):
         X, _ = load_npz(DATA / "vectors" / f"{name}.npz")
-        v = [offset_share(X[np.random.default_rng(s).permutation(len(X))[:rows]]) for s in range(seeds)]
-        print(f"  {name}: {np.round(v, 3).tolist()} -> {'mahalanobis' if min(v) >= cut else 'knn' if max(v) < cut else 'mixed'}")
+        st = [reference_statistics(X[np.random.default_rng(s).permutation(len(X))[:rows]]) for s in range(seeds)]
+        v = [t[0] for t in st]
+        print(f"  {name}: " + " ".join(f"{x:.3f}" for x in np.mean(st, axis=0)) + f"; offset share per seed "
+              f"{np.round(v, 3).tolist()} -> {'mahalanobis' if min(v) >= cut else 'knn' if max(v) < cut else 'mixed'}")
+
+
+def tabular(rows: int = 200, splits: int = 3) -> None:
+    """The ADBench tabular sets as unit rows (a vector source's cosine): offset share of the
+    normals' first ``rows``, and kNN against Mahalanobis fitted on ``rows`` normal rows."""
+    from streams.quality_streams import load_npz
+
+    print(f"tabular sets as vectors, fit on {rows} normals: offset share; ROC-AUC kNN / Mahalanobis")
+    for path in sorted((DATA / "tabular").glob("*.npz")):
+        X, y = load_npz(path)
+        X = X.astype(np.float64)
+        keep = np.linalg.norm(X, axis=1) > 0
+        N, A = _unit(X[keep & (y == 0)]), _unit(X[keep & (y == 1)])
+        res = []
+        for s in range(splits):
+            rng = np.random.default_rng(s)
+            idx = rng.permutation(len(N))
+            F = N[idx[:rows]]
+            T = np.concatenate([N[idx[rows : rows + 300]], A[rng.choice(len(A), min(60, len(A)), replace=False)]])
+            yy = np.r_[np.zeros(len(T) - min(60, len(A))), np.ones(min(60, len(A)))]
+            m = ShrunkMahalanobis()
+            m.fit(F)
+            res.append((roc_auc(yy, knn_mean(F, T)), roc_auc(yy, m.score(T))))
+        k, mh = np.mean(res, axis=0)
+        print(f"  {path.stem}: {offset_share(N[:rows]):.3f}; {k:.3f} / {mh:.3f}", flush=True)
 
 
 def main() -> None:
@@ -253,6 +299,8 @@ def main() -> None:
     a = ap.parse_args()
     if "rule" in a.parts:
         rule()
+    if "tabular" in a.parts:
+        tabular()
     for family in a.family:
         E = embeddings(family)
         print(f"family {family}", flush=True)
