@@ -188,7 +188,8 @@ def _unit(X: np.ndarray) -> np.ndarray:
 
 def screen(E: dict[str, np.ndarray], splits: int = 3) -> None:
     """Candidate scores, batch, on unit rows (the vector source's cosine): kNN, Mahalanobis,
-    cosine kNN after removing the reference's mean, l2 kNN in the whitened space."""
+    cosine kNN after removing the reference's mean, l2 kNN in the whitened space; and the
+    Mahalanobis distance of the rows as they come (a source with metric l2)."""
     d = next(iter(E.values())).shape[1]
     print("screen: mean ROC-AUC over the pairs with enough rows, by n/d (fit on n normals; 300 normals, 60 anomalies)")
     for r in (0.5, 1.0, 2.0, 4.0):
@@ -200,15 +201,17 @@ def screen(E: dict[str, np.ndarray], splits: int = 3) -> None:
             for s in range(splits):
                 rng = np.random.default_rng(s)
                 idx = rng.permutation(len(N))
-                F = _unit(N[idx[:n]])
-                T = _unit(np.concatenate([N[idx[n : n + 300]],
-                                          E[anomaly][rng.choice(len(E[anomaly]), 60, replace=False)]]))
+                raw_F = N[idx[:n]]
+                raw_T = np.concatenate([N[idx[n : n + 300]], E[anomaly][rng.choice(len(E[anomaly]), 60, replace=False)]])
+                F, T = _unit(raw_F), _unit(raw_T)
                 y = np.r_[np.zeros(300), np.ones(60)]
-                m = ShrunkMahalanobis()
+                m, raw = ShrunkMahalanobis(), ShrunkMahalanobis()
                 m.fit(F)
+                raw.fit(raw_F)
                 w, mu = _whitener(F), F.mean(axis=0)
                 for name, score in (("kNN", knn_mean(F, T)), ("mahalanobis", m.score(T)),
-                                    ("kNN centred", knn_mean(F - mu, T - mu)), ("kNN whitened", _l2_knn(w(F), w(T)))):
+                                    ("kNN centred", knn_mean(F - mu, T - mu)), ("kNN whitened", _l2_knn(w(F), w(T))),
+                                    ("mahalanobis raw rows (l2)", raw.score(raw_T))):
                     acc.setdefault(name, []).append(roc_auc(y, score))
         pairs = len(acc["kNN"]) // splits
         print(f"  n/d {r}: " + ", ".join(f"{k} {np.mean(v):.3f}" for k, v in acc.items()) + f" ({pairs} pairs)", flush=True)
