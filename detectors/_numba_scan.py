@@ -356,3 +356,87 @@ def _grow_kernel(
         rows, nxt = nxt, rows
         first, n_nodes = n_nodes, child
     return n_nodes
+
+
+@njit(cache=True, nogil=True)
+def _pairwise_sum64(buf: np.ndarray, n: int) -> float:
+    """``buf[:n]`` summed in float64 in NumPy's order (``np.add.reduce`` of a row of up to 128)."""
+    if n < 8:
+        res = 0.0
+        for i in range(n):
+            res += buf[i]
+        return res
+    r0, r1, r2, r3 = buf[0], buf[1], buf[2], buf[3]
+    r4, r5, r6, r7 = buf[4], buf[5], buf[6], buf[7]
+    i = 8
+    stop = n - (n % 8)
+    while i < stop:
+        r0 += buf[i]
+        r1 += buf[i + 1]
+        r2 += buf[i + 2]
+        r3 += buf[i + 3]
+        r4 += buf[i + 4]
+        r5 += buf[i + 5]
+        r6 += buf[i + 6]
+        r7 += buf[i + 7]
+        i += 8
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while i < n:
+        res += buf[i]
+        i += 1
+    return 0.0 + res
+
+
+@njit(cache=True, nogil=True)
+def _mid_rank(cal: np.ndarray, s: float) -> float:
+    """:meth:`detectors.calibration.ConformalThresholder.mid_rank_p_values` of ``s`` against the
+    sorted set ``cal`` before its tail: ``(1 + #{cal >= s}) / (n + 1) - 0.5 / (n + 1)``."""
+    n = cal.shape[0]
+    lo, hi = 0, n
+    while lo < hi:  # searchsorted, side left, in NumPy's order (nan last)
+        mid = (lo + hi) // 2
+        if _ahead(cal[mid], s):
+            lo = mid + 1
+        else:
+            hi = mid
+    return (1.0 + (n - lo)) / (n + 1.0) - 0.5 / (n + 1.0)
+
+
+@njit(cache=True, nogil=True)
+def _knn_forest_kernel(
+    D: np.ndarray, sqnorm: np.ndarray, V: np.ndarray, Xa: np.ndarray, rest: np.ndarray, c: int, k: int,
+    mean: bool, X: np.ndarray, feature: np.ndarray, threshold: np.ndarray, leaf_depth: np.ndarray,
+    depth: int, knn_cal: np.ndarray, forest_cal: np.ndarray,
+    out_dist: np.ndarray, out_slot: np.ndarray, paths: np.ndarray, comp: np.ndarray, least: np.ndarray,
+) -> bool:
+    """The l2 scan (:func:`_nearest_kernel`), the forest's paths (:func:`_forest_kernel`), and per
+    row what ``SourceMonitor`` makes of them: ``comp[r]`` its kNN score (mean or largest of the
+    ``k`` distances), forest score (minus the mean path) and stage 2; ``least[r]`` the p-value
+    :func:`detectors.monitor._tippett` takes ``-log`` of (the smaller mid-rank p-value of the
+    two, the kNN's alone at kNN score 0). True when some p-value falls where
+    ``mid_rank_p_values`` continues the tail (``least`` is then not to be used)."""
+    _nearest_kernel(D, sqnorm, V, Xa, rest, c, k, False, out_dist, out_slot)
+    _forest_kernel(X, feature, threshold, leaf_depth, depth, paths)
+    n = D.shape[0]
+    trees = paths.shape[1]
+    nk, nf = knn_cal.shape[0], forest_cal.shape[0]
+    floor_k, floor_f = 0.5 / (nk + 1.0), 0.5 / (nf + 1.0)
+    buf = np.empty(k, np.float64)
+    tail = False
+    for r in range(n):
+        if mean:
+            for q in range(k):
+                buf[q] = np.float64(out_dist[r, q])
+            ks = _pairwise_sum64(buf, k) / k
+        else:
+            ks = np.float64(out_dist[r, k - 1])
+        fs = -(_pairwise_sum64(paths[r], trees) / trees)
+        comp[r, 0] = ks
+        comp[r, 1] = fs
+        comp[r, 2] = 2.0
+        pk = _mid_rank(knn_cal, ks)
+        pf = _mid_rank(forest_cal, fs)
+        if (nk > 5 and pk <= floor_k) or (nf > 5 and pf <= floor_f):
+            tail = True
+        least[r] = pk if ks <= 0.0 else min(pk, pf)
+    return tail

@@ -44,21 +44,29 @@ _kernel: Callable[..., None] | None = None
 _forest: Callable[..., None] | None = None
 _replace: Callable[..., None] | None = None
 _grow: Callable[..., int] | None = None
+_knn_forest: Callable[..., bool] | None = None
 _tried = False
 
 
 def loaded() -> bool:
     """Whether the compiled scan is there to use (imports numba the first time)."""
-    global _kernel, _forest, _replace, _grow, _tried
+    global _kernel, _forest, _replace, _grow, _knn_forest, _tried
     if not enabled:
         return False
     if not _tried:
         _tried = True
         try:
-            from detectors._numba_scan import _forest_kernel, _grow_kernel, _nearest_kernel, _replaced_kernel
+            from detectors._numba_scan import (
+                _forest_kernel,
+                _grow_kernel,
+                _knn_forest_kernel,
+                _nearest_kernel,
+                _replaced_kernel,
+            )
         except ImportError:  # pragma: no cover - numba is a pinned dependency
-            _nearest_kernel = _forest_kernel = _replaced_kernel = _grow_kernel = None
+            _nearest_kernel = _forest_kernel = _replaced_kernel = _grow_kernel = _knn_forest_kernel = None
         _kernel, _forest, _replace, _grow = _nearest_kernel, _forest_kernel, _replaced_kernel, _grow_kernel
+        _knn_forest = _knn_forest_kernel
     return _kernel is not None
 
 
@@ -141,6 +149,41 @@ def forest_paths(
             np.ascontiguousarray(threshold, np.float32), np.ascontiguousarray(leaf_depth, np.float64),
             depth, out)
     return out
+
+
+def knn_forest_step(
+    D: np.ndarray, sqnorm: np.ndarray, V: np.ndarray, Xa: np.ndarray, rest: np.ndarray | None, c: int, k: int,
+    *, mean: bool, X: np.ndarray, packed: tuple[np.ndarray, np.ndarray, np.ndarray], depth: int,
+    knn_cal: np.ndarray, forest_cal: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, bool]:
+    """One compiled pass for a block of a source with a forest (l2): the scan of
+    :func:`nearest_from_products`, the forest's paths (:func:`forest_paths`, ``packed`` its
+    arrays) and what ``SourceMonitor.score`` makes of both, each as its NumPy code computes it.
+
+    Returns distances ``(n, k)`` and slots as :func:`nearest_from_products`, the component
+    matrix of ``SourceMonitor._components`` (stage 2: both calibration sets, sorted ascending
+    in ``knn_cal`` and ``forest_cal``, hold scores), and per row the p-value whose ``-log`` is
+    the combined score (``_tippett``'s argument), and whether a score lies past the top of a
+    calibration set, where ``mid_rank_p_values`` fits its tail: then the last is not to be
+    used (the caller combines the components in NumPy). ``k`` and the trees at most ``MAX_WIDTH``.
+    """
+    n = D.shape[0]
+    feature, threshold, leaf_depth = packed
+    out_dist = np.empty((n, k), np.float32)
+    out_slot = np.empty((n, k), np.int64)
+    comp = np.empty((n, 3))
+    least = np.empty(n)
+    assert _knn_forest is not None, "loaded() first"
+    tail = _knn_forest(
+        np.ascontiguousarray(D, np.float32), np.ascontiguousarray(sqnorm, np.float32),
+        np.ascontiguousarray(V, np.float32), np.ascontiguousarray(Xa, np.float32),
+        np.zeros(0, np.float32) if rest is None else np.ascontiguousarray(rest, np.float32), c, k, mean,
+        np.ascontiguousarray(X, np.float32), np.ascontiguousarray(feature, np.intp),
+        np.ascontiguousarray(threshold, np.float32), np.ascontiguousarray(leaf_depth, np.float64), depth,
+        np.ascontiguousarray(knn_cal, np.float64), np.ascontiguousarray(forest_cal, np.float64),
+        out_dist, out_slot, np.empty((n, feature.shape[0]), np.float64), comp, least,
+    )
+    return out_dist, out_slot, comp, least, bool(tail)
 
 
 def grow_levels(S: np.ndarray, m: int, count: int, depth: int, draws: np.ndarray, c_of: np.ndarray,
