@@ -210,3 +210,5 @@ def warm_up() -> None:
     forest = IsolationForest(trees=1, sample_size=2)
     forest.fit(V)  # grown and scored with the compiled kernels
     forest.score(V)
+    knn_forest_step(np.zeros((1, 4), np.float32), np.zeros(4, np.float32), V, V[:1], None, 2, 1, mean=True,
+                    X=V[:1], packed=forest._pack(), depth=forest.depth, knn_cal=np.zeros(1), forest_cal=np.zeros(1))
