@@ -440,3 +440,16 @@ def _knn_forest_kernel(
             tail = True
         least[r] = pk if ks <= 0.0 else min(pk, pf)
     return tail
+
+
+@njit(cache=True, nogil=True)
+def _own_p_kernel(ascending: np.ndarray, order: np.ndarray, out: np.ndarray) -> None:
+    """``out[order[i]] = #{scores >= ascending[i]} / n``: the count from where the run of
+    values equal to ``ascending[i]`` starts (``searchsorted`` side left, in NumPy's order),
+    found in one pass over the sorted scores instead of a binary search per score."""
+    n = ascending.shape[0]
+    start = 0
+    for i in range(n):
+        if i and _ahead(ascending[i - 1], ascending[i]):
+            start = i
+        out[order[i]] = (n - start) / n

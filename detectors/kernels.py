@@ -45,12 +45,13 @@ _forest: Callable[..., None] | None = None
 _replace: Callable[..., None] | None = None
 _grow: Callable[..., int] | None = None
 _knn_forest: Callable[..., bool] | None = None
+_own_p: Callable[..., None] | None = None
 _tried = False
 
 
 def loaded() -> bool:
     """Whether the compiled scan is there to use (imports numba the first time)."""
-    global _kernel, _forest, _replace, _grow, _knn_forest, _tried
+    global _kernel, _forest, _replace, _grow, _knn_forest, _own_p, _tried
     if not enabled:
         return False
     if not _tried:
@@ -61,12 +62,14 @@ def loaded() -> bool:
                 _grow_kernel,
                 _knn_forest_kernel,
                 _nearest_kernel,
+                _own_p_kernel,
                 _replaced_kernel,
             )
         except ImportError:  # pragma: no cover - numba is a pinned dependency
-            _nearest_kernel = _forest_kernel = _replaced_kernel = _grow_kernel = _knn_forest_kernel = None
+            _nearest_kernel = _forest_kernel = _replaced_kernel = _grow_kernel = None
+            _knn_forest_kernel = _own_p_kernel = None
         _kernel, _forest, _replace, _grow = _nearest_kernel, _forest_kernel, _replaced_kernel, _grow_kernel
-        _knn_forest = _knn_forest_kernel
+        _knn_forest, _own_p = _knn_forest_kernel, _own_p_kernel
     return _kernel is not None
 
 
@@ -95,6 +98,16 @@ def replaced(
              np.ascontiguousarray(coming[by_value], np.float64), np.ascontiguousarray(slots[by_value], np.int64),
              out, out_order)
     return out, out_order
+
+
+def own_p_values(ascending: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """:meth:`~detectors.calibration.ConformalThresholder.own_p_values` from the set's sorted
+    scores (float64, nan last) and the slot of each: ``#{scores >= s} / n`` per slot, in one
+    pass (~95 against ~10 us for 2,000 scores)."""
+    out = np.empty(len(ascending))
+    assert _own_p is not None, "loaded() first"
+    _own_p(np.ascontiguousarray(ascending, np.float64), np.ascontiguousarray(order, np.int64), out)
+    return out
 
 
 def nearest_from_products(
