@@ -9,10 +9,11 @@ from detectors.index import _FOLD, _MAX_CANDIDATE_FACTOR
 
 
 @njit(cache=True, nogil=True)
-def _pairwise_sum(buf: np.ndarray, n: int) -> np.float32:
-    """``buf[:n].sum()`` in float32 in NumPy's order (``pairwise_sum`` for n <= 128)."""
+def _pairwise_sum(buf: np.ndarray, n: int, zero: float) -> float:
+    """``buf[:n].sum()`` in NumPy's order (``pairwise_sum`` for n <= 128), in the type of
+    ``buf`` and ``zero`` (0 of that type: float32 or float64)."""
     if n < 8:
-        res = np.float32(0.0)
+        res = zero
         for i in range(n):
             res += buf[i]
         return res
@@ -35,7 +36,7 @@ def _pairwise_sum(buf: np.ndarray, n: int) -> np.float32:
         res += buf[i]
         i += 1
     # NumPy's reduction starts from the identity: 0 + res
-    return np.float32(0.0) + res
+    return zero + res
 
 
 @njit(cache=True, nogil=True)
@@ -147,12 +148,12 @@ def _nearest_kernel(
             if cosine:
                 for u in range(a):
                     buf[u] = V[j, u] * Xa[r, u]
-                exact[q] = one - _pairwise_sum(buf, a)
+                exact[q] = one - _pairwise_sum(buf, a, np.float32(0.0))
             else:
                 for u in range(a):
                     d = V[j, u] - Xa[r, u]
                     buf[u] = d * d
-                s = _pairwise_sum(buf, a)
+                s = _pairwise_sum(buf, a, np.float32(0.0))
                 if rest.shape[0]:
                     s = s + rest[r]
                 exact[q] = s
@@ -359,35 +360,6 @@ def _grow_kernel(
 
 
 @njit(cache=True, nogil=True)
-def _pairwise_sum64(buf: np.ndarray, n: int) -> float:
-    """``buf[:n]`` summed in float64 in NumPy's order (``np.add.reduce`` of a row of up to 128)."""
-    if n < 8:
-        res = 0.0
-        for i in range(n):
-            res += buf[i]
-        return res
-    r0, r1, r2, r3 = buf[0], buf[1], buf[2], buf[3]
-    r4, r5, r6, r7 = buf[4], buf[5], buf[6], buf[7]
-    i = 8
-    stop = n - (n % 8)
-    while i < stop:
-        r0 += buf[i]
-        r1 += buf[i + 1]
-        r2 += buf[i + 2]
-        r3 += buf[i + 3]
-        r4 += buf[i + 4]
-        r5 += buf[i + 5]
-        r6 += buf[i + 6]
-        r7 += buf[i + 7]
-        i += 8
-    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
-    while i < n:
-        res += buf[i]
-        i += 1
-    return 0.0 + res
-
-
-@njit(cache=True, nogil=True)
 def _mid_rank(cal: np.ndarray, s: float) -> float:
     """:meth:`detectors.calibration.ConformalThresholder.mid_rank_p_values` of ``s`` against the
     sorted set ``cal`` before its tail: ``(1 + #{cal >= s}) / (n + 1) - 0.5 / (n + 1)``."""
@@ -427,10 +399,10 @@ def _knn_forest_kernel(
         if mean:
             for q in range(k):
                 buf[q] = np.float64(out_dist[r, q])
-            ks = _pairwise_sum64(buf, k) / k
+            ks = _pairwise_sum(buf, k, 0.0) / k
         else:
             ks = np.float64(out_dist[r, k - 1])
-        fs = -(_pairwise_sum64(paths[r], trees) / trees)
+        fs = -(_pairwise_sum(paths[r], trees, 0.0) / trees)
         comp[r, 0] = ks
         comp[r, 1] = fs
         comp[r, 2] = 2.0
