@@ -373,6 +373,8 @@ class TransactionEncoder:
             return None
         if len(batches) == 1:
             encoded, raw = batches[0]
+            if len(events) == len(encoded) and all(map(is_, events, encoded)):
+                return raw  # the batch itself (no event held back from learning): no index
         else:
             encoded = list(chain.from_iterable(e for e, _ in batches))
             raw = np.concatenate([r for _, r in batches])

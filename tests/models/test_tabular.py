@@ -422,6 +422,11 @@ def test_a_list_reused_after_encode_does_not_lend_its_old_rows_to_learn():
     cached, plain = small(), small()
     cached.learn(first)
     plain.learn(first)
+    again = [tx({"a": float(rng.normal()), "b": float(rng.exponential())}, i=100 + i) for i in range(30)]
+    cached.encode(again)  # one batch learnt whole: its own matrix
+    cached.learn(again)
+    plain.learn(again)
+    assert state_equal(cached.get_state(), plain.get_state())
     events = [tx({"a": float(rng.normal()), "b": float(rng.exponential())}, i=30 + i) for i in range(30)]
     cached.encode(events)
     events[5] = tx({"a": 50.0, "b": 70.0}, i=99)  # same schema, another event in the same place
