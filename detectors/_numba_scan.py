@@ -425,3 +425,32 @@ def _own_p_kernel(ascending: np.ndarray, order: np.ndarray, out: np.ndarray) -> 
         if i and _ahead(ascending[i - 1], ascending[i]):
             start = i
         out[order[i]] = (n - start) / n
+
+
+@njit(cache=True, nogil=True)
+def _distinct_kernel(B: np.ndarray, inverse: np.ndarray, first: np.ndarray) -> int:
+    """The distinct rows of ``B`` (rows as raw words: equal bytes, equal rows): ``first[:count]``
+    the row of each one's first occurrence, in order, and ``inverse[r]`` which of them row ``r``
+    is. Returns ``count``. Rows compared with the distinct ones so far, each comparison ending at
+    the first word that differs (a few words per pair for a block of 32 rows)."""
+    n, w = B.shape
+    count = 0
+    for r in range(n):
+        found = -1
+        for q in range(count):
+            f = first[q]
+            same = True
+            for u in range(w):
+                if B[r, u] != B[f, u]:
+                    same = False
+                    break
+            if same:
+                found = q
+                break
+        if found < 0:
+            first[count] = r
+            inverse[r] = count
+            count += 1
+        else:
+            inverse[r] = found
+    return count

@@ -46,18 +46,20 @@ _replace: Callable[..., None] | None = None
 _grow: Callable[..., int] | None = None
 _knn_forest: Callable[..., bool] | None = None
 _own_p: Callable[..., None] | None = None
+_distinct: Callable[..., int] | None = None
 _tried = False
 
 
 def loaded() -> bool:
     """Whether the compiled scan is there to use (imports numba the first time)."""
-    global _kernel, _forest, _replace, _grow, _knn_forest, _own_p, _tried
+    global _kernel, _forest, _replace, _grow, _knn_forest, _own_p, _distinct, _tried
     if not enabled:
         return False
     if not _tried:
         _tried = True
         try:
             from detectors._numba_scan import (
+                _distinct_kernel,
                 _forest_kernel,
                 _grow_kernel,
                 _knn_forest_kernel,
@@ -67,9 +69,9 @@ def loaded() -> bool:
             )
         except ImportError:  # pragma: no cover - numba is a pinned dependency
             _nearest_kernel = _forest_kernel = _replaced_kernel = _grow_kernel = None
-            _knn_forest_kernel = _own_p_kernel = None
+            _knn_forest_kernel = _own_p_kernel = _distinct_kernel = None
         _kernel, _forest, _replace, _grow = _nearest_kernel, _forest_kernel, _replaced_kernel, _grow_kernel
-        _knn_forest, _own_p = _knn_forest_kernel, _own_p_kernel
+        _knn_forest, _own_p, _distinct = _knn_forest_kernel, _own_p_kernel, _distinct_kernel
     return _kernel is not None
 
 
@@ -98,6 +100,21 @@ def replaced(
              np.ascontiguousarray(coming[by_value], np.float64), np.ascontiguousarray(slots[by_value], np.int64),
              out, out_order)
     return out, out_order
+
+
+def distinct_rows(X: np.ndarray, max_share: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`detectors.index.distinct_rows` of a float32 matrix in one compiled pass: rows
+    told apart by their bytes (``-0.0`` is not ``0.0``), the same distinct rows in the same
+    order and the same inverse, or None when more than ``max_share`` of the rows are distinct.
+    Without a dict entry and a ``bytes`` object per row (~10 against ~2 us for 32 rows)."""
+    X = np.ascontiguousarray(X, np.float32)
+    n = len(X)
+    inverse, first = np.empty(n, np.intp), np.empty(n, np.intp)
+    assert _distinct is not None, "loaded() first"
+    count = _distinct(X.view(np.uint32), inverse, first)
+    if count > max_share * n:
+        return None
+    return X[first[:count]], inverse
 
 
 def own_p_values(ascending: np.ndarray, order: np.ndarray) -> np.ndarray:
@@ -225,3 +242,5 @@ def warm_up() -> None:
     forest.score(V)
     knn_forest_step(np.zeros((1, 4), np.float32), np.zeros(4, np.float32), V, V[:1], None, 2, 1, mean=True,
                     X=V[:1], packed=forest._pack(), depth=forest.depth, knn_cal=np.zeros(1), forest_cal=np.zeros(1))
+    distinct_rows(V, 1.0)
+    own_p_values(np.zeros(2), np.arange(2))

@@ -34,7 +34,7 @@ from detectors import kernels
 from detectors.calibration import ConformalThresholder
 from detectors.drift import CentroidDriftMonitor, DriftAlarm
 from detectors.forest import IsolationForest
-from detectors.index import _DEDUP_MAX_SHARE, _DEDUP_MIN_ROWS, DEFAULT_EXACT_MAX, Metric, distinct_rows
+from detectors.index import _DEDUP_MAX_SHARE, _DEDUP_MIN_ROWS, DEFAULT_EXACT_MAX, Metric
 from detectors.knn import KNNDetector
 from detectors.shrunk import ShrunkMahalanobis
 from models.base import State
@@ -299,7 +299,7 @@ class SourceMonitor:
         rows = index.as_stored(X)
         inverse = None
         if len(rows) >= _DEDUP_MIN_ROWS:  # each distinct row once, as ReferenceIndex.query does
-            found = distinct_rows(rows, _DEDUP_MAX_SHARE)
+            found = kernels.distinct_rows(rows, _DEDUP_MAX_SHARE)
             if found is not None:
                 rows, inverse = found
         k = min(self.k, index.size)
