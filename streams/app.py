@@ -210,6 +210,7 @@ class Worker:
         self._inflight: deque[tuple[asyncio.Future, dict]] = deque()  # its batches between fetch and commit
         self._merging = False  # this worker holds the shard-summaries partition and its merge state
         self._issue_lock = asyncio.Lock()  # output topics declared for the direct produce path
+        self._entered: asyncio.Future | None = None  # the last batch handed to handle(), once in the pipeline
         self.app: faust.App | None = None
         store = None
         if settings.state.dir is not None:
@@ -325,40 +326,53 @@ class Worker:
 
     # -- detection ----------------------------------------------------------------------
     async def handle(self, events: Sequence[Any]) -> None:
-        """Process one batch; never raises (see the module docstring)."""
+        """Process one batch; never raises (see the module docstring).
+
+        Batches enter the pipeline in the order ``handle`` was called (the
+        order they were fetched), even when an earlier one waits for a
+        partition's take-over and a later one has nothing to wait for: a
+        partition's events are scored in offset order, as one uninterrupted
+        pipeline would (the aiokafka input path keeps two batches in flight).
+        """
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
-        msgs = [e.message for e in events]  # one attribute read per event, not one per use
-        tps = [(m.topic, m.partition) for m in msgs]
-        firsts: dict[TP, int] = {}
-        seen: set[TP] = set()
-        for tp, m in zip(tps, msgs):  # a batch holds few partitions: ask once per partition
-            if tp not in seen:
-                seen.add(tp)
-                if not self.durable.is_ready(tp):
-                    firsts[tp] = m.offset
-        for tp, first in firsts.items():
-            # One take-over per partition, even with several batches in flight.
-            task = self._taking.get(tp)
-            if task is None:
-                task = self._taking[tp] = asyncio.ensure_future(self._take_over(tp, first))
-            try:
-                await asyncio.shield(task)
-            finally:
-                if task.done():
-                    self._taking.pop(tp, None)
-        skip = self.durable.skip_below
-        if any(m.offset < skip[tp] for tp, m in zip(tps, msgs)):
-            keep = [i for i, (tp, m) in enumerate(zip(tps, msgs)) if m.offset >= skip[tp]]
-            events = [events[i] for i in keep]
-            msgs = [msgs[i] for i in keep]
-            tps = [tps[i] for i in keep]
-        if not events:
-            return  # already in the restored state, outputs produced before the snapshot
-        raws = [m.value if m.value is not None else b"" for m in msgs]
-        self.durable.begin()
+        earlier, entered = self._entered, loop.create_future()
+        self._entered = entered  # the next batch enters the pipeline after this one
         try:
-            result = await loop.run_in_executor(self._pipeline_executor(), self.pipeline.process_raw, raws)
+            msgs = [e.message for e in events]  # one attribute read per event, not one per use
+            tps = [(m.topic, m.partition) for m in msgs]
+            firsts: dict[TP, int] = {}
+            seen: set[TP] = set()
+            for tp, m in zip(tps, msgs):  # a batch holds few partitions: ask once per partition
+                if tp not in seen:
+                    seen.add(tp)
+                    if not self.durable.is_ready(tp):
+                        firsts[tp] = m.offset
+            for tp, task in self._begin_take_overs(firsts):
+                try:
+                    await asyncio.shield(task)
+                finally:
+                    if task.done():
+                        self._taking.pop(tp, None)
+            if earlier is not None:
+                await asyncio.shield(earlier)  # a cancelled batch must not cancel the one before
+            skip = self.durable.skip_below
+            if any(m.offset < skip[tp] for tp, m in zip(tps, msgs)):
+                keep = [i for i, (tp, m) in enumerate(zip(tps, msgs)) if m.offset >= skip[tp]]
+                events = [events[i] for i in keep]
+                msgs = [msgs[i] for i in keep]
+                tps = [tps[i] for i in keep]
+            if not events:
+                return  # already in the restored state, outputs produced before the snapshot
+            raws = [m.value if m.value is not None else b"" for m in msgs]
+            self.durable.begin()
+            # Submitted to the one pipeline thread (first in, first out) before the next batch may be.
+            processing = loop.run_in_executor(self._pipeline_executor(), self.pipeline.process_raw, raws)
+        finally:
+            if not entered.done():
+                entered.set_result(None)
+        try:
+            result = await processing
         except Exception as err:  # a bug, not bad data: keep the batch, keep the stream
             log.exception("pipeline failed on a batch of %d events; sent to the dead-letter topic", len(raws))
             await self._dead_letter_all(events, err)
@@ -387,6 +401,25 @@ class Worker:
                 log.exception("metrics failed")
         if self.on_batch is not None:
             self.on_batch(result)
+
+    def _begin_take_overs(self, firsts: dict[TP, int]) -> list[tuple[TP, asyncio.Future]]:
+        """The take-overs of a batch's new partitions, all begun before the batch waits on any.
+
+        One take-over per partition, even with several batches in flight, and
+        it starts at the partition's first event in flight. Batches begin in
+        fetch order, so registering them all here, before the first ``await``,
+        keeps a later batch of the same partition from beginning it at its own
+        first offset while an earlier batch still waits on another partition:
+        the events in between would then count as covered by a snapshot and be
+        acknowledged unscored (the aiokafka input path, two batches in flight).
+        """
+        tasks = []
+        for tp, first in firsts.items():
+            task = self._taking.get(tp)
+            if task is None:
+                task = self._taking[tp] = asyncio.ensure_future(self._take_over(tp, first))
+            tasks.append((tp, task))
+        return tasks
 
     async def _take_over(self, tp: TP, first_offset: int) -> None:
         """First events of a partition: load its snapshot, replay what the snapshot lacks."""
