@@ -208,6 +208,7 @@ class Worker:
         self._input_consumer: Any = None  # the aiokafka input path's consumer, while it runs
         self._input_opening: asyncio.Future | None = None  # its start, begun as the faust app starts
         self._inflight: deque[tuple[asyncio.Future, dict]] = deque()  # its batches between fetch and commit
+        self._assigned: set[Any] = set()  # its partitions (aiokafka TopicPartition), as its rebalance listener saw
         self._merging = False  # this worker holds the shard-summaries partition and its merge state
         self._issue_lock = asyncio.Lock()  # output topics declared for the direct produce path
         self._entered: asyncio.Future | None = None  # the last batch handed to handle(), once in the pipeline
@@ -774,7 +775,10 @@ class Worker:
 
         class Rebalance(ConsumerRebalanceListener):
             async def on_partitions_revoked(self, revoked: Any) -> None:
-                # Finish and commit what is in flight, then save and drop the partitions' state.
+                # Records of these partitions fetched before now are not handed on any more
+                # (consume_batches); finish and commit what is in flight, then save and
+                # drop the partitions' state.
+                worker._assigned.difference_update(revoked)
                 while worker._inflight:
                     await worker._finish_oldest(consumer)
                 tps = [(tp.topic, tp.partition) for tp in revoked]
@@ -783,7 +787,7 @@ class Worker:
                 )
 
             async def on_partitions_assigned(self, assigned: Any) -> None:
-                pass
+                worker._assigned.update(assigned)
 
         consumer.subscribe(list(k.input_topics), listener=Rebalance())
         await consumer.start()
@@ -832,10 +836,15 @@ class Worker:
                     while inflight:
                         await self._finish_oldest(consumer)
                     await asyncio.get_running_loop().run_in_executor(self._pipeline_executor(), self.durable.snapshot)
-                records = [InputRecord(r) for recs in batches.values() for r in recs]
+                # A rebalance may have run while this loop waited above: records of a
+                # partition revoked since the fetch are the new owner's to process (from
+                # the committed offset); begun here they would rebuild a stale copy of
+                # its state, and this worker could write that as its snapshot.
+                assigned = self._assigned
+                records = [InputRecord(r) for tp, recs in batches.items() if tp in assigned for r in recs]
                 if not records:
                     continue
-                offsets = {tp: recs[-1].offset + 1 for tp, recs in batches.items() if recs}
+                offsets = {tp: recs[-1].offset + 1 for tp, recs in batches.items() if recs and tp in assigned}
                 # The next batch is handed over while the previous one waits for
                 # its acks: the pipeline thread does not idle through the round
                 # trips. Batches run through the one pipeline thread in order,
