@@ -208,8 +208,10 @@ class Worker:
         self._input_consumer: Any = None  # the aiokafka input path's consumer, while it runs
         self._input_opening: asyncio.Future | None = None  # its start, begun as the faust app starts
         self._inflight: deque[tuple[asyncio.Future, dict]] = deque()  # its batches between fetch and commit
+        self._assigned: set[Any] = set()  # its partitions (aiokafka TopicPartition), as its rebalance listener saw
         self._merging = False  # this worker holds the shard-summaries partition and its merge state
         self._issue_lock = asyncio.Lock()  # output topics declared for the direct produce path
+        self._entered: asyncio.Future | None = None  # the last batch handed to handle(), once in the pipeline
         self.app: faust.App | None = None
         store = None
         if settings.state.dir is not None:
@@ -325,40 +327,53 @@ class Worker:
 
     # -- detection ----------------------------------------------------------------------
     async def handle(self, events: Sequence[Any]) -> None:
-        """Process one batch; never raises (see the module docstring)."""
+        """Process one batch; never raises (see the module docstring).
+
+        Batches enter the pipeline in the order ``handle`` was called (the
+        order they were fetched), even when an earlier one waits for a
+        partition's take-over and a later one has nothing to wait for: a
+        partition's events are scored in offset order, as one uninterrupted
+        pipeline would (the aiokafka input path keeps two batches in flight).
+        """
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
-        msgs = [e.message for e in events]  # one attribute read per event, not one per use
-        tps = [(m.topic, m.partition) for m in msgs]
-        firsts: dict[TP, int] = {}
-        seen: set[TP] = set()
-        for tp, m in zip(tps, msgs):  # a batch holds few partitions: ask once per partition
-            if tp not in seen:
-                seen.add(tp)
-                if not self.durable.is_ready(tp):
-                    firsts[tp] = m.offset
-        for tp, first in firsts.items():
-            # One take-over per partition, even with several batches in flight.
-            task = self._taking.get(tp)
-            if task is None:
-                task = self._taking[tp] = asyncio.ensure_future(self._take_over(tp, first))
-            try:
-                await asyncio.shield(task)
-            finally:
-                if task.done():
-                    self._taking.pop(tp, None)
-        skip = self.durable.skip_below
-        if any(m.offset < skip[tp] for tp, m in zip(tps, msgs)):
-            keep = [i for i, (tp, m) in enumerate(zip(tps, msgs)) if m.offset >= skip[tp]]
-            events = [events[i] for i in keep]
-            msgs = [msgs[i] for i in keep]
-            tps = [tps[i] for i in keep]
-        if not events:
-            return  # already in the restored state, outputs produced before the snapshot
-        raws = [m.value if m.value is not None else b"" for m in msgs]
-        self.durable.begin()
+        earlier, entered = self._entered, loop.create_future()
+        self._entered = entered  # the next batch enters the pipeline after this one
         try:
-            result = await loop.run_in_executor(self._pipeline_executor(), self.pipeline.process_raw, raws)
+            msgs = [e.message for e in events]  # one attribute read per event, not one per use
+            tps = [(m.topic, m.partition) for m in msgs]
+            firsts: dict[TP, int] = {}
+            seen: set[TP] = set()
+            for tp, m in zip(tps, msgs):  # a batch holds few partitions: ask once per partition
+                if tp not in seen:
+                    seen.add(tp)
+                    if not self.durable.is_ready(tp):
+                        firsts[tp] = m.offset
+            for tp, task in self._begin_take_overs(firsts):
+                try:
+                    await asyncio.shield(task)
+                finally:
+                    if task.done():
+                        self._taking.pop(tp, None)
+            if earlier is not None:
+                await asyncio.shield(earlier)  # a cancelled batch must not cancel the one before
+            skip = self.durable.skip_below
+            if any(m.offset < skip[tp] for tp, m in zip(tps, msgs)):
+                keep = [i for i, (tp, m) in enumerate(zip(tps, msgs)) if m.offset >= skip[tp]]
+                events = [events[i] for i in keep]
+                msgs = [msgs[i] for i in keep]
+                tps = [tps[i] for i in keep]
+            if not events:
+                return  # already in the restored state, outputs produced before the snapshot
+            raws = [m.value if m.value is not None else b"" for m in msgs]
+            self.durable.begin()
+            # Submitted to the one pipeline thread (first in, first out) before the next batch may be.
+            processing = loop.run_in_executor(self._pipeline_executor(), self.pipeline.process_raw, raws)
+        finally:
+            if not entered.done():
+                entered.set_result(None)
+        try:
+            result = await processing
         except Exception as err:  # a bug, not bad data: keep the batch, keep the stream
             log.exception("pipeline failed on a batch of %d events; sent to the dead-letter topic", len(raws))
             await self._dead_letter_all(events, err)
@@ -387,6 +402,25 @@ class Worker:
                 log.exception("metrics failed")
         if self.on_batch is not None:
             self.on_batch(result)
+
+    def _begin_take_overs(self, firsts: dict[TP, int]) -> list[tuple[TP, asyncio.Future]]:
+        """The take-overs of a batch's new partitions, all begun before the batch waits on any.
+
+        One take-over per partition, even with several batches in flight, and
+        it starts at the partition's first event in flight. Batches begin in
+        fetch order, so registering them all here, before the first ``await``,
+        keeps a later batch of the same partition from beginning it at its own
+        first offset while an earlier batch still waits on another partition:
+        the events in between would then count as covered by a snapshot and be
+        acknowledged unscored (the aiokafka input path, two batches in flight).
+        """
+        tasks = []
+        for tp, first in firsts.items():
+            task = self._taking.get(tp)
+            if task is None:
+                task = self._taking[tp] = asyncio.ensure_future(self._take_over(tp, first))
+            tasks.append((tp, task))
+        return tasks
 
     async def _take_over(self, tp: TP, first_offset: int) -> None:
         """First events of a partition: load its snapshot, replay what the snapshot lacks."""
@@ -741,7 +775,10 @@ class Worker:
 
         class Rebalance(ConsumerRebalanceListener):
             async def on_partitions_revoked(self, revoked: Any) -> None:
-                # Finish and commit what is in flight, then save and drop the partitions' state.
+                # Records of these partitions fetched before now are not handed on any more
+                # (consume_batches); finish and commit what is in flight, then save and
+                # drop the partitions' state.
+                worker._assigned.difference_update(revoked)
                 while worker._inflight:
                     await worker._finish_oldest(consumer)
                 tps = [(tp.topic, tp.partition) for tp in revoked]
@@ -750,7 +787,7 @@ class Worker:
                 )
 
             async def on_partitions_assigned(self, assigned: Any) -> None:
-                pass
+                worker._assigned.update(assigned)
 
         consumer.subscribe(list(k.input_topics), listener=Rebalance())
         await consumer.start()
@@ -799,10 +836,15 @@ class Worker:
                     while inflight:
                         await self._finish_oldest(consumer)
                     await asyncio.get_running_loop().run_in_executor(self._pipeline_executor(), self.durable.snapshot)
-                records = [InputRecord(r) for recs in batches.values() for r in recs]
+                # A rebalance may have run while this loop waited above: records of a
+                # partition revoked since the fetch are the new owner's to process (from
+                # the committed offset); begun here they would rebuild a stale copy of
+                # its state, and this worker could write that as its snapshot.
+                assigned = self._assigned
+                records = [InputRecord(r) for tp, recs in batches.items() if tp in assigned for r in recs]
                 if not records:
                     continue
-                offsets = {tp: recs[-1].offset + 1 for tp, recs in batches.items() if recs}
+                offsets = {tp: recs[-1].offset + 1 for tp, recs in batches.items() if recs and tp in assigned}
                 # The next batch is handed over while the previous one waits for
                 # its acks: the pipeline thread does not idle through the round
                 # trips. Batches run through the one pipeline thread in order,
