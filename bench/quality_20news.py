@@ -84,17 +84,26 @@ def batch(X: np.ndarray, y: np.ndarray, seeds: int = 30) -> None:
 
 def stream(name: str, seeds: int, variants: list[str]) -> None:
     X, y = load_npz(DATA / "vectors" / f"{name}.npz")
-    print(f"{name}, pipeline, {seeds} stream seeds: judged ROC-AUC mean (sd; seeds 0-2), all events, FAR judged (seeds 0-2)")
+    stream_figures(name, [(X, y)] * seeds, variants)
+
+
+def stream_figures(name: str, sets: list[tuple[np.ndarray, np.ndarray]], variants: list[str]) -> dict[str, np.ndarray]:
+    """Each variant over the sets, set ``i`` shuffled by seed ``i``: judged ROC-AUC, ROC-AUC, FAR per set."""
+    print(f"{name}, pipeline, {len(sets)} stream seeds: judged ROC-AUC mean (sd; seeds 0-2), all events, "
+          "FAR judged (seeds 0-2)")
+    out = {}
     for v in variants:
         res = []
-        for seed in range(seeds):
+        for seed, (X, y) in enumerate(sets):
             s = vector_stream(name, X, y, seed=seed, max_events=len(X))
             # the variant's settings alone (the report's opt-in row: streams.bench_quality.OPT_IN)
             f = figures(s.labels, replay(s, Settings(sources={s.source: VARIANTS[v]})))
             res.append((f["roc_auc_judged"], f["roc_auc"], f["false_alarm_rate"]))
-        a = np.array(res)
-        print(f"  {v:24s} {a[:, 0].mean():.3f} ({a[:, 0].std(ddof=1):.3f}; {a[:3, 0].mean():.3f}) "
+        a = out[v] = np.array(res)
+        sd = a[:, 0].std(ddof=1) if len(a) > 1 else float("nan")
+        print(f"  {v:24s} {a[:, 0].mean():.3f} ({sd:.3f}; {a[:3, 0].mean():.3f}) "
               f"{a[:, 1].mean():.3f} {a[:, 2].mean():.4f} ({a[:3, 2].mean():.4f})", flush=True)
+    return out
 
 
 def main() -> None:

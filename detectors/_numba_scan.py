@@ -9,10 +9,11 @@ from detectors.index import _FOLD, _MAX_CANDIDATE_FACTOR
 
 
 @njit(cache=True, nogil=True)
-def _pairwise_sum(buf: np.ndarray, n: int) -> np.float32:
-    """``buf[:n].sum()`` in float32 in NumPy's order (``pairwise_sum`` for n <= 128)."""
+def _pairwise_sum(buf: np.ndarray, n: int, zero: float) -> float:
+    """``buf[:n].sum()`` in NumPy's order (``pairwise_sum`` for n <= 128), in the type of
+    ``buf`` and ``zero`` (0 of that type: float32 or float64)."""
     if n < 8:
-        res = np.float32(0.0)
+        res = zero
         for i in range(n):
             res += buf[i]
         return res
@@ -35,7 +36,7 @@ def _pairwise_sum(buf: np.ndarray, n: int) -> np.float32:
         res += buf[i]
         i += 1
     # NumPy's reduction starts from the identity: 0 + res
-    return np.float32(0.0) + res
+    return zero + res
 
 
 @njit(cache=True, nogil=True)
@@ -147,12 +148,12 @@ def _nearest_kernel(
             if cosine:
                 for u in range(a):
                     buf[u] = V[j, u] * Xa[r, u]
-                exact[q] = one - _pairwise_sum(buf, a)
+                exact[q] = one - _pairwise_sum(buf, a, np.float32(0.0))
             else:
                 for u in range(a):
                     d = V[j, u] - Xa[r, u]
                     buf[u] = d * d
-                s = _pairwise_sum(buf, a)
+                s = _pairwise_sum(buf, a, np.float32(0.0))
                 if rest.shape[0]:
                     s = s + rest[r]
                 exact[q] = s
@@ -356,3 +357,100 @@ def _grow_kernel(
         rows, nxt = nxt, rows
         first, n_nodes = n_nodes, child
     return n_nodes
+
+
+@njit(cache=True, nogil=True)
+def _mid_rank(cal: np.ndarray, s: float) -> float:
+    """:meth:`detectors.calibration.ConformalThresholder.mid_rank_p_values` of ``s`` against the
+    sorted set ``cal`` before its tail: ``(1 + #{cal >= s}) / (n + 1) - 0.5 / (n + 1)``."""
+    n = cal.shape[0]
+    lo, hi = 0, n
+    while lo < hi:  # searchsorted, side left, in NumPy's order (nan last)
+        mid = (lo + hi) // 2
+        if _ahead(cal[mid], s):
+            lo = mid + 1
+        else:
+            hi = mid
+    return (1.0 + (n - lo)) / (n + 1.0) - 0.5 / (n + 1.0)
+
+
+@njit(cache=True, nogil=True)
+def _knn_forest_kernel(
+    D: np.ndarray, sqnorm: np.ndarray, V: np.ndarray, Xa: np.ndarray, rest: np.ndarray, c: int, k: int,
+    mean: bool, X: np.ndarray, feature: np.ndarray, threshold: np.ndarray, leaf_depth: np.ndarray,
+    depth: int, knn_cal: np.ndarray, forest_cal: np.ndarray,
+    out_dist: np.ndarray, out_slot: np.ndarray, paths: np.ndarray, comp: np.ndarray, least: np.ndarray,
+) -> bool:
+    """The l2 scan (:func:`_nearest_kernel`), the forest's paths (:func:`_forest_kernel`), and per
+    row what ``SourceMonitor`` makes of them: ``comp[r]`` its kNN score (mean or largest of the
+    ``k`` distances), forest score (minus the mean path) and stage 2; ``least[r]`` the p-value
+    :func:`detectors.monitor._tippett` takes ``-log`` of (the smaller mid-rank p-value of the
+    two, the kNN's alone at kNN score 0). True when some p-value falls where
+    ``mid_rank_p_values`` continues the tail (``least`` is then not to be used)."""
+    _nearest_kernel(D, sqnorm, V, Xa, rest, c, k, False, out_dist, out_slot)
+    _forest_kernel(X, feature, threshold, leaf_depth, depth, paths)
+    n = D.shape[0]
+    trees = paths.shape[1]
+    nk, nf = knn_cal.shape[0], forest_cal.shape[0]
+    floor_k, floor_f = 0.5 / (nk + 1.0), 0.5 / (nf + 1.0)
+    buf = np.empty(k, np.float64)
+    tail = False
+    for r in range(n):
+        if mean:
+            for q in range(k):
+                buf[q] = np.float64(out_dist[r, q])
+            ks = _pairwise_sum(buf, k, 0.0) / k
+        else:
+            ks = np.float64(out_dist[r, k - 1])
+        fs = -(_pairwise_sum(paths[r], trees, 0.0) / trees)
+        comp[r, 0] = ks
+        comp[r, 1] = fs
+        comp[r, 2] = 2.0
+        pk = _mid_rank(knn_cal, ks)
+        pf = _mid_rank(forest_cal, fs)
+        if (nk > 5 and pk <= floor_k) or (nf > 5 and pf <= floor_f):
+            tail = True
+        least[r] = pk if ks <= 0.0 else min(pk, pf)
+    return tail
+
+
+@njit(cache=True, nogil=True)
+def _own_p_kernel(ascending: np.ndarray, order: np.ndarray, out: np.ndarray) -> None:
+    """``out[order[i]] = #{scores >= ascending[i]} / n``: the count from where the run of
+    values equal to ``ascending[i]`` starts (``searchsorted`` side left, in NumPy's order),
+    found in one pass over the sorted scores instead of a binary search per score."""
+    n = ascending.shape[0]
+    start = 0
+    for i in range(n):
+        if i and _ahead(ascending[i - 1], ascending[i]):
+            start = i
+        out[order[i]] = (n - start) / n
+
+
+@njit(cache=True, nogil=True)
+def _distinct_kernel(B: np.ndarray, inverse: np.ndarray, first: np.ndarray) -> int:
+    """The distinct rows of ``B`` (rows as raw words: equal bytes, equal rows): ``first[:count]``
+    the row of each one's first occurrence, in order, and ``inverse[r]`` which of them row ``r``
+    is. Returns ``count``. Rows compared with the distinct ones so far, each comparison ending at
+    the first word that differs (a few words per pair for a block of 32 rows)."""
+    n, w = B.shape
+    count = 0
+    for r in range(n):
+        found = -1
+        for q in range(count):
+            f = first[q]
+            same = True
+            for u in range(w):
+                if B[r, u] != B[f, u]:
+                    same = False
+                    break
+            if same:
+                found = q
+                break
+        if found < 0:
+            first[count] = r
+            inverse[r] = count
+            count += 1
+        else:
+            inverse[r] = found
+    return count

@@ -340,6 +340,33 @@ class ReferenceIndex:
         recomputed distance is exact to float32 and the same however the
         queries were batched. A few spare candidates keep near ties right.
         """
+        D, sqnorm, V, Xa, rest, c = self.products(X, k)
+        if Xa.shape[1] <= kernels.MAX_WIDTH and kernels.loaded():
+            # The same answer in one compiled pass per row (detectors.kernels).
+            return kernels.nearest_from_products(D, sqnorm, V, Xa, rest, c, k, cosine=self.metric == "cosine")
+        if sqnorm is not None:
+            D += sqnorm[None, :]
+        rows, cols = _candidates(D, c)
+        cand = V[cols]  # (pairs, columns), a fresh gather: worked in place
+        if self.metric == "cosine":
+            dpart = 1.0 - np.multiply(cand, Xa[rows], out=cand).sum(axis=1)
+        else:
+            diff = np.subtract(cand, Xa[rows], out=cand)
+            dpart = np.multiply(diff, diff, out=diff).sum(axis=1)
+            if rest is not None:
+                dpart += rest[rows]
+        dist, slots = _nearest(rows, cols, dpart, len(X), k)
+        dist = np.maximum(dist, 0.0)
+        if self.metric == "l2":
+            dist = np.sqrt(dist)
+        return dist.astype(np.float32), slots.astype(np.int64)
+
+    def products(
+        self, X: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray, np.ndarray | None, int]:
+        """What the exact scan picks candidates from (rows of ``X`` as stored, ``1 <= k <= size``):
+        ``(D, sqnorm, V, Xa, rest, c)`` as :func:`detectors.kernels.nearest_from_products` takes
+        them (``sqnorm`` None for cosine)."""
         m = self.size
         # Over the columns some stored vector fills, when few: the rest of a
         # dot product is zero, and the rest of a squared distance is the
@@ -362,28 +389,7 @@ class ReferenceIndex:
         Q = Xa * (-1.0 if self.metric == "cosine" else -2.0)
         D = np.ascontiguousarray((V @ Q.T).T) if 4 * len(Q) <= Q.shape[1] else Q @ V.T
         c = min(m, k + _SPARE_CANDIDATES)
-        if Xa.shape[1] <= kernels.MAX_WIDTH and kernels.loaded():
-            # The same answer in one compiled pass per row (detectors.kernels).
-            return kernels.nearest_from_products(
-                D, self._sqnorm[:m] if self.metric == "l2" else None, V, Xa, rest, c, k,
-                cosine=self.metric == "cosine",
-            )
-        if self.metric == "l2":
-            D += self._sqnorm[:m][None, :]
-        rows, cols = _candidates(D, c)
-        cand = V[cols]  # (pairs, columns), a fresh gather: worked in place
-        if self.metric == "cosine":
-            dpart = 1.0 - np.multiply(cand, Xa[rows], out=cand).sum(axis=1)
-        else:
-            diff = np.subtract(cand, Xa[rows], out=cand)
-            dpart = np.multiply(diff, diff, out=diff).sum(axis=1)
-            if rest is not None:
-                dpart += rest[rows]
-        dist, slots = _nearest(rows, cols, dpart, len(X), k)
-        dist = np.maximum(dist, 0.0)
-        if self.metric == "l2":
-            dist = np.sqrt(dist)
-        return dist.astype(np.float32), slots.astype(np.int64)
+        return D, self._sqnorm[:m] if self.metric == "l2" else None, V, Xa, rest, c
 
     def ids_of(self, slots: np.ndarray) -> list[list[str]]:
         return self._ids[slots].tolist()

@@ -209,8 +209,10 @@ class Worker:
         self._input_consumer: Any = None  # the aiokafka input path's consumer, while it runs
         self._input_opening: asyncio.Future | None = None  # its start, begun as the faust app starts
         self._inflight: deque[tuple[asyncio.Future, dict]] = deque()  # its batches between fetch and commit
+        self._assigned: set[Any] = set()  # its partitions (aiokafka TopicPartition), as its rebalance listener saw
         self._merging = False  # this worker holds the shard-summaries partition and its merge state
         self._issue_lock = asyncio.Lock()  # output topics declared for the direct produce path
+        self._entered: asyncio.Future | None = None  # the last batch handed to handle(), once in the pipeline
         self.app: faust.App | None = None
         store = None
         if settings.state.dir is not None:
@@ -326,48 +328,53 @@ class Worker:
 
     # -- detection ----------------------------------------------------------------------
     async def handle(self, events: Sequence[Any]) -> None:
-        """Process one batch of faust events; never raises (see the module docstring)."""
-        await self.handle_messages([e.message for e in events])
+        """Process one batch; never raises (see the module docstring).
 
-    async def handle_messages(self, msgs: Sequence[Any], *, timestamps_ms: bool = False) -> None:
-        """Process one batch of messages; never raises (see the module docstring).
-
-        A message is read through ``key``, ``value``, ``topic``, ``partition``,
-        ``offset`` and ``timestamp``: faust's messages (timestamps in seconds)
-        and aiokafka's records as ``getmany`` returns them (``timestamps_ms``),
-        so the aiokafka input path wraps no record in an object of its own.
+        Batches enter the pipeline in the order ``handle`` was called (the
+        order they were fetched), even when an earlier one waits for a
+        partition's take-over and a later one has nothing to wait for: a
+        partition's events are scored in offset order, as one uninterrupted
+        pipeline would (the aiokafka input path keeps two batches in flight).
         """
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
-        tps = [(m.topic, m.partition) for m in msgs]
-        firsts: dict[TP, int] = {}
-        seen: set[TP] = set()
-        for tp, m in zip(tps, msgs):  # a batch holds few partitions: ask once per partition
-            if tp not in seen:
-                seen.add(tp)
-                if not self.durable.is_ready(tp):
-                    firsts[tp] = m.offset
-        for tp, first in firsts.items():
-            # One take-over per partition, even with several batches in flight.
-            task = self._taking.get(tp)
-            if task is None:
-                task = self._taking[tp] = asyncio.ensure_future(self._take_over(tp, first))
-            try:
-                await asyncio.shield(task)
-            finally:
-                if task.done():
-                    self._taking.pop(tp, None)
-        skip = self.durable.skip_below
-        if any(m.offset < skip[tp] for tp, m in zip(tps, msgs)):
-            keep = [i for i, (tp, m) in enumerate(zip(tps, msgs)) if m.offset >= skip[tp]]
-            msgs = [msgs[i] for i in keep]
-            tps = [tps[i] for i in keep]
-        if not msgs:
-            return  # already in the restored state, outputs produced before the snapshot
-        raws = [m.value if m.value is not None else b"" for m in msgs]
-        self.durable.begin()
+        earlier, entered = self._entered, loop.create_future()
+        self._entered = entered  # the next batch enters the pipeline after this one
         try:
-            result, outputs = await loop.run_in_executor(self._pipeline_executor(), self._process, raws, msgs)
+            msgs = [e.message for e in events]  # one attribute read per event, not one per use
+            tps = [(m.topic, m.partition) for m in msgs]
+            firsts: dict[TP, int] = {}
+            seen: set[TP] = set()
+            for tp, m in zip(tps, msgs):  # a batch holds few partitions: ask once per partition
+                if tp not in seen:
+                    seen.add(tp)
+                    if not self.durable.is_ready(tp):
+                        firsts[tp] = m.offset
+            for tp, task in self._begin_take_overs(firsts):
+                try:
+                    await asyncio.shield(task)
+                finally:
+                    if task.done():
+                        self._taking.pop(tp, None)
+            if earlier is not None:
+                await asyncio.shield(earlier)  # a cancelled batch must not cancel the one before
+            skip = self.durable.skip_below
+            if any(m.offset < skip[tp] for tp, m in zip(tps, msgs)):
+                keep = [i for i, (tp, m) in enumerate(zip(tps, msgs)) if m.offset >= skip[tp]]
+                events = [events[i] for i in keep]
+                msgs = [msgs[i] for i in keep]
+                tps = [tps[i] for i in keep]
+            if not events:
+                return  # already in the restored state, outputs produced before the snapshot
+            raws = [m.value if m.value is not None else b"" for m in msgs]
+            self.durable.begin()
+            # Submitted to the one pipeline thread (first in, first out) before the next batch may be.
+            processing = loop.run_in_executor(self._pipeline_executor(), self._process, raws, msgs)
+        finally:
+            if not entered.done():
+                entered.set_result(None)
+        try:
+            result, outputs = await processing
         except Exception as err:  # a bug, not bad data: keep the batch, keep the stream
             log.exception("pipeline failed on a batch of %d events; sent to the dead-letter topic", len(raws))
             await self._dead_letter_all(msgs, err)
@@ -385,17 +392,34 @@ class Worker:
         self.events += len(msgs)
         if self.metrics is not None:
             try:
-                times = [m.timestamp for m in msgs]
-                if timestamps_ms:
-                    times = [t / 1000.0 if t is not None else None for t in times]
                 self.metrics.observe_batch(
                     result, pipeline=self.pipeline, input_topic=tps[0][0],
-                    batch_seconds=time.perf_counter() - t0, event_times=times,
+                    batch_seconds=time.perf_counter() - t0,
+                    event_times=[m.timestamp for m in msgs],
                 )
             except Exception:  # metrics must never stop detection
                 log.exception("metrics failed")
         if self.on_batch is not None:
             self.on_batch(result)
+
+    def _begin_take_overs(self, firsts: dict[TP, int]) -> list[tuple[TP, asyncio.Future]]:
+        """The take-overs of a batch's new partitions, all begun before the batch waits on any.
+
+        One take-over per partition, even with several batches in flight, and
+        it starts at the partition's first event in flight. Batches begin in
+        fetch order, so registering them all here, before the first ``await``,
+        keeps a later batch of the same partition from beginning it at its own
+        first offset while an earlier batch still waits on another partition:
+        the events in between would then count as covered by a snapshot and be
+        acknowledged unscored (the aiokafka input path, two batches in flight).
+        """
+        tasks = []
+        for tp, first in firsts.items():
+            task = self._taking.get(tp)
+            if task is None:
+                task = self._taking[tp] = asyncio.ensure_future(self._take_over(tp, first))
+            tasks.append((tp, task))
+        return tasks
 
     async def _take_over(self, tp: TP, first_offset: int) -> None:
         """First events of a partition: load its snapshot, replay what the snapshot lacks."""
@@ -764,7 +788,10 @@ class Worker:
 
         class Rebalance(ConsumerRebalanceListener):
             async def on_partitions_revoked(self, revoked: Any) -> None:
-                # Finish and commit what is in flight, then save and drop the partitions' state.
+                # Records of these partitions fetched before now are not handed on any more
+                # (consume_batches); finish and commit what is in flight, then save and
+                # drop the partitions' state.
+                worker._assigned.difference_update(revoked)
                 while worker._inflight:
                     await worker._finish_oldest(consumer)
                 tps = [(tp.topic, tp.partition) for tp in revoked]
@@ -773,7 +800,7 @@ class Worker:
                 )
 
             async def on_partitions_assigned(self, assigned: Any) -> None:
-                pass
+                worker._assigned.update(assigned)
 
         consumer.subscribe(list(k.input_topics), listener=Rebalance())
         await consumer.start()
@@ -822,16 +849,21 @@ class Worker:
                     while inflight:
                         await self._finish_oldest(consumer)
                     await asyncio.get_running_loop().run_in_executor(self._pipeline_executor(), self.durable.snapshot)
-                records = [r for recs in batches.values() for r in recs]
+                # A rebalance may have run while this loop waited above: records of a
+                # partition revoked since the fetch are the new owner's to process (from
+                # the committed offset); begun here they would rebuild a stale copy of
+                # its state, and this worker could write that as its snapshot.
+                assigned = self._assigned
+                records = [InputRecord(r) for tp, recs in batches.items() if tp in assigned for r in recs]
                 if not records:
                     continue
-                offsets = {tp: recs[-1].offset + 1 for tp, recs in batches.items() if recs}
+                offsets = {tp: recs[-1].offset + 1 for tp, recs in batches.items() if recs and tp in assigned}
                 # The next batch is handed over while the previous one waits for
                 # its acks: the pipeline thread does not idle through the round
                 # trips. Batches run through the one pipeline thread in order,
                 # their outputs are issued in order (``_produce_direct``), and
                 # offsets are committed in order, each after its batch's acks.
-                inflight.append((asyncio.ensure_future(self.handle_messages(records, timestamps_ms=True)), offsets))
+                inflight.append((asyncio.ensure_future(self.handle(records)), offsets))
                 while len(inflight) >= MAX_BATCHES_IN_FLIGHT:
                     await self._finish_oldest(consumer)
         finally:
@@ -934,6 +966,29 @@ def _faust_dir(settings: Settings) -> str:
     import tempfile
 
     return tempfile.mkdtemp(prefix="nwatch-faust-")
+
+
+class InputRecord:
+    """An aiokafka record seen through the attributes ``handle`` reads of a faust event.
+
+    ``record.message`` is the record itself; ``timestamp`` is in seconds, as
+    faust's (aiokafka's is in milliseconds).
+    """
+
+    __slots__ = ("key", "value", "topic", "partition", "offset", "timestamp", "headers")
+
+    def __init__(self, record: Any) -> None:
+        self.key = record.key
+        self.value = record.value
+        self.topic = record.topic
+        self.partition = record.partition
+        self.offset = record.offset
+        self.timestamp = record.timestamp / 1000.0 if record.timestamp is not None else None
+        self.headers = record.headers
+
+    @property
+    def message(self) -> InputRecord:
+        return self
 
 
 def _text(value: str | bytes | None) -> str:

@@ -147,15 +147,16 @@ class KafkaSettings(_Frozen):
     # one ``topic.send`` per record. Both await every ack before the inputs are
     # acknowledged; `nwatch bench speed --kafka` measures the two.
     output_path: Literal["aiokafka", "faust"] = "aiokafka"
-    # How the detection input is read: "faust" is an agent over faust's stream
-    # (per-event faust bookkeeping on the event loop: what limits a worker to
-    # about a fifth of the in-process rate); "aiokafka" is a task of the faust
-    # app with its own aiokafka consumer in the same group id, reading batches
-    # with getmany and committing a batch's offsets after its outputs are
-    # acknowledged. The faust app (alerts agents, timers, lifecycle) stays.
-    # Switching between the two in a running group: the input offsets are the
-    # group's either way, but stop the old workers first.
-    input_path: Literal["faust", "aiokafka"] = "faust"
+    # How the detection input is read: "aiokafka" is a task of the faust app
+    # with its own aiokafka consumer in the same group id, reading batches with
+    # getmany (two in flight, entering the pipeline in fetch order) and
+    # committing a batch's offsets after its outputs are acknowledged; "faust"
+    # is an agent over faust's stream (per-event faust bookkeeping on the event
+    # loop: what limits a worker to about a fifth of the in-process rate). The
+    # faust app (alerts agents, timers, lifecycle) stays either way. Switching
+    # between the two in a running group: the input offsets are the group's
+    # either way, but stop the old workers first.
+    input_path: Literal["faust", "aiokafka"] = "aiokafka"
     # Events per batch of the "aiokafka" input path (``batch_size`` is the
     # faust path's). Its event loop pays a fixed cost per batch (fetch, one
     # produce request, one commit, metrics) and hands the GIL to the pipeline

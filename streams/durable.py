@@ -100,6 +100,13 @@ class DurableState:
             self.skip_below[tp] = first_offset
             self.positions[tp] = first_offset
             log.info("partition %s[%d]: no snapshot; starting afresh at offset %d", tp[0], tp[1], first_offset)
+            if self.store is not None:
+                # Where the sources started afresh, saved at once (no sources yet, so
+                # consistent whatever else is in flight): a worker killed before its
+                # first periodic snapshot leaves its successor a point to replay
+                # from to the committed offset, not a fresh start past events it
+                # has already scored.
+                self._write(tp)
             return None
         refused = self.pipeline.restore_sources(snapshot.sources)
         for why in refused:
@@ -198,24 +205,29 @@ class DurableState:
         for tp in list(self.skip_below if tps is None else tps):
             if tp not in self.positions or self.saved.get(tp) == self.positions[tp]:
                 continue  # nothing new since its last snapshot
-            names = sorted(self.sources_of.get(tp, ()))
-            try:
-                self.store.save(
-                    tp[0], tp[1], offset=self.positions[tp], sources=self.pipeline.source_states(names),
-                    anchor=self.anchors.get(tp),
-                )
-            except Exception:
-                log.exception("snapshot of %s[%d] failed", tp[0], tp[1])
-                if self.metrics is not None:
-                    self.metrics.observe_snapshot("failed")
-                continue
-            written += 1
-            self.saved[tp] = self.positions[tp]
-            if self.metrics is not None:
-                self.metrics.observe_snapshot("written")
-                self.metrics.observe_snapshot_time(tp[0], tp[1], time.time())
+            written += self._write(tp)
         self._last_snapshot = self.clock()
         return written
+
+    def _write(self, tp: TP) -> bool:
+        """The snapshot of one partition at its position; False (logged, counted) if it failed."""
+        assert self.store is not None
+        names = sorted(self.sources_of.get(tp, ()))
+        try:
+            self.store.save(
+                tp[0], tp[1], offset=self.positions[tp], sources=self.pipeline.source_states(names),
+                anchor=self.anchors.get(tp),
+            )
+        except Exception:
+            log.exception("snapshot of %s[%d] failed", tp[0], tp[1])
+            if self.metrics is not None:
+                self.metrics.observe_snapshot("failed")
+            return False
+        self.saved[tp] = self.positions[tp]
+        if self.metrics is not None:
+            self.metrics.observe_snapshot("written")
+            self.metrics.observe_snapshot_time(tp[0], tp[1], time.time())
+        return True
 
     def forget(self, tp: TP) -> None:
         """Drop a partition and its sources without saving (a take-over that failed half-way)."""

@@ -131,6 +131,29 @@ def test_a_batch_of_repeated_rows_answers_as_its_rows_one_by_one(backend, metric
         np.testing.assert_allclose(dist[rows], np.repeat(d1, len(rows), axis=0), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("distinct", [1, 5, 25, 32])
+def test_compiled_distinct_rows_are_the_dict_versions(distinct, rng, monkeypatch):
+    # detectors.kernels.distinct_rows against detectors.index.distinct_rows: the same rows in
+    # the same order, the same inverse, the same refusal past the share; -0.0 is not 0.0.
+    from detectors import kernels
+    from detectors.index import distinct_rows
+
+    monkeypatch.setattr(kernels, "enabled", True)  # compared whatever NWATCH_SCAN_KERNEL says
+    assert kernels.loaded()
+    base = np.zeros((distinct, 12), np.float32)
+    base[:, :5] = rng.normal(size=(2, 5))[np.arange(distinct) % 2]  # rows that differ in the last word alone
+    base[:, 11] = np.arange(distinct)
+    X = base[rng.integers(0, distinct, size=32)]
+    X[3] = -X[3] * 0.0  # -0.0 and 0.0: other bytes
+    for share in (0.8, 1.0):
+        got, want = kernels.distinct_rows(X, share), distinct_rows(X, share)
+        assert (got is None) == (want is None)
+        if want is not None:
+            assert np.array_equal(got[0], want[0]) and got[0].dtype == want[0].dtype
+            assert np.array_equal(got[1], want[1])
+    assert kernels.distinct_rows(X, 1.0) is not None
+
+
 def test_a_batch_of_distinct_rows_is_not_changed_by_the_repeat_path(rng):
     idx = ReferenceIndex(dim=8, capacity=300)
     _fill(idx, rng.normal(size=(300, 8)).astype(np.float32))

@@ -222,3 +222,56 @@ def test_state_round_trip_keeps_the_flagged_events_waiting_for_repeats():
     older = {k: v for k, v in a.get_state().items() if not k.startswith("flagged_")}
     c.set_state(older)  # a state saved before admit_repeats loads, with no flagged event kept
     assert c.get_state()["flagged_ids"] == []
+
+
+
+@pytest.mark.parametrize(("aggregate", "k", "trees", "against"),
+                         [("mean", 10, 50, "kernels"), ("max", 5, 9, "kernels"), ("mean", 13, 128, "kernels"),
+                          ("mean", 10, 50, "numpy"), ("max", 7, 20, "numpy")])
+def test_the_compiled_forest_step_scores_as_the_numpy_path_bit_for_bit(aggregate, k, trees, against, monkeypatch):
+    # SourceMonitor._score_compiled (detectors.kernels.knn_forest_step) against the same
+    # monitor without it ("kernels": the other kernels on) or the NumPy path everywhere
+    # (NWATCH_SCAN_KERNEL=0) on one stream: every block's scores, p-values, decisions,
+    # components, distances and neighbours equal, with rows past the calibration sets' tops
+    # (the NumPy tail), zero-inflated columns, and ("kernels") blocks of one repeated row,
+    # searched once. (Against NumPy the repeated rows are left out: with more exact copies
+    # in the reference than candidates, NumPy's scan and the compiled one name different
+    # copies at the same distance.)
+    from detectors import kernels
+
+    rng = np.random.default_rng(k)
+    X = np.zeros((3_000, 12), np.float32)
+    X[:, :7] = rng.standard_normal((3_000, 7)) * np.exp(rng.normal(size=7))
+    X[rng.random(X.shape) < 0.2] = 0.0
+    if against == "kernels":
+        X[1_500::3] = X[1_500]
+    X[2_000::97] += 40.0  # far out on both components
+    kwargs = dict(k=k, aggregate=aggregate, forest_trees=trees, min_reference=200, calibration_size=500,
+                  drift_block=50, seed=2)
+    monitors = {on: SourceMonitor(**kwargs) for on in (True, False)}
+    calls = []
+    step = kernels.knn_forest_step
+
+    def counted(*args, **kw):
+        out = step(*args, **kw)
+        calls.append(out[-1])
+        return out
+
+    monkeypatch.setattr(kernels, "knn_forest_step", counted)
+    for start in range(0, len(X), 32):
+        block = X[start : start + 32]
+        ids = [str(i) for i in range(start, start + len(block))]
+        got = {}
+        for on, m in monitors.items():
+            if against == "kernels":
+                monkeypatch.setattr(m, "_score_compiled", m._score_compiled if on else lambda X: None)
+            monkeypatch.setattr(kernels, "enabled", on or against == "kernels")
+            got[on] = m.process(block, ids)
+        a, b = got[True], got[False]
+        for name in ("scores", "p_values", "is_anomaly", "learned", "warming_up", "distances", "components"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert (x is None) == (y is None) and (x is None or (x.dtype == y.dtype and np.array_equal(x, y))), name
+        assert a.neighbour_ids == b.neighbour_ids
+        assert [x.detected_at for x in a.drift_alarms] == [x.detected_at for x in b.drift_alarms]
+    assert len(calls) > 60 and True in calls and False in calls  # both its paths were taken
+    assert monitors[True].anomalies == monitors[False].anomalies > 0

@@ -41,8 +41,8 @@ def _spread(lines: list[bytes], ways: int = 4) -> list[bytes]:
     return out
 
 
-@pytest.mark.parametrize("workers", [2, 3])
-def test_workers_share_partitions_and_take_over_a_killed_one(broker, tmp_path, workers):
+@pytest.mark.parametrize(("workers", "input_path"), [(2, "aiokafka"), (3, "aiokafka"), (2, "faust")])
+def test_workers_share_partitions_and_take_over_a_killed_one(broker, tmp_path, workers, input_path):
     bootstrap = broker.bootstrap_servers
     topics = _topics(bootstrap, partitions=6)
     lines = _spread(list(sample_lines(events=int(RATE * 40), seed=51 + workers, broken=0,
@@ -56,7 +56,7 @@ def test_workers_share_partitions_and_take_over_a_killed_one(broker, tmp_path, w
     try:
         for k, port in enumerate(ports):
             env = worker_env(bootstrap, topics, NWATCH_METRICS__PORT=str(port), NWATCH_STATE__DIR=state_dir,
-                             NWATCH_STATE__SNAPSHOT_INTERVAL="2")
+                             NWATCH_STATE__SNAPSHOT_INTERVAL="2", NWATCH_KAFKA__INPUT_PATH=input_path)
             env["NWATCH_KAFKA__GROUP_ID"] = f"g-{topics['events']}"  # one group
             proc, log = start_worker(env, tmp_path / f"worker-{k}.log")
             procs.append(proc)

@@ -100,3 +100,33 @@ def test_worker_scores_every_event_and_dead_letters_broken_ones(broker, tmp_path
         code = stop_process_group(worker, timeout=30)
         log.close()
     assert code in (0, -15)
+
+
+def test_a_worker_starting_on_a_backlog_of_several_partitions_scores_every_event(broker, tmp_path):
+    """The aiokafka input path keeps two batches in flight; at the start every partition is taken
+    over (snapshot looked up, nothing to restore). A partition's take-over must start at the first
+    event of it in flight, whichever batch asks first: a later batch of the same partition must not
+    set where it starts, or the events before are taken for a snapshot's and never scored."""
+    from tests.integration.test_chaos import _topics
+    from tests.integration.test_scale_out import _spread
+
+    bootstrap = broker.bootstrap_servers
+    topics = _topics(bootstrap, partitions=6)
+    lines = _spread(list(sample_lines(events=4000, seed=23, broken=0, kinds=["transaction", "vector"])))
+    produce_lines(bootstrap, topics["events"], lines)  # a backlog on every partition before the worker starts
+    ids = {orjson.loads(x)["id"] for x in lines}
+    # ~670 events a partition, 1,024 a batch: the first batch ends inside its second partition
+    env = worker_env(bootstrap, topics, NWATCH_METRICS__PORT=str(free_port()), NWATCH_KAFKA__INPUT_PATH="aiokafka",
+                     NWATCH_KAFKA__INPUT_BATCH_SIZE="1024")
+    worker, log = start_worker(env, tmp_path / "worker.log")
+    try:
+        deadline = time.monotonic() + 240
+        scored: set[str] = set()
+        while time.monotonic() < deadline and not scored >= ids:
+            assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
+            time.sleep(2)
+            scored = {orjson.loads(r.value)["id"] for r in read_topic(bootstrap, topics["scores"])}
+    finally:
+        stop_process_group(worker, timeout=30)
+        log.close()
+    assert not ids - scored, f"{len(ids - scored)} of {len(ids)} events never scored"

@@ -414,6 +414,27 @@ def test_learning_what_was_just_encoded_learns_what_learning_alone_learns():
     np.testing.assert_array_equal(cached.encode(probe), plain.encode(probe))
 
 
+def test_a_list_reused_after_encode_does_not_lend_its_old_rows_to_learn():
+    # The rows kept for learn() belong to the events encoded, not to the caller's list:
+    # a list refilled with other events between encode() and learn() learns the new ones.
+    rng = np.random.default_rng(4)
+    first = [tx({"a": float(rng.normal()), "b": float(rng.exponential())}, i=i) for i in range(30)]
+    cached, plain = small(), small()
+    cached.learn(first)
+    plain.learn(first)
+    again = [tx({"a": float(rng.normal()), "b": float(rng.exponential())}, i=100 + i) for i in range(30)]
+    cached.encode(again)  # one batch learnt whole: its own matrix
+    cached.learn(again)
+    plain.learn(again)
+    assert state_equal(cached.get_state(), plain.get_state())
+    events = [tx({"a": float(rng.normal()), "b": float(rng.exponential())}, i=30 + i) for i in range(30)]
+    cached.encode(events)
+    events[5] = tx({"a": 50.0, "b": 70.0}, i=99)  # same schema, another event in the same place
+    cached.learn(events)
+    plain.learn(events)
+    assert state_equal(cached.get_state(), plain.get_state())
+
+
 @pytest.mark.parametrize("numbers_only", [True, False])
 def test_one_schema_batch_scales_only_its_slots_and_equals_the_whole_matrix(numbers_only):
     # encode() scales just the slots of a one-schema batch; every other numeric

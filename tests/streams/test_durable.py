@@ -35,6 +35,8 @@ def _batch(d: DurableState, tp, offsets, source):
 def test_fresh_partition_then_snapshot_only_when_something_new(tmp_path):
     d = _durable(tmp_path)
     assert d.take_over(TP0, 100, None) is None and d.skip_below[TP0] == 100
+    fresh = d.store.load(*TP0)  # where it started afresh, saved at once: a successor replays from there
+    assert fresh.offset == 100 and fresh.sources == [] and fresh.anchor is None
     _batch(d, TP0, range(100, 140), "a")
     assert d.positions[TP0] == 140 and d.sources_of[TP0] == {"a"}
     assert d.pipeline.sources["a"].home == TP0
@@ -73,7 +75,7 @@ def test_release_saves_and_forgets_the_partition(tmp_path):
     d.release([TP1])
     assert "b" not in d.pipeline.sources and "a" in d.pipeline.sources
     assert not d.is_ready(TP1) and d.is_ready(TP0)
-    assert d.store.load(*TP1).offset == 10 and d.store.load(*TP0) is None
+    assert d.store.load(*TP1).offset == 10 and d.store.load(*TP0).offset == 0  # TP0: its fresh start's
 
 
 def test_snapshot_is_due_after_the_interval(tmp_path):
