@@ -6,7 +6,9 @@ pipeline on the same events first.
     python bench/kafka_probe.py worker bare          # worker, then a bare aiokafka loop
     python bench/kafka_probe.py spy:/tmp/profile.txt  # worker under py-spy record (py-spy in .venv)
 
-K4_EVENTS (default 30000) shuttle events; NWATCH_* settings pass through to the worker.
+K4_EVENTS (default 30000) shuttle events, K4_REPEAT times over with fresh ids (default 1: a longer
+measuring window at 2); K4_SPY_SECONDS (default 3) of py-spy, every thread, idle ones too; NWATCH_*
+settings pass through to the worker.
 """
 import asyncio, os, sys, time, subprocess, tempfile, json
 from pathlib import Path
@@ -52,7 +54,7 @@ async def sat(bootstrap, lines, broker_pid, bare=False, spy=None):
     c0 = (children_cpu(run.proc.pid), cpu(broker_pid), time.process_time(), len(seen), time.time())
     spyp = None
     if spy:
-        spyp = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "py-spy"), "record", "-p", str(run.proc.pid), "-d", "3", "-f", "raw", "-o", spy, "-r", "250"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        spyp = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "py-spy"), "record", "-p", str(run.proc.pid), "-d", os.environ.get("K4_SPY_SECONDS", "3"), "--threads", "--idle", "-f", "raw", "-o", spy, "-r", "250"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     await bk._read_until(consumer, len(lines), 300, seen, run.proc)
     th1 = threads_cpu(run.proc.pid)
     c1 = (children_cpu(run.proc.pid), cpu(broker_pid), time.process_time(), len(seen), time.time())
@@ -69,7 +71,7 @@ def main():
     from streams.broker import EmbeddedBroker
     events = int(os.environ.get("K4_EVENTS", "30000"))
     X, _ = load_tabular(Path("/work/shared/data"), "32_shuttle", limit=events)
-    lines = tabular_lines(X, kind="transaction", prefix="k")
+    lines = [l for r in range(int(os.environ.get("K4_REPEAT", "1"))) for l in tabular_lines(X, kind="transaction", prefix=f"k{r}-" if r else "k")]
     modes = sys.argv[1:] or ["worker"]
     from streams.bench_speed import run_pipeline, make_pipeline
     c0 = time.process_time(); n, secs, _ = run_pipeline(make_pipeline(), lines); c1 = time.process_time()

@@ -4,7 +4,8 @@ Data path, per batch (``stream.take_events`` with a time bound):
 
 1. the raw message values go to :meth:`Pipeline.process_raw` in one worker
    thread, off the event loop (hnswlib and a shared SentenceTransformer are not
-   safe to call concurrently, and the loop must keep the consumer heartbeating);
+   safe to call concurrently, and the loop must keep the consumer heartbeating),
+   and the same thread encodes the output records of the results;
 2. the results are produced: every score record to ``nwatch.scores``, anomalies
    to ``nwatch.anomalies``, drift records to ``nwatch.drift``, alerts to
    ``nwatch.alerts`` keyed by their fingerprint, and each rejected message,
@@ -368,29 +369,27 @@ class Worker:
             raws = [m.value if m.value is not None else b"" for m in msgs]
             self.durable.begin()
             # Submitted to the one pipeline thread (first in, first out) before the next batch may be.
-            processing = loop.run_in_executor(self._pipeline_executor(), self.pipeline.process_raw, raws)
+            processing = loop.run_in_executor(self._pipeline_executor(), self._process, raws, msgs)
         finally:
             if not entered.done():
                 entered.set_result(None)
         try:
-            result = await processing
+            result, outputs = await processing
         except Exception as err:  # a bug, not bad data: keep the batch, keep the stream
             log.exception("pipeline failed on a batch of %d events; sent to the dead-letter topic", len(raws))
-            await self._dead_letter_all(events, err)
+            await self._dead_letter_all(msgs, err)
             self.durable.abandon()
             return
-        try:
-            outputs = self._outputs(result, events)
-        except Exception as err:
-            log.exception("building the outputs of a batch failed; sent to the dead-letter topic")
-            await self._dead_letter_all(events, err)
+        if isinstance(outputs, Exception):
+            await self._dead_letter_all(msgs, outputs)
+            self.durable.abandon()
             return
         await self._send(outputs)
         self.durable.done(tps, [m.offset for m in msgs], result, raws)
         if self.durable.due() and not self.durable.in_flight:
             await loop.run_in_executor(self._pipeline_executor(), self.durable.snapshot)
         self.batches += 1
-        self.events += len(events)
+        self.events += len(msgs)
         if self.metrics is not None:
             try:
                 self.metrics.observe_batch(
@@ -534,8 +533,22 @@ class Worker:
             log.error("partition %s[%d]: replay stopped at %d of [%d, %d)", tp[0], tp[1], position, start, end)
         return done
 
-    def _outputs(self, result: BatchResult, events: Sequence[Any]) -> list[tuple[Any, bytes | None, bytes, list | None]]:
-        """Every record a batch produces, as ``(topic, key, value, headers)``."""
+    def _process(self, raws: list[bytes], msgs: Sequence[Any]) -> tuple[BatchResult, list | Exception]:
+        """Pipeline thread: a batch's results and the records they produce (or why those could not be built).
+
+        The records are built here, right after the results, not on the event
+        loop: the score records are still in the cache, and the loop, which
+        shares the GIL with this thread, is left the Kafka I/O alone.
+        """
+        result = self.pipeline.process_raw(raws)
+        try:
+            return result, self._outputs(result, msgs)
+        except Exception as err:
+            log.exception("building the outputs of a batch failed; sent to the dead-letter topic")
+            return result, err
+
+    def _outputs(self, result: BatchResult, msgs: Sequence[Any]) -> list[tuple[Any, bytes | None, bytes, list | None]]:
+        """Every record a batch of messages produces, as ``(topic, key, value, headers)``."""
         out: list[tuple[Any, bytes | None, bytes, list | None]] = []
         publish_scores = self.settings.kafka.publish_scores
         for _, rec in result.scores:
@@ -558,7 +571,7 @@ class Worker:
             out.append((self.alerts_topic, alert.fingerprint.encode(), _bytes(alert.to_json()), None))
         cap = self.settings.kafka.dlq_max_value_bytes
         for reject in result.rejects:
-            key, value, headers = dead_letter(events[reject.index].message, reject.reason, reject.message, cap)
+            key, value, headers = dead_letter(msgs[reject.index], reject.reason, reject.message, cap)
             out.append((self.dlq_topic, key, value, headers))
         return out
 
@@ -733,13 +746,13 @@ class Worker:
                 futures.append(await producer.send_batch(batch, name, partition=part))
         return futures
 
-    async def _dead_letter_all(self, events: Sequence[Any], err: Exception) -> None:
+    async def _dead_letter_all(self, msgs: Sequence[Any], err: Exception) -> None:
         if self.metrics is not None:
-            self.metrics.observe_rejected(INTERNAL_ERROR, topic=events[0].message.topic, n=len(events))
+            self.metrics.observe_rejected(INTERNAL_ERROR, topic=msgs[0].topic, n=len(msgs))
         outputs = []
         cap = self.settings.kafka.dlq_max_value_bytes
-        for e in events:
-            key, value, headers = dead_letter(e.message, INTERNAL_ERROR, f"{type(err).__name__}: {err}", cap)
+        for m in msgs:
+            key, value, headers = dead_letter(m, INTERNAL_ERROR, f"{type(err).__name__}: {err}", cap)
             outputs.append((self.dlq_topic, key, value, headers))
         await self._send(outputs)
 
