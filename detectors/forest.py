@@ -222,7 +222,7 @@ class IsolationForest:
         return (np.concatenate(features, axis=1).astype(np.intp),
                 np.concatenate(thresholds, axis=1), cat["leaf_depth"][at])
 
-    def _pack(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def packed(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every tree's complete form (:meth:`_complete`), stacked: ``(trees, 2**depth - 1)`` twice
         and ``(trees, 2**depth)``; after a regrow only the new trees' rows are rebuilt."""
         if self._packed is None:
@@ -242,7 +242,7 @@ class IsolationForest:
         n = len(X)
         if not self._forest or n == 0:
             return np.zeros(n, np.float64)
-        feature, threshold, leaf_depth = self._pack()
+        feature, threshold, leaf_depth = self.packed()
         if kernels.loaded():
             # np.mean's arithmetic (add.reduce, then a division) without its Python wrapper
             paths = kernels.forest_paths(X, feature, threshold, leaf_depth, self.depth)

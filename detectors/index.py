@@ -38,8 +38,8 @@ DEFAULT_EXACT_MAX = 16_384
 # Batches of at least this many rows are searched once per distinct row when
 # at most this share of their rows is distinct (np.unique costs ~0.1 ms per
 # 256 rows; below that share the saving pays for it).
-_DEDUP_MIN_ROWS = 8
-_DEDUP_MAX_SHARE = 0.8
+DEDUP_MIN_ROWS = 8
+DEDUP_MAX_SHARE = 0.8
 
 
 # Candidates beyond k whose distances are recomputed exactly (see ReferenceIndex._query_exact).
@@ -311,12 +311,12 @@ class ReferenceIndex:
         n = len(X)
         if k == 0 or n == 0:
             return np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64)
-        if n >= _DEDUP_MIN_ROWS:
+        if n >= DEDUP_MIN_ROWS:
             # Streams repeat themselves: a batch of log lines holds a few
             # templates, texts and records recur. Each distinct row is searched
             # once (a row's answer does not depend on the other rows), which
             # took BGL log batches from ~10 distinct of 256 rows to ~10 searches.
-            found = distinct_rows(X, _DEDUP_MAX_SHARE)
+            found = distinct_rows(X, DEDUP_MAX_SHARE)
             if found is not None:
                 rows, inverse = found
                 dist, slots = self._search(rows, k)

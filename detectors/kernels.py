@@ -241,6 +241,6 @@ def warm_up() -> None:
     forest.fit(V)  # grown and scored with the compiled kernels
     forest.score(V)
     knn_forest_step(np.zeros((1, 4), np.float32), np.zeros(4, np.float32), V, V[:1], None, 2, 1, mean=True,
-                    X=V[:1], packed=forest._pack(), depth=forest.depth, knn_cal=np.zeros(1), forest_cal=np.zeros(1))
+                    X=V[:1], packed=forest.packed(), depth=forest.depth, knn_cal=np.zeros(1), forest_cal=np.zeros(1))
     distinct_rows(V, 1.0)
     own_p_values(np.zeros(2), np.arange(2))

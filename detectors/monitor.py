@@ -34,7 +34,7 @@ from detectors import kernels
 from detectors.calibration import ConformalThresholder
 from detectors.drift import CentroidDriftMonitor, DriftAlarm
 from detectors.forest import IsolationForest
-from detectors.index import _DEDUP_MAX_SHARE, _DEDUP_MIN_ROWS, DEFAULT_EXACT_MAX, Metric
+from detectors.index import DEDUP_MAX_SHARE, DEDUP_MIN_ROWS, DEFAULT_EXACT_MAX, Metric
 from detectors.knn import KNNDetector
 from detectors.shrunk import ShrunkMahalanobis
 from models.base import State
@@ -298,8 +298,8 @@ class SourceMonitor:
             return None
         rows = index.as_stored(X)
         inverse = None
-        if len(rows) >= _DEDUP_MIN_ROWS:  # each distinct row once, as ReferenceIndex.query does
-            found = kernels.distinct_rows(rows, _DEDUP_MAX_SHARE)
+        if len(rows) >= DEDUP_MIN_ROWS:  # each distinct row once, as ReferenceIndex.query does
+            found = kernels.distinct_rows(rows, DEDUP_MAX_SHARE)
             if found is not None:
                 rows, inverse = found
         k = min(self.k, index.size)
@@ -308,7 +308,7 @@ class SourceMonitor:
             return None
         knn_cal, forest_cal = self._component_cal
         dist, slots, components, least, tail = kernels.knn_forest_step(
-            D, sqnorm, V, Xa, rest, c, k, mean=self.aggregate == "mean", X=rows, packed=forest._pack(),
+            D, sqnorm, V, Xa, rest, c, k, mean=self.aggregate == "mean", X=rows, packed=forest.packed(),
             depth=forest.depth, knn_cal=knn_cal._sorted_scores(), forest_cal=forest_cal._sorted_scores(),
         )
         if inverse is not None:

@@ -157,7 +157,7 @@ def test_compiled_scoring_gives_the_numpy_descents_scores_bit_for_bit(
     f.fit(R)
     f.regrow(R[::2], max(1, trees // 3))  # the packed arrays updated in place
     Q = np.concatenate([R[:40], rng.standard_normal((40, dim)).astype(np.float32) * 3])
-    feature, threshold, _ = f._pack()
+    feature, threshold, _ = f.packed()
     # rows that sit exactly on split points: x >= threshold goes right
     on = np.zeros((19, dim), np.float32)  # 99 rows: the kernel's four-row steps and its tail
     pick = rng.integers(0, feature.shape[1], size=19)
