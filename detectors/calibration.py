@@ -181,11 +181,11 @@ class ConformalThresholder:
         if self._sorted is None and kernels.already_loaded():
             self._sorted_scores()
         ascending, order = self._sorted, self._order
-        if ascending is not None and order is not None and kernels.already_loaded():
-            return kernels.own_p_values(ascending, order)
         if ascending is None or order is None:
             order = np.argsort(self._ring[:n], kind="stable")
             ascending = self._ring[:n][order]
+        if kernels.already_loaded():
+            return kernels.own_p_values(ascending, order)
         out = np.empty(n)
         out[order] = (n - ascending.searchsorted(ascending, side="left")) / n
         return out

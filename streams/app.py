@@ -376,12 +376,9 @@ class Worker:
         try:
             result, outputs = await processing
         except Exception as err:  # a bug, not bad data: keep the batch, keep the stream
-            log.exception("pipeline failed on a batch of %d events; sent to the dead-letter topic", len(raws))
+            log.exception("pipeline or its output records failed on a batch of %d events; "
+                          "sent to the dead-letter topic", len(raws))
             await self._dead_letter_all(msgs, err)
-            self.durable.abandon()
-            return
-        if isinstance(outputs, Exception):
-            await self._dead_letter_all(msgs, outputs)
             self.durable.abandon()
             return
         await self._send(outputs)
@@ -533,19 +530,16 @@ class Worker:
             log.error("partition %s[%d]: replay stopped at %d of [%d, %d)", tp[0], tp[1], position, start, end)
         return done
 
-    def _process(self, raws: list[bytes], msgs: Sequence[Any]) -> tuple[BatchResult, list | Exception]:
-        """Pipeline thread: a batch's results and the records they produce (or why those could not be built).
+    def _process(self, raws: list[bytes], msgs: Sequence[Any]) -> tuple[BatchResult, list]:
+        """Pipeline thread: a batch's results and the records they produce.
 
         The records are built here, right after the results, not on the event
         loop: the score records are still in the cache, and the loop, which
-        shares the GIL with this thread, is left the Kafka I/O alone.
+        shares the GIL with this thread, is left the Kafka I/O alone. A failure
+        of either reaches :meth:`handle` (the batch goes to the dead-letter topic).
         """
         result = self.pipeline.process_raw(raws)
-        try:
-            return result, self._outputs(result, msgs)
-        except Exception as err:
-            log.exception("building the outputs of a batch failed; sent to the dead-letter topic")
-            return result, err
+        return result, self._outputs(result, msgs)
 
     def _outputs(self, result: BatchResult, msgs: Sequence[Any]) -> list[tuple[Any, bytes | None, bytes, list | None]]:
         """Every record a batch of messages produces, as ``(topic, key, value, headers)``."""
@@ -853,11 +847,11 @@ class Worker:
                 # partition revoked since the fetch are the new owner's to process (from
                 # the committed offset); begun here they would rebuild a stale copy of
                 # its state, and this worker could write that as its snapshot.
-                assigned = self._assigned
-                records = [InputRecord(r) for tp, recs in batches.items() if tp in assigned for r in recs]
-                if not records:
+                batches = {tp: recs for tp, recs in batches.items() if recs and tp in self._assigned}
+                if not batches:
                     continue
-                offsets = {tp: recs[-1].offset + 1 for tp, recs in batches.items() if recs and tp in assigned}
+                records = [InputRecord(r) for recs in batches.values() for r in recs]
+                offsets = {tp: recs[-1].offset + 1 for tp, recs in batches.items()}
                 # The next batch is handed over while the previous one waits for
                 # its acks: the pipeline thread does not idle through the round
                 # trips. Batches run through the one pipeline thread in order,
