@@ -335,7 +335,12 @@ class Worker:
 
     # -- detection ----------------------------------------------------------------------
     async def handle(self, events: Sequence[Any]) -> None:
-        """Process one batch; never raises (see the module docstring).
+        """Process one batch of faust events; never raises (see the module docstring)."""
+        await self.handle_records([e.message for e in events])
+
+    async def handle_records(self, msgs: Sequence[Any], *, timestamp_ms: bool = False) -> None:
+        """Process one batch of messages (faust's, or aiokafka's records as they come, whose
+        ``timestamp`` is in milliseconds: ``timestamp_ms``); never raises.
 
         Batches enter the pipeline in the order ``handle`` was called (the
         order they were fetched), even when an earlier one waits for a
@@ -348,7 +353,6 @@ class Worker:
         earlier, entered = self._entered, loop.create_future()
         self._entered = entered  # the next batch enters the pipeline after this one
         try:
-            msgs = [e.message for e in events]  # one attribute read per event, not one per use
             tps = [(m.topic, m.partition) for m in msgs]
             firsts: dict[TP, int] = {}
             seen: set[TP] = set()
@@ -368,10 +372,9 @@ class Worker:
             skip = self.durable.skip_below
             if any(m.offset < skip[tp] for tp, m in zip(tps, msgs)):
                 keep = [i for i, (tp, m) in enumerate(zip(tps, msgs)) if m.offset >= skip[tp]]
-                events = [events[i] for i in keep]
                 msgs = [msgs[i] for i in keep]
                 tps = [tps[i] for i in keep]
-            if not events:
+            if not msgs:
                 return  # already in the restored state, outputs produced before the snapshot
             raws = [m.value if m.value is not None else b"" for m in msgs]
             self.durable.begin()
@@ -399,7 +402,8 @@ class Worker:
                 self.metrics.observe_batch(
                     result, pipeline=self.pipeline, input_topic=tps[0][0],
                     batch_seconds=time.perf_counter() - t0,
-                    event_times=[m.timestamp for m in msgs],
+                    event_times=[m.timestamp / 1000.0 if m.timestamp is not None else None for m in msgs]
+                    if timestamp_ms else [m.timestamp for m in msgs],
                 )
             except Exception:  # metrics must never stop detection
                 log.exception("metrics failed")
@@ -869,14 +873,14 @@ class Worker:
                 batches = {tp: recs for tp, recs in batches.items() if recs and tp in self._assigned}
                 if not batches:
                     continue
-                records = [InputRecord(r) for recs in batches.values() for r in recs]
+                records = [r for recs in batches.values() for r in recs]
                 offsets = {tp: recs[-1].offset + 1 for tp, recs in batches.items()}
                 # The next batch is handed over while the previous one waits for
                 # its acks: the pipeline thread does not idle through the round
                 # trips. Batches run through the one pipeline thread in order,
                 # their outputs are issued in order (``_produce_direct``), and
                 # offsets are committed in order, each after its batch's acks.
-                inflight.append((asyncio.ensure_future(self.handle(records)), offsets))
+                inflight.append((asyncio.ensure_future(self.handle_records(records, timestamp_ms=True)), offsets))
                 while len(inflight) >= MAX_BATCHES_IN_FLIGHT:
                     await self._finish_oldest(consumer)
         finally:
@@ -981,29 +985,6 @@ def _faust_dir(settings: Settings) -> str:
     import tempfile
 
     return tempfile.mkdtemp(prefix="nwatch-faust-")
-
-
-class InputRecord:
-    """An aiokafka record seen through the attributes ``handle`` reads of a faust event.
-
-    ``record.message`` is the record itself; ``timestamp`` is in seconds, as
-    faust's (aiokafka's is in milliseconds).
-    """
-
-    __slots__ = ("key", "value", "topic", "partition", "offset", "timestamp", "headers")
-
-    def __init__(self, record: Any) -> None:
-        self.key = record.key
-        self.value = record.value
-        self.topic = record.topic
-        self.partition = record.partition
-        self.offset = record.offset
-        self.timestamp = record.timestamp / 1000.0 if record.timestamp is not None else None
-        self.headers = record.headers
-
-    @property
-    def message(self) -> InputRecord:
-        return self
 
 
 def _text(value: str | bytes | None) -> str:
