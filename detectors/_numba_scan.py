@@ -454,3 +454,74 @@ def _distinct_kernel(B: np.ndarray, inverse: np.ndarray, first: np.ndarray) -> i
         else:
             inverse[r] = found
     return count
+
+
+@njit(cache=True, nogil=True)
+def _mid_rank_ecdf(null: np.ndarray, t: float) -> float:
+    """:func:`detectors.drift._normal_scores`'s argument of ``ndtri`` for one ``t``: the mid-rank
+    ECDF ``(lo + hi + 1) / (2 (B + 1))`` of ``t`` among the sorted (finite) null sample."""
+    n = null.shape[0]
+    lo, hi = 0, n
+    while lo < hi:  # searchsorted, side left
+        mid = (lo + hi) // 2
+        if null[mid] < t:
+            lo = mid + 1
+        else:
+            hi = mid
+    left = lo
+    hi = n
+    while lo < hi:  # side right, from the left one
+        mid = (lo + hi) // 2
+        if null[mid] <= t:
+            lo = mid + 1
+        else:
+            hi = mid
+    return (left + lo + 1.0) / (2.0 * (n + 1))
+
+
+@njit(cache=True, nogil=True)
+def _drift_blocks_kernel(
+    rows: np.ndarray, b: int, mu: np.ndarray, sigma: np.ndarray, null_t: np.ndarray,
+    z: np.ndarray, p: np.ndarray,
+) -> None:
+    """The first half of ``CentroidDriftMonitor._block_scores`` for ``nb`` complete blocks of
+    ``b`` float32 rows: ``z[i]`` the block's standardised mean (a float64 sum row after row,
+    as ``np.add.reduce`` over the block's axis) and ``p[i]`` the mid-rank ECDF of its
+    statistic ``T = b * mean(z**2)`` (NumPy's pairwise sum of the row) among ``null_t``."""
+    nb, d = z.shape
+    acc = np.empty(d, np.float64)
+    sq = np.empty(d, np.float64)
+    for i in range(nb):
+        acc[:] = 0.0
+        for r in range(i * b, (i + 1) * b):
+            row = rows[r]
+            for j in range(d):
+                acc[j] += np.float64(row[j])
+        zi = z[i]
+        for j in range(d):
+            v = (acc[j] / b - mu[j]) / sigma[j]
+            zi[j] = v
+            sq[j] = v * v
+        p[i] = _mid_rank_ecdf(null_t, b * (_pairwise_sum(sq, d, 0.0) / d))
+
+
+@njit(cache=True, nogil=True)
+def _drift_projected_kernel(y: np.ndarray, b: int, null_tp: np.ndarray, p: np.ndarray) -> None:
+    """``_block_scores``' second statistic ``b * mean(y**2)`` of each projected block mean, as
+    its mid-rank ECDF among ``null_tp``."""
+    nb, m = y.shape
+    sq = np.empty(m, np.float64)
+    for i in range(nb):
+        for j in range(m):
+            sq[j] = y[i, j] * y[i, j]
+        p[i] = _mid_rank_ecdf(null_tp, b * (_pairwise_sum(sq, m, 0.0) / m))
+
+
+@njit(cache=True, nogil=True)
+def _drift_larger_kernel(u: np.ndarray, up: np.ndarray, null_v: np.ndarray, p: np.ndarray) -> None:
+    """``_normal_scores(null_v, _larger(u, up))``'s ECDF argument: the larger normal score with
+    ``_larger``'s tie-breaks, as its mid-rank among ``null_v``."""
+    for i in range(u.shape[0]):
+        a, c = u[i], up[i]
+        v = max(a, c) + 1e-6 * min(a, c) + 1e-9 * (1.0 if a > c else 0.0)
+        p[i] = _mid_rank_ecdf(null_v, v)

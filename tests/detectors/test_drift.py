@@ -582,3 +582,41 @@ def test_settings_outside_the_table_are_simulated(monkeypatch) -> None:
         drift.calibrated_threshold(t, block_size=50, reference_size=1000, kurtosis=3.0,
                                    horizon_events=100_000, alpha=alpha, seed=0)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("d, components", [(1, 0), (3, 2), (7, 8), (8, 8), (36, 8), (96, 8), (128, 3), (20, 0)])
+def test_compiled_block_scores_equal_numpy_bit_for_bit(d: int, components: int, monkeypatch) -> None:
+    # the three compiled passes of _block_scores against its NumPy code, on monitors
+    # with and without the principal components, blocks near and far from the reference
+    from detectors import kernels
+
+    monkeypatch.setattr(kernels, "enabled", True)  # compared with NumPy whatever NWATCH_SCAN_KERNEL says
+    assert kernels.loaded()
+    rng = np.random.default_rng(d)
+    scale = rng.uniform(0.01, 300.0, d).astype(np.float32)
+    m = CentroidDriftMonitor(reference_size=200, block_size=25, components=components, bootstrap=300, seed=d)
+    m.update(_gaussian(200, d, d) * scale, _ids(200))
+    assert m.is_ready
+    for shift in (0.0, 0.3, 3.0, 1e4):
+        rows = (_gaussian(100, d, d + 1) * scale + np.float32(shift)).astype(np.float32)
+        rows[::7, : max(1, d // 3)] = 0.0  # repeated values, ties with the null
+        compiled = m._block_scores(rows)
+        monkeypatch.setattr(kernels, "enabled", False)
+        plain = m._block_scores(rows)
+        monkeypatch.setattr(kernels, "enabled", True)
+        assert compiled.shape == (4,) and np.all(np.isfinite(compiled))
+        assert compiled.tobytes() == plain.tobytes()
+
+
+def test_drift_alarms_are_the_same_with_and_without_the_kernels(monkeypatch) -> None:
+    from detectors import kernels
+
+    X = _shifted(6000, 12, 3, 3000, 0.4, 2)
+    runs = []
+    for on in (True, False):
+        monkeypatch.setattr(kernels, "enabled", on)
+        assert kernels.loaded() is on and kernels.already_loaded() is on
+        m = CentroidDriftMonitor(reference_size=500, block_size=50)
+        alarms = _feed(m, X, _ids(len(X)), 32)
+        runs.append(([a.to_dict() for a in alarms], m.statistic))
+    assert runs[0][0] and runs[0] == runs[1]
