@@ -525,3 +525,26 @@ def _drift_larger_kernel(u: np.ndarray, up: np.ndarray, null_v: np.ndarray, p: n
         a, c = u[i], up[i]
         v = max(a, c) + 1e-6 * min(a, c) + 1e-9 * (1.0 if a > c else 0.0)
         p[i] = _mid_rank_ecdf(null_v, v)
+
+
+@njit(cache=True, nogil=True)
+def _column_moments_kernel(rows: np.ndarray, mean: np.ndarray, sd: np.ndarray) -> None:
+    """``rows.astype(float64).mean(axis=0)`` and ``.std(axis=0)`` of float32 ``rows`` (at least two
+    columns), as NumPy computes them: sums row after row (NumPy's order along the outer axis of
+    a C-ordered matrix), the mean, then the squared deviations from it summed the same way."""
+    n, d = rows.shape
+    mean[:] = 0.0
+    for r in range(n):
+        row = rows[r]
+        for j in range(d):
+            mean[j] += np.float64(row[j])
+    for j in range(d):
+        mean[j] = mean[j] / n
+    sd[:] = 0.0
+    for r in range(n):
+        row = rows[r]
+        for j in range(d):
+            x = np.float64(row[j]) - mean[j]
+            sd[j] += x * x
+    for j in range(d):
+        sd[j] = np.sqrt(sd[j] / n)

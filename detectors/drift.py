@@ -594,9 +594,12 @@ class CentroidDriftMonitor:
                 self._ref_rows[: self._ref_count] = move(self._ref_rows[: self._ref_count])
         elif self._ref_kept:
             self._ref_rows[:] = move(self._ref_rows)
-            ref = self._ref_rows.astype(np.float64)
-            sd = ref.std(axis=0)
-            self._mu, self._sigma = ref.mean(axis=0), np.maximum(sd, sigma_floor(sd))
+            if self._ref_rows.shape[1] >= 2 and kernels.already_loaded():
+                mu, sd = kernels.column_moments(self._ref_rows)  # NumPy's values, one pass each
+            else:
+                ref = self._ref_rows.astype(np.float64)
+                mu, sd = ref.mean(axis=0), ref.std(axis=0)
+            self._mu, self._sigma = mu, np.maximum(sd, sigma_floor(sd))
         else:
             lo, mid, hi = move(np.stack([self._mu - self._sigma, self._mu, self._mu + self._sigma]))
             self._mu = np.asarray(mid, dtype=np.float64)

@@ -45,6 +45,7 @@ _forest: Callable[..., None] | None = None
 _replace: Callable[..., None] | None = None
 _grow: Callable[..., int] | None = None
 _knn_forest: Callable[..., bool] | None = None
+_moments: Callable[..., None] | None = None
 _own_p: Callable[..., None] | None = None
 _distinct: Callable[..., int] | None = None
 _drift: tuple[Callable[..., None], Callable[..., None], Callable[..., None]] | None = None
@@ -53,13 +54,14 @@ _tried = False
 
 def loaded() -> bool:
     """Whether the compiled scan is there to use (imports numba the first time)."""
-    global _kernel, _forest, _replace, _grow, _knn_forest, _own_p, _distinct, _drift, _tried
+    global _kernel, _forest, _replace, _grow, _knn_forest, _own_p, _distinct, _drift, _moments, _tried
     if not enabled:
         return False
     if not _tried:
         _tried = True
         try:
             from detectors._numba_scan import (
+                _column_moments_kernel,
                 _distinct_kernel,
                 _drift_blocks_kernel,
                 _drift_larger_kernel,
@@ -75,8 +77,10 @@ def loaded() -> bool:
             _nearest_kernel = _forest_kernel = _replaced_kernel = _grow_kernel = None
             _knn_forest_kernel = _own_p_kernel = _distinct_kernel = None
             _drift_blocks_kernel = _drift_projected_kernel = _drift_larger_kernel = None
+            _column_moments_kernel = None
         _kernel, _forest, _replace, _grow = _nearest_kernel, _forest_kernel, _replaced_kernel, _grow_kernel
         _knn_forest, _own_p, _distinct = _knn_forest_kernel, _own_p_kernel, _distinct_kernel
+        _moments = _column_moments_kernel
         if _drift_blocks_kernel is not None:
             _drift = (_drift_blocks_kernel, _drift_projected_kernel, _drift_larger_kernel)
     return _kernel is not None
@@ -261,6 +265,17 @@ def drift_block_scores(
     return ndtri(p)
 
 
+def column_moments(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(mean, std)`` over the rows of a float32 matrix of at least two columns, as
+    ``rows.astype(np.float64).mean(axis=0)`` and ``.std(axis=0)`` give them, bit for bit, in
+    one compiled pass each without the float64 copy and NumPy's temporaries (~180 -> ~40 us
+    for the drift monitor's 1,000 x 96 reference)."""
+    assert _moments is not None, "loaded() first"
+    mean, sd = np.empty(rows.shape[1]), np.empty(rows.shape[1])
+    _moments(np.ascontiguousarray(rows, np.float32), mean, sd)
+    return mean, sd
+
+
 def warm_up() -> None:
     """Compile (or load from the on-disk cache) the kernels now: an image build calls it, so no
     worker pays the compilation at its first batch."""
@@ -278,5 +293,6 @@ def warm_up() -> None:
                     X=V[:1], packed=forest.packed(), depth=forest.depth, knn_cal=np.zeros(1), forest_cal=np.zeros(1))
     distinct_rows(V, 1.0)
     own_p_values(np.zeros(2), np.arange(2))
+    column_moments(np.zeros((2, 2), np.float32))
     drift_block_scores(np.zeros((2, 2), np.float32), 1, np.zeros(2), np.ones(2), np.eye(2), np.zeros(3),
                        np.zeros(3), np.zeros(3))

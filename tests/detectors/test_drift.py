@@ -620,3 +620,35 @@ def test_drift_alarms_are_the_same_with_and_without_the_kernels(monkeypatch) -> 
         alarms = _feed(m, X, _ids(len(X)), 32)
         runs.append(([a.to_dict() for a in alarms], m.statistic))
     assert runs[0][0] and runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("d", [2, 3, 9, 96, 300])
+def test_compiled_column_moments_are_numpy_mean_and_std(d: int, monkeypatch) -> None:
+    # the rebase's centroid and spread of a kept reference: the compiled pass against NumPy
+    from detectors import kernels
+
+    monkeypatch.setattr(kernels, "enabled", True)
+    assert kernels.loaded()
+    rng = np.random.default_rng(d)
+    rows = (rng.standard_normal((1000, d)) * rng.uniform(1e-3, 1e4, d) + rng.uniform(-1e3, 1e3, d)).astype(np.float32)
+    rows[:, ::4] = 0.0
+    rows[::3, 1] = 7.0
+    mu, sd = kernels.column_moments(rows)
+    ref = rows.astype(np.float64)
+    assert mu.tobytes() == ref.mean(axis=0).tobytes() and sd.tobytes() == ref.std(axis=0).tobytes()
+
+
+def test_rebase_of_a_kept_reference_is_the_same_with_and_without_the_kernels(monkeypatch) -> None:
+    from detectors import kernels
+
+    X = _gaussian(1300, 6, 5) * np.float32(3.0)
+    out = []
+    for on in (True, False):
+        monkeypatch.setattr(kernels, "enabled", on)
+        assert kernels.loaded() is on
+        m = CentroidDriftMonitor(reference_size=1000, block_size=50)
+        m.update(X, _ids(len(X)))
+        assert m._ref_kept
+        m.rebase(lambda rows: (rows * np.float32(1.5) + np.float32(0.25)).astype(np.float32))
+        out.append((m._mu.tobytes(), m._sigma.tobytes(), m.update(X[:200] * 2, _ids(200, "f")), m.statistic))
+    assert out[0] == out[1]
