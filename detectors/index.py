@@ -375,7 +375,10 @@ class ReferenceIndex:
         rest = None
         if self._compact is not None:
             V, Xa = self._compact[:m], X[:, self._active]
-            if self.metric == "l2":
+            # Queries are nearly always zero where no stored vector is (a source's
+            # unfilled slots): then the rest is 0 and adding it changes no distance,
+            # which two counts tell cheaper than gathering those columns.
+            if self.metric == "l2" and np.count_nonzero(Xa) != np.count_nonzero(X):
                 rest = _squares_outside(X, self._active_mask)
         else:
             V, Xa = self._vecs[:m], X
