@@ -41,7 +41,7 @@ from detectors.shards import (
 )
 from detectors.records import DriftRecord, Neighbour, ScoreRecord
 
-from models.base import Encoder, Learner, Prefetcher, Rebasing, Seasonal, State, Stateful, encoder_tag
+from models.base import Encoder, Learner, NumberTaker, Prefetcher, Rebasing, Seasonal, State, Stateful, encoder_tag
 from models.errors import (
     DuplicateId,
     FutureTimestamp,
@@ -56,7 +56,8 @@ from models.events import (
     DEFAULT_LIMITS,
     Event,
     Limits,
-    decode_events,
+    NumberRows,
+    decode_batch,
     event_has_ts,
     event_id,
     event_kind,
@@ -205,12 +206,14 @@ class SourceState:
     is_learner: bool = field(init=False)
     is_prefetcher: bool = field(init=False)
     is_rebasing: bool = field(init=False)
+    takes_numbers: bool = field(init=False)  # encode_numbers: the decoder's NumberRows
     _drift_columns: slice | tuple[int, ...] | None = field(init=False)  # kept (slice) or dropped (tuple)
 
     def __post_init__(self) -> None:
         self.is_learner = isinstance(self.encoder, Learner)
         self.is_prefetcher = isinstance(self.encoder, Prefetcher)
         self.is_rebasing = isinstance(self.encoder, Rebasing)
+        self.takes_numbers = isinstance(self.encoder, NumberTaker)
         seasonal = tuple(self.encoder.seasonal_dims) if isinstance(self.encoder, Seasonal) else ()
         dim = self.encoder.dim
         if not seasonal:
@@ -451,19 +454,28 @@ class Pipeline:
 
     # -- processing -------------------------------------------------------------
     def decode(self, raws: Sequence[bytes | str]) -> tuple[list[tuple[int, Event]], list[Reject]]:
-        events, errors = decode_events(raws, arrival_ts=self.clock(), limits=self.limits)
-        return events, [Reject(i, err.reason, str(err)) for i, err in errors]
+        events, rejects, _ = self.decode_batch(raws)
+        return events, rejects
+
+    def decode_batch(
+        self, raws: Sequence[bytes | str]
+    ) -> tuple[list[tuple[int, Event]], list[Reject], NumberRows | None]:
+        """:meth:`decode`, and the batch's numbers when it is one of common transactions
+        (:func:`models.events.decode_batch`)."""
+        events, errors, numbers = decode_batch(raws, arrival_ts=self.clock(), limits=self.limits)
+        return events, [Reject(i, err.reason, str(err)) for i, err in errors], numbers
 
     def process_raw(self, raws: Sequence[bytes | str]) -> BatchResult:
-        events, rejects = self.decode(raws)
-        result = self.process(events)
+        events, rejects, numbers = self.decode_batch(raws)
+        result = self.process(events, numbers=numbers)
         result.rejects[:0] = rejects
         result.rejects.sort(key=lambda r: r.index)
         self.heap_trim.count(len(raws))
         return result
 
-    def process(self, events: Sequence[tuple[int, Event]]) -> BatchResult:
-        """Score and learn a batch of ``(position, event)`` pairs."""
+    def process(self, events: Sequence[tuple[int, Event]], *, numbers: NumberRows | None = None) -> BatchResult:
+        """Score and learn a batch of ``(position, event)`` pairs (``numbers``: the fields of the
+        batch's events by position, as :func:`models.events.decode_batch` read them)."""
         result = BatchResult()
         groups: dict[str, list[tuple[int, Event]]] = {}
         for i, e in events:
@@ -472,11 +484,13 @@ class Pipeline:
             if key != e.source:
                 result.state_keys[i] = key
         for group in groups.values():
-            self._process_source(group, result)
+            self._process_source(group, result, numbers)
         result.scores.sort(key=itemgetter(0))
         return result
 
-    def _process_source(self, group: list[tuple[int, Event]], result: BatchResult) -> None:
+    def _process_source(
+        self, group: list[tuple[int, Event]], result: BatchResult, numbers: NumberRows | None = None
+    ) -> None:
         accepted: list[tuple[int, Event]] = []
         state: SourceState | None = None
         try:
@@ -512,14 +526,25 @@ class Pipeline:
         while accepted:
             room = block - len(state.pending)
             segment, accepted = accepted[:room], accepted[room:]
-            self._score(state, segment, result)
+            self._score(state, segment, result, numbers)
             if len(state.pending) >= block:
                 self._learn(state, result)
         result.encode_seconds[state.name] = time.perf_counter() - t0
 
-    def _score(self, state: SourceState, items: list[tuple[int, Event]], result: BatchResult) -> None:
+    def _score(
+        self, state: SourceState, items: list[tuple[int, Event]], result: BatchResult,
+        numbers: NumberRows | None = None,
+    ) -> None:
         """Score events of the block in progress; they join the block, nothing learns yet."""
-        good, X = self._encode(state.encoder, items, result)
+        if numbers is not None and state.takes_numbers:
+            # the rows of these events (by batch position): a slice when they are consecutive
+            first, last = items[0][0], items[-1][0]
+            rows = (numbers.values[first : last + 1] if last - first == len(items) - 1
+                    else numbers.values[[i for i, _ in items]])
+            numbers = NumberRows(numbers.names, rows)
+        else:
+            numbers = None
+        good, X = self._encode(state.encoder, items, result, numbers)
         if len(good) < len(items):
             # An event the encoder refused may come again corrected, with its id.
             kept = {i for i, _ in good}
@@ -707,11 +732,14 @@ class Pipeline:
         return result
 
     def _encode(
-        self, encoder: Encoder, items: list[tuple[int, Event]], result: BatchResult
+        self, encoder: Encoder, items: list[tuple[int, Event]], result: BatchResult,
+        numbers: NumberRows | None = None,
     ) -> tuple[list[tuple[int, Event]], np.ndarray]:
-        """Encode a source's batch; an invalid event is rejected alone, the rest go on."""
+        """Encode a source's batch; an invalid event is rejected alone, the rest go on.
+        ``numbers``: the items' fields, a row each, for an encoder that takes them."""
         try:
-            X = encoder.encode([e for _, e in items])
+            events = [e for _, e in items]
+            X = encoder.encode(events) if numbers is None else encoder.encode_numbers(events, numbers)  # type: ignore[attr-defined]
             good = items
         except InvalidEvent:
             # Rare: find the culprits one by one rather than losing the batch.
