@@ -548,3 +548,31 @@ def _column_moments_kernel(rows: np.ndarray, mean: np.ndarray, sd: np.ndarray) -
             sd[j] += x * x
     for j in range(d):
         sd[j] = np.sqrt(sd[j] / n)
+
+
+@njit(cache=True, nogil=True)
+def _replaced_slots_kernel(
+    sorted_: np.ndarray, order: np.ndarray, slots: np.ndarray, coming: np.ndarray, window: int,
+    out: np.ndarray, out_order: np.ndarray,
+) -> None:
+    """:func:`_replaced_kernel` from the ring ``slots`` that ``coming`` (in slot order) takes: the
+    slots flagged and ``coming`` put in order (stable, nan last: ``argsort(kind="stable")``'s
+    order, by insertion: a block of scores is a few dozen) here, not by NumPy calls."""
+    nc = coming.shape[0]
+    drop = np.zeros(window, np.bool_)
+    for q in range(slots.shape[0]):
+        drop[slots[q]] = True
+    idx = np.empty(nc, np.int64)
+    for q in range(nc):
+        v = coming[q]
+        pos = q
+        while pos > 0 and _ahead(v, coming[idx[pos - 1]]):
+            idx[pos] = idx[pos - 1]
+            pos -= 1
+        idx[pos] = q
+    values = np.empty(nc, np.float64)
+    their_slots = np.empty(nc, np.int64)
+    for q in range(nc):
+        values[q] = coming[idx[q]]
+        their_slots[q] = slots[idx[q]]
+    _replaced_kernel(sorted_, order, drop, values, their_slots, out, out_order)

@@ -71,14 +71,14 @@ def loaded() -> bool:
                 _knn_forest_kernel,
                 _nearest_kernel,
                 _own_p_kernel,
-                _replaced_kernel,
+                _replaced_slots_kernel,
             )
         except ImportError:  # pragma: no cover - numba is a pinned dependency
-            _nearest_kernel = _forest_kernel = _replaced_kernel = _grow_kernel = None
+            _nearest_kernel = _forest_kernel = _replaced_slots_kernel = _grow_kernel = None
             _knn_forest_kernel = _own_p_kernel = _distinct_kernel = None
             _drift_blocks_kernel = _drift_projected_kernel = _drift_larger_kernel = None
             _column_moments_kernel = None
-        _kernel, _forest, _replace, _grow = _nearest_kernel, _forest_kernel, _replaced_kernel, _grow_kernel
+        _kernel, _forest, _replace, _grow = _nearest_kernel, _forest_kernel, _replaced_slots_kernel, _grow_kernel
         _knn_forest, _own_p, _distinct = _knn_forest_kernel, _own_p_kernel, _distinct_kernel
         _moments = _column_moments_kernel
         if _drift_blocks_kernel is not None:
@@ -101,14 +101,12 @@ def replaced(
     instead of :func:`detectors.calibration._replaced`'s sorts and searches, and the slots
     come with it (:meth:`~detectors.calibration.ConformalThresholder.own_p_values` needs no
     argsort then)."""
-    drop = np.zeros(window, np.bool_)
-    drop[slots] = True
-    by_value = coming.argsort(kind="stable")
     n = len(sorted_) - len(slots) + len(coming)
     out, out_order = np.empty(n), np.empty(n, np.int64)
     assert _replace is not None, "loaded() first"
-    _replace(np.ascontiguousarray(sorted_, np.float64), np.ascontiguousarray(order, np.int64), drop,
-             np.ascontiguousarray(coming[by_value], np.float64), np.ascontiguousarray(slots[by_value], np.int64),
+    # the slots flagged and the coming scores ordered in the kernel too: one call, not eight
+    _replace(np.ascontiguousarray(sorted_, np.float64), np.ascontiguousarray(order, np.int64),
+             np.ascontiguousarray(slots, np.int64), np.ascontiguousarray(coming, np.float64), window,
              out, out_order)
     return out, out_order
 
