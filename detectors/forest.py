@@ -233,7 +233,7 @@ class IsolationForest:
             features.append(cat["feature"][at])
             thresholds.append(threshold[at])
             at = np.stack([left[at], right[at]], axis=2).reshape(len(trees), -1)
-        return (np.concatenate(features, axis=1).astype(np.intp),
+        return (np.concatenate(features, axis=1).astype(np.int32),
                 np.concatenate(thresholds, axis=1), cat["leaf_depth"][at])
 
     def packed(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

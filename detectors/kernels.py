@@ -184,7 +184,7 @@ def forest_paths(
     """
     out = np.empty((len(X), feature.shape[0]), np.float64)
     assert _forest is not None, "loaded() first"
-    _forest(np.ascontiguousarray(X, np.float32), np.ascontiguousarray(feature, np.intp),
+    _forest(np.ascontiguousarray(X, np.float32), np.ascontiguousarray(feature, np.int32),
             np.ascontiguousarray(threshold, np.float32), np.ascontiguousarray(leaf_depth, np.float64),
             depth, out)
     return out
@@ -217,7 +217,7 @@ def knn_forest_step(
         np.ascontiguousarray(D, np.float32), np.ascontiguousarray(sqnorm, np.float32),
         np.ascontiguousarray(V, np.float32), np.ascontiguousarray(Xa, np.float32),
         np.zeros(0, np.float32) if rest is None else np.ascontiguousarray(rest, np.float32), c, k, mean,
-        np.ascontiguousarray(X, np.float32), np.ascontiguousarray(feature, np.intp),
+        np.ascontiguousarray(X, np.float32), np.ascontiguousarray(feature, np.int32),
         np.ascontiguousarray(threshold, np.float32), np.ascontiguousarray(leaf_depth, np.float64), depth,
         np.ascontiguousarray(knn_cal, np.float64), np.ascontiguousarray(forest_cal, np.float64),
         out_dist, out_slot, np.empty((n, feature.shape[0]), np.float64), comp, least,
