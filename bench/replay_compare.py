@@ -4,7 +4,8 @@ Each tree's pipeline runs in a child process (``PYTHONPATH=<tree>``) on the
 streams of ``nwatch bench speed`` (shuttle 30,000 events, satellite as
 transaction and as vector events, cardio; batches of 256, then a flush) and
 records, per event, the score, p-value, flags and neighbours (ids and
-distances), and the drift alarms. Prints, per stream, how many of each differ
+distances), the drift records whole and each source's drift statistic, threshold
+and centroid at the end. Prints, per stream, how many of each differ
 and the largest relative difference of scores and neighbour distances.
 
     python bench/replay_compare.py /work/main            # this tree against another
@@ -45,7 +46,13 @@ def dump(out: str) -> None:
             recs += [(rec.id, rec.score, rec.p_value, rec.is_anomaly, rec.warming_up,
                       tuple(n.id for n in rec.neighbours), tuple(n.distance for n in rec.neighbours))
                      for _, rec in r.scores]
-            drifts += [(d.detected_at, d.events_seen) for d in r.drifts]
+            # the whole record (statistic, explanation...) but its time: the events carry none, so
+            # it is the arrival time, the clock's
+            drifts += [repr({k: v for k, v in d.to_dict().items() if k != "ts"}) for d in r.drifts]
+        # and where each source's drift test stands at the end (its CUSUM, threshold and centroid)
+        drifts += [(s.name, s.monitor.drift_monitor.statistic, s.monitor.drift_monitor.threshold,
+                    s.monitor.drift_monitor._mu.tobytes()) for s in p.sources.values()
+                   if s.monitor.drift_monitor is not None]
         results[f"{name} ({kind})"] = (recs, drifts)
     with open(out, "wb") as f:
         pickle.dump(results, f)

@@ -454,3 +454,125 @@ def _distinct_kernel(B: np.ndarray, inverse: np.ndarray, first: np.ndarray) -> i
         else:
             inverse[r] = found
     return count
+
+
+@njit(cache=True, nogil=True)
+def _mid_rank_ecdf(null: np.ndarray, t: float) -> float:
+    """:func:`detectors.drift._normal_scores`'s argument of ``ndtri`` for one ``t``: the mid-rank
+    ECDF ``(lo + hi + 1) / (2 (B + 1))`` of ``t`` among the sorted (finite) null sample."""
+    n = null.shape[0]
+    lo, hi = 0, n
+    while lo < hi:  # searchsorted, side left
+        mid = (lo + hi) // 2
+        if null[mid] < t:
+            lo = mid + 1
+        else:
+            hi = mid
+    left = lo
+    hi = n
+    while lo < hi:  # side right, from the left one
+        mid = (lo + hi) // 2
+        if null[mid] <= t:
+            lo = mid + 1
+        else:
+            hi = mid
+    return (left + lo + 1.0) / (2.0 * (n + 1))
+
+
+@njit(cache=True, nogil=True)
+def _drift_blocks_kernel(
+    rows: np.ndarray, b: int, mu: np.ndarray, sigma: np.ndarray, null_t: np.ndarray,
+    z: np.ndarray, p: np.ndarray,
+) -> None:
+    """The first half of ``CentroidDriftMonitor._block_scores`` for ``nb`` complete blocks of
+    ``b`` float32 rows: ``z[i]`` the block's standardised mean (a float64 sum row after row,
+    as ``np.add.reduce`` over the block's axis) and ``p[i]`` the mid-rank ECDF of its
+    statistic ``T = b * mean(z**2)`` (NumPy's pairwise sum of the row) among ``null_t``."""
+    nb, d = z.shape
+    acc = np.empty(d, np.float64)
+    sq = np.empty(d, np.float64)
+    for i in range(nb):
+        acc[:] = 0.0
+        for r in range(i * b, (i + 1) * b):
+            row = rows[r]
+            for j in range(d):
+                acc[j] += np.float64(row[j])
+        zi = z[i]
+        for j in range(d):
+            v = (acc[j] / b - mu[j]) / sigma[j]
+            zi[j] = v
+            sq[j] = v * v
+        p[i] = _mid_rank_ecdf(null_t, b * (_pairwise_sum(sq, d, 0.0) / d))
+
+
+@njit(cache=True, nogil=True)
+def _drift_projected_kernel(y: np.ndarray, b: int, null_tp: np.ndarray, p: np.ndarray) -> None:
+    """``_block_scores``' second statistic ``b * mean(y**2)`` of each projected block mean, as
+    its mid-rank ECDF among ``null_tp``."""
+    nb, m = y.shape
+    sq = np.empty(m, np.float64)
+    for i in range(nb):
+        for j in range(m):
+            sq[j] = y[i, j] * y[i, j]
+        p[i] = _mid_rank_ecdf(null_tp, b * (_pairwise_sum(sq, m, 0.0) / m))
+
+
+@njit(cache=True, nogil=True)
+def _drift_larger_kernel(u: np.ndarray, up: np.ndarray, null_v: np.ndarray, p: np.ndarray) -> None:
+    """``_normal_scores(null_v, _larger(u, up))``'s ECDF argument: the larger normal score with
+    ``_larger``'s tie-breaks, as its mid-rank among ``null_v``."""
+    for i in range(u.shape[0]):
+        a, c = u[i], up[i]
+        v = max(a, c) + 1e-6 * min(a, c) + 1e-9 * (1.0 if a > c else 0.0)
+        p[i] = _mid_rank_ecdf(null_v, v)
+
+
+@njit(cache=True, nogil=True)
+def _column_moments_kernel(rows: np.ndarray, mean: np.ndarray, sd: np.ndarray) -> None:
+    """``rows.astype(float64).mean(axis=0)`` and ``.std(axis=0)`` of float32 ``rows`` (at least two
+    columns), as NumPy computes them: sums row after row (NumPy's order along the outer axis of
+    a C-ordered matrix), the mean, then the squared deviations from it summed the same way."""
+    n, d = rows.shape
+    mean[:] = 0.0
+    for r in range(n):
+        row = rows[r]
+        for j in range(d):
+            mean[j] += np.float64(row[j])
+    for j in range(d):
+        mean[j] = mean[j] / n
+    sd[:] = 0.0
+    for r in range(n):
+        row = rows[r]
+        for j in range(d):
+            x = np.float64(row[j]) - mean[j]
+            sd[j] += x * x
+    for j in range(d):
+        sd[j] = np.sqrt(sd[j] / n)
+
+
+@njit(cache=True, nogil=True)
+def _replaced_slots_kernel(
+    sorted_: np.ndarray, order: np.ndarray, slots: np.ndarray, coming: np.ndarray, window: int,
+    out: np.ndarray, out_order: np.ndarray,
+) -> None:
+    """:func:`_replaced_kernel` from the ring ``slots`` that ``coming`` (in slot order) takes: the
+    slots flagged and ``coming`` put in order (stable, nan last: ``argsort(kind="stable")``'s
+    order, by insertion: a block of scores is a few dozen) here, not by NumPy calls."""
+    nc = coming.shape[0]
+    drop = np.zeros(window, np.bool_)
+    for q in range(slots.shape[0]):
+        drop[slots[q]] = True
+    idx = np.empty(nc, np.int64)
+    for q in range(nc):
+        v = coming[q]
+        pos = q
+        while pos > 0 and _ahead(v, coming[idx[pos - 1]]):
+            idx[pos] = idx[pos - 1]
+            pos -= 1
+        idx[pos] = q
+    values = np.empty(nc, np.float64)
+    their_slots = np.empty(nc, np.int64)
+    for q in range(nc):
+        values[q] = coming[idx[q]]
+        their_slots[q] = slots[idx[q]]
+    _replaced_kernel(sorted_, order, drop, values, their_slots, out, out_order)

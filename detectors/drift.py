@@ -65,6 +65,7 @@ from typing import Any
 import numpy as np
 from scipy.special import ndtri
 
+from detectors import kernels
 from detectors._drift_thresholds import THRESHOLDS as _TABLED
 from detectors.index import distinct_rows
 from models.base import State
@@ -462,6 +463,9 @@ class CentroidDriftMonitor:
     def _block_scores(self, rows: np.ndarray) -> np.ndarray:
         """Normal scores u of consecutive complete blocks of ``rows``."""
         b = self.block_size
+        if rows.shape[1] <= kernels.MAX_WIDTH and kernels.already_loaded():
+            return kernels.drift_block_scores(rows, b, self._mu, self._sigma, self._basis,
+                                              self._null_t, self._null_tp, self._null_v)
         nb = len(rows) // b
         # add.reduce and a division: np.mean's own arithmetic, without its Python
         # wrapper (~3 us a call, three calls every block)
@@ -590,9 +594,12 @@ class CentroidDriftMonitor:
                 self._ref_rows[: self._ref_count] = move(self._ref_rows[: self._ref_count])
         elif self._ref_kept:
             self._ref_rows[:] = move(self._ref_rows)
-            ref = self._ref_rows.astype(np.float64)
-            sd = ref.std(axis=0)
-            self._mu, self._sigma = ref.mean(axis=0), np.maximum(sd, sigma_floor(sd))
+            if self._ref_rows.shape[1] >= 2 and kernels.already_loaded():
+                mu, sd = kernels.column_moments(self._ref_rows)  # NumPy's values, one pass each
+            else:
+                ref = self._ref_rows.astype(np.float64)
+                mu, sd = ref.mean(axis=0), ref.std(axis=0)
+            self._mu, self._sigma = mu, np.maximum(sd, sigma_floor(sd))
         else:
             lo, mid, hi = move(np.stack([self._mu - self._sigma, self._mu, self._mu + self._sigma]))
             self._mu = np.asarray(mid, dtype=np.float64)

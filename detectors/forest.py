@@ -76,19 +76,27 @@ class IsolationForest:
     def is_ready(self) -> bool:
         return len(self._forest) == self.trees
 
-    def fit(self, R: np.ndarray) -> None:
-        """Grow every tree afresh from subsamples of the rows of ``R``."""
-        self._forest = self._grow(np.asarray(R, dtype=np.float32), self.trees)
+    def fit(self, R: np.ndarray, *, columns: np.ndarray | None = None) -> None:
+        """Grow every tree afresh from subsamples of the rows of ``R``.
+
+        ``columns``: ``R`` (not empty) holds only these columns of the rows, every
+        other column of them being 0; the trees split on them by their place in a
+        full row. The same trees as from the full rows, without copying the zeros.
+        """
+        if columns is not None and not len(R):
+            raise ValueError("a forest grown on some columns needs rows")
+        self._forest = self._grow(np.asarray(R, dtype=np.float32), self.trees, columns)
         self._next = 0
         self._packed = None
 
-    def regrow(self, R: np.ndarray, count: int = 1) -> None:
-        """Replace the ``count`` oldest trees by trees grown on subsamples of ``R``."""
+    def regrow(self, R: np.ndarray, count: int = 1, *, columns: np.ndarray | None = None) -> None:
+        """Replace the ``count`` oldest trees by trees grown on subsamples of ``R`` (``columns``:
+        as :meth:`fit`)."""
         if not self.is_ready:
-            self.fit(R)
+            self.fit(R, columns=columns)
             return
         count = min(count, self.trees)
-        new = self._grow(np.asarray(R, dtype=np.float32), count)
+        new = self._grow(np.asarray(R, dtype=np.float32), count, columns)
         slots = [(self._next + i) % self.trees for i in range(count)]
         for i, tree in zip(slots, new):
             self._forest[i] = tree
@@ -97,7 +105,7 @@ class IsolationForest:
                 packed[slots] = rows
         self._next = (self._next + count) % self.trees
 
-    def _grow(self, R: np.ndarray, count: int) -> list[dict[str, np.ndarray]]:
+    def _grow(self, R: np.ndarray, count: int, within: np.ndarray | None = None) -> list[dict[str, np.ndarray]]:
         """``count`` trees, each on its own subsample, grown together a level at a time.
 
         Every node of a level, in every tree, is split in one pass (:meth:`_levels`,
@@ -112,10 +120,16 @@ class IsolationForest:
         # drawn: growing on the others alone draws the same trees, at a fraction
         # of the cost where most of the encoder's slots are unused (shuttle: 9
         # of 100). ``columns`` maps the features drawn back to R's.
-        columns = np.flatnonzero(R.max(axis=0) > R.min(axis=0)) if len(R) else np.arange(R.shape[1])
-        if not len(columns):
-            columns = np.arange(1)
-        S = np.concatenate([R[rng.choice(len(R), size=m, replace=False)][:, columns] for _ in range(count)])
+        varying = np.flatnonzero(R.max(axis=0) > R.min(axis=0)) if len(R) else np.arange(R.shape[1])
+        if within is None:
+            columns = take = varying if len(varying) else np.arange(1)
+        elif len(varying):
+            columns, take = np.asarray(within, np.intp)[varying], varying
+        else:  # nothing varies: the full rows' first column, as above (R's copy of it, or 0)
+            columns, take = np.arange(1), np.flatnonzero(np.asarray(within) == 0)
+        S = np.concatenate([R[rng.choice(len(R), size=m, replace=False)][:, take] for _ in range(count)])
+        if S.shape[1] < len(columns):
+            S = np.zeros((len(S), len(columns)), np.float32)
         c_of = _average_paths(m)
         if kernels.loaded():
             # The same levels in one compiled pass: the draws NumPy would make
@@ -219,7 +233,7 @@ class IsolationForest:
             features.append(cat["feature"][at])
             thresholds.append(threshold[at])
             at = np.stack([left[at], right[at]], axis=2).reshape(len(trees), -1)
-        return (np.concatenate(features, axis=1).astype(np.intp),
+        return (np.concatenate(features, axis=1).astype(np.int32),
                 np.concatenate(thresholds, axis=1), cat["leaf_depth"][at])
 
     def packed(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

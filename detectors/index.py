@@ -375,7 +375,10 @@ class ReferenceIndex:
         rest = None
         if self._compact is not None:
             V, Xa = self._compact[:m], X[:, self._active]
-            if self.metric == "l2":
+            # Queries are nearly always zero where no stored vector is (a source's
+            # unfilled slots): then the rest is 0 and adding it changes no distance,
+            # which two counts tell cheaper than gathering those columns.
+            if self.metric == "l2" and np.count_nonzero(Xa) != np.count_nonzero(X):
                 rest = _squares_outside(X, self._active_mask)
         else:
             V, Xa = self._vecs[:m], X
@@ -400,8 +403,17 @@ class ReferenceIndex:
             return np.zeros((0, self.dim), np.float32)
         slots = np.arange(self._added - self.size, self._added) % self.capacity
         if self.is_exact:
-            return self._vecs[slots].copy()
+            return self._vecs[slots]  # a gather: a copy already
         return np.asarray(self._hnsw.get_items(slots), dtype=np.float32)
+
+    def stored_columns(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """The stored vectors, oldest first, as :meth:`vectors`, but only the columns some stored
+        vector fills when the scan keeps them apart (the others are 0 in every one): ``(rows,
+        columns)``; ``columns`` None when ``rows`` are whole."""
+        if self._compact is None or self.size == 0:
+            return self.vectors(), None
+        slots = np.arange(self._added - self.size, self._added) % self.capacity
+        return self._compact[slots], self._active
 
     def ids(self) -> list[str]:
         """The stored vectors' ids, oldest first (the order of :meth:`vectors`)."""

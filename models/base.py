@@ -46,6 +46,15 @@ class Learner(Protocol):
 
 
 @runtime_checkable
+class NumberTaker(Protocol):
+    """``encode_numbers(events, numbers)``: what ``encode(events)`` returns, the events' numbers
+    taken from ``numbers`` (a :class:`models.events.NumberRows` with a row per event, read by
+    the decoder) instead of from each payload again."""
+
+    def encode_numbers(self, events: Sequence[Event], numbers: Any) -> np.ndarray: ...
+
+
+@runtime_checkable
 class Prefetcher(Protocol):
     """``prefetch(events)``: compute ahead what encoding these events will need.
 

@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache, partial
+from itertools import chain, repeat
 from collections.abc import Sequence
 from operator import itemgetter
 from typing import Any, NamedTuple
@@ -127,6 +128,28 @@ def decode_event(
     return _event(obj, arrival_ts, limits, True)
 
 
+class NumberRows(NamedTuple):
+    """The fields of transaction events as one matrix, read while they were decoded: every
+    event's ``fields`` has these ``names`` in this order and a float for each; row ``i`` of
+    ``values`` (float64, finite) holds the values of event ``i``."""
+
+    names: tuple[str, ...]
+    values: np.ndarray
+
+
+def decode_batch(
+    raws: Sequence[bytes | str], *, arrival_ts: float, limits: Limits = DEFAULT_LIMITS
+) -> tuple[list[tuple[int, Event]], list[tuple[int, InvalidEvent]], NumberRows | None]:
+    """:func:`decode_events`, and for a batch of common transaction events whose fields share
+    their names and order, those fields as :class:`NumberRows` (row ``i``: the message at
+    position ``i``; None for any other batch): an encoder can take its numbers from there
+    instead of walking every payload again."""
+    common = _common_transactions(raws, arrival_ts, limits)
+    if common is not None:
+        return common[0], [], common[1]
+    return (*_decode_each(raws, arrival_ts, limits), None)
+
+
 def decode_events(
     raws: Sequence[bytes | str], *, arrival_ts: float, limits: Limits = DEFAULT_LIMITS
 ) -> tuple[list[tuple[int, Event]], list[tuple[int, InvalidEvent]]]:
@@ -137,6 +160,16 @@ def decode_events(
     here; anything else goes through :func:`_event`'s checks in their order,
     which name what is wrong (~3.2 -> ~1.8 us per 9-field shuttle event).
     """
+    common = _common_transactions(raws, arrival_ts, limits)
+    if common is not None:
+        return common[0], []
+    return _decode_each(raws, arrival_ts, limits)
+
+
+def _decode_each(
+    raws: Sequence[bytes | str], arrival_ts: float, limits: Limits
+) -> tuple[list[tuple[int, Event]], list[tuple[int, InvalidEvent]]]:
+    """:func:`decode_events` message by message."""
     events: list[tuple[int, Event]] = []
     errors: list[tuple[int, InvalidEvent]] = []
     append, loads, new = events.append, orjson.loads, _new_event
@@ -167,6 +200,64 @@ def decode_events(
         except InvalidEvent as err:
             errors.append((i, err))
     return events, errors
+
+
+def _common_transactions(
+    raws: Sequence[bytes | str], arrival_ts: float, limits: Limits
+) -> tuple[list[tuple[int, Event]], NumberRows | None] | None:
+    """The events of a batch in which every message is the common transaction event with
+    the same keys (no ``ts``, no ``label``), else None: :func:`decode_events`'s per-event
+    loop then decodes it (and names any error).
+
+    The checks of that loop's fast path, each over the whole batch by ``map`` and
+    ``set`` rather than per event in Python (~1.3 -> ~0.5 us per 9-field shuttle
+    event besides orjson's parse); a batch that fails any of them is decoded again
+    by the loop, so its events and errors are the loop's.
+    """
+    if not raws or max(map(len, raws)) > limits.max_bytes:
+        return None
+    try:
+        objs = list(map(orjson.loads, raws))
+    except orjson.JSONDecodeError:
+        return None
+    if set(map(type, objs)) != _DICT_ONLY:
+        return None
+    keys = tuple(objs[0])
+    if not _COMMON_KEYS.issuperset(keys) or not _REQUIRED_KEYS.issubset(keys):
+        return None
+    # decoded keys are orjson's cached strings: the comparison is mostly by identity
+    if not all(map(keys.__eq__, map(tuple, objs))):
+        return None
+    if set(map(_get_kind, objs)) != _TRANSACTION_ONLY:
+        return None
+    max_id = limits.max_id_chars
+    ids = list(map(_get_id, objs))
+    if set(map(type, ids)) != _STR_ONLY or not 0 < min(map(len, ids)) <= max(map(len, ids)) <= max_id:
+        return None
+    if "source" in keys:
+        sources: Any = list(map(_get_source, objs))
+        if set(map(type, sources)) != _STR_ONLY or not 0 < min(map(len, sources)) <= max(map(len, sources)) <= max_id:
+            return None
+    elif len("transaction") <= max_id:  # the default source, the kind's name
+        sources = repeat("transaction")
+    else:
+        return None
+    fields = list(map(_get_fields, objs))
+    if set(map(type, fields)) != _DICT_ONLY or not 0 < min(map(len, fields)) <= max(map(len, fields)) <= limits.max_fields:
+        return None
+    values = list(chain.from_iterable(map(dict.values, fields)))
+    if set(map(type, values)) != _FLOATS:
+        return None
+    events = map(_new_event, zip(ids, repeat("transaction"), sources, repeat(arrival_ts), fields,
+                                 repeat(None), repeat(False)))
+    # The fields' numbers as a matrix, while they are in cache, when every event names the
+    # same fields in the same order (one schema: decoded names are orjson's cached strings,
+    # compared mostly by identity); orjson refuses NaN and infinities, so all are finite.
+    names = tuple(fields[0])
+    numbers = None
+    if all(map(names.__eq__, map(tuple, fields))):
+        numbers = NumberRows(names, np.array(values, np.float64).reshape(len(fields), len(names)))
+    return list(zip(range(len(objs)), events)), numbers
 
 
 def _raise_json_error(raw: str, err: Exception) -> None:
@@ -357,6 +448,12 @@ def _float_array(values: Any, name: str, max_len: int) -> np.ndarray:
 
 
 _FLOATS = {float}
+_DICT_ONLY, _STR_ONLY, _TRANSACTION_ONLY = {dict}, {str}, {"transaction"}
+# The keys of the common transaction event (:func:`_common_transactions`): without a
+# time or a label, which that path leaves to the per-event loop.
+_COMMON_KEYS = frozenset({"id", "source", "kind", "fields"})
+_REQUIRED_KEYS = frozenset({"id", "kind", "fields"})
+_get_kind, _get_id, _get_source, _get_fields = map(itemgetter, ("kind", "id", "source", "fields"))
 
 
 def _parse_transaction(obj: dict, limits: Limits, *, from_json: bool = False) -> dict[str, float | str]:
@@ -462,6 +559,8 @@ __all__ = [
     "Event",
     "InvalidEvent",
     "Limits",
+    "NumberRows",
+    "decode_batch",
     "decode_event",
     "decode_events",
     "event_from_dict",

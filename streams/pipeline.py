@@ -20,7 +20,7 @@ watermark.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import compress
@@ -40,9 +40,8 @@ from detectors.shards import (
     shard_of,
 )
 from detectors.records import DriftRecord, Neighbour, ScoreRecord
-from collections import OrderedDict
 
-from models.base import Encoder, Learner, Prefetcher, Rebasing, Seasonal, State, Stateful, encoder_tag
+from models.base import Encoder, Learner, NumberTaker, Prefetcher, Rebasing, Seasonal, State, Stateful, encoder_tag
 from models.errors import (
     DuplicateId,
     FutureTimestamp,
@@ -57,7 +56,8 @@ from models.events import (
     DEFAULT_LIMITS,
     Event,
     Limits,
-    decode_events,
+    NumberRows,
+    decode_batch,
     event_has_ts,
     event_id,
     event_kind,
@@ -81,6 +81,64 @@ NEIGHBOURS_FOR_NORMAL = 3
 # tuple's __new__ is Python code, and score records carry 3 to 10 per event.
 _neighbour = partial(tuple.__new__, Neighbour)
 _score_record = partial(tuple.__new__, ScoreRecord)
+
+
+class RecentIds:
+    """A source's recent event ids, oldest first: the dedup window.
+
+    A set for the membership test and a list for the order, so that a batch
+    of ids goes in, and the oldest go out, by a few calls over the batch
+    rather than an ``OrderedDict`` insertion or ``popitem`` per id (~2.5 % of
+    a tabular pipeline). Iterates, and saves, oldest first, as that dict did.
+    """
+
+    __slots__ = ("_ids", "_order", "_start")
+
+    def __init__(self, ids: Iterable[str] = ()) -> None:
+        self._order: list[str] = list(dict.fromkeys(ids))
+        self._ids: set[str] = set(self._order)
+        self._start = 0  # self._order[self._start:] are the ids held, oldest first
+
+    def __contains__(self, eid: object) -> bool:
+        return eid in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._order[self._start :])
+
+    def add(self, eid: str) -> None:
+        """Remember a new id (one not held)."""
+        self._ids.add(eid)
+        self._order.append(eid)
+
+    def add_new(self, ids: Sequence[str]) -> bool:
+        """Remember ``ids`` if they are distinct and none is held; else False, nothing changed."""
+        new = set(ids)
+        if len(new) != len(ids) or not self._ids.isdisjoint(new):
+            return False
+        self._ids |= new
+        self._order += ids
+        return True
+
+    def discard(self, eid: str) -> None:
+        """Forget one id (an event refused after it was admitted may come again, corrected)."""
+        if eid in self._ids:
+            self._ids.remove(eid)
+            del self._order[self._order.index(eid, self._start)]
+
+    def keep_last(self, window: int) -> None:
+        """Forget the oldest ids past ``window``."""
+        excess = len(self._ids) - window
+        if excess <= 0:
+            return
+        stop = self._start + excess
+        self._ids.difference_update(self._order[self._start : stop])
+        if stop > len(self._ids):  # the forgotten head outgrew what is held: drop it
+            del self._order[:stop]
+            stop = 0
+        self._start = stop
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +197,7 @@ class SourceState:
     tag: str
     conf: SourceSettings = field(default_factory=SourceSettings)
     pending: Pending = field(default_factory=Pending)
-    seen: OrderedDict[str, None] = field(default_factory=OrderedDict)  # recent ids, oldest first
+    seen: RecentIds = field(default_factory=RecentIds)  # recent ids, oldest first
     watermark: float | None = None  # newest event time seen (events with their own ts only)
     home: tuple[str, int] | None = None  # the input partition its events arrive on (set by the worker)
     summarizer: ShardSummarizer | None = None  # one shard of a sharded source (name ``source#k``)
@@ -148,12 +206,14 @@ class SourceState:
     is_learner: bool = field(init=False)
     is_prefetcher: bool = field(init=False)
     is_rebasing: bool = field(init=False)
+    takes_numbers: bool = field(init=False)  # encode_numbers: the decoder's NumberRows
     _drift_columns: slice | tuple[int, ...] | None = field(init=False)  # kept (slice) or dropped (tuple)
 
     def __post_init__(self) -> None:
         self.is_learner = isinstance(self.encoder, Learner)
         self.is_prefetcher = isinstance(self.encoder, Prefetcher)
         self.is_rebasing = isinstance(self.encoder, Rebasing)
+        self.takes_numbers = isinstance(self.encoder, NumberTaker)
         seasonal = tuple(self.encoder.seasonal_dims) if isinstance(self.encoder, Seasonal) else ()
         dim = self.encoder.dim
         if not seasonal:
@@ -199,8 +259,8 @@ class SourceState:
             if self.watermark is None or e.ts > self.watermark:
                 self.watermark = e.ts
         if window:
-            self.seen[e.id] = None
-            self._forget_oldest(window)
+            self.seen.add(e.id)
+            self.seen.keep_last(window)
 
     def admit_all(self, events: list[Event]) -> bool:
         """:meth:`admit` of every event at once, if none can be refused: events of this
@@ -211,19 +271,10 @@ class SourceState:
             return False
         window = self.conf.dedup_window
         if window:
-            new = dict.fromkeys(map(event_id, events))
-            seen = self.seen
-            if len(new) != len(events) or not seen.keys().isdisjoint(new):
+            if not self.seen.add_new(list(map(event_id, events))):
                 return False
-            seen.update(new)
-            self._forget_oldest(window)
+            self.seen.keep_last(window)
         return True
-
-    def _forget_oldest(self, window: int) -> None:
-        """Drop the oldest ids past the dedup window."""
-        pop = self.seen.popitem
-        for _ in range(len(self.seen) - window):
-            pop(last=False)
 
     def get_state(self) -> State:
         p = self.pending
@@ -281,7 +332,7 @@ class SourceState:
             components=([np.asarray(p["components"], np.float64).reshape(-1, 3)]
                         if len(p.get("components", ())) else []),
         )
-        self.seen = OrderedDict.fromkeys(state["seen"])
+        self.seen = RecentIds(state["seen"])
         self.watermark = None if state["watermark"] is None else float(state["watermark"])
         self.home = None if state["home"] is None else (str(state["home"][0]), int(state["home"][1]))
         if self.summarizer is not None:
@@ -403,19 +454,28 @@ class Pipeline:
 
     # -- processing -------------------------------------------------------------
     def decode(self, raws: Sequence[bytes | str]) -> tuple[list[tuple[int, Event]], list[Reject]]:
-        events, errors = decode_events(raws, arrival_ts=self.clock(), limits=self.limits)
-        return events, [Reject(i, err.reason, str(err)) for i, err in errors]
+        events, rejects, _ = self.decode_batch(raws)
+        return events, rejects
+
+    def decode_batch(
+        self, raws: Sequence[bytes | str]
+    ) -> tuple[list[tuple[int, Event]], list[Reject], NumberRows | None]:
+        """:meth:`decode`, and the batch's numbers when it is one of common transactions
+        (:func:`models.events.decode_batch`)."""
+        events, errors, numbers = decode_batch(raws, arrival_ts=self.clock(), limits=self.limits)
+        return events, [Reject(i, err.reason, str(err)) for i, err in errors], numbers
 
     def process_raw(self, raws: Sequence[bytes | str]) -> BatchResult:
-        events, rejects = self.decode(raws)
-        result = self.process(events)
+        events, rejects, numbers = self.decode_batch(raws)
+        result = self.process(events, numbers=numbers)
         result.rejects[:0] = rejects
         result.rejects.sort(key=lambda r: r.index)
         self.heap_trim.count(len(raws))
         return result
 
-    def process(self, events: Sequence[tuple[int, Event]]) -> BatchResult:
-        """Score and learn a batch of ``(position, event)`` pairs."""
+    def process(self, events: Sequence[tuple[int, Event]], *, numbers: NumberRows | None = None) -> BatchResult:
+        """Score and learn a batch of ``(position, event)`` pairs (``numbers``: the fields of the
+        batch's events by position, as :func:`models.events.decode_batch` read them)."""
         result = BatchResult()
         groups: dict[str, list[tuple[int, Event]]] = {}
         for i, e in events:
@@ -424,11 +484,13 @@ class Pipeline:
             if key != e.source:
                 result.state_keys[i] = key
         for group in groups.values():
-            self._process_source(group, result)
+            self._process_source(group, result, numbers)
         result.scores.sort(key=itemgetter(0))
         return result
 
-    def _process_source(self, group: list[tuple[int, Event]], result: BatchResult) -> None:
+    def _process_source(
+        self, group: list[tuple[int, Event]], result: BatchResult, numbers: NumberRows | None = None
+    ) -> None:
         accepted: list[tuple[int, Event]] = []
         state: SourceState | None = None
         try:
@@ -464,20 +526,31 @@ class Pipeline:
         while accepted:
             room = block - len(state.pending)
             segment, accepted = accepted[:room], accepted[room:]
-            self._score(state, segment, result)
+            self._score(state, segment, result, numbers)
             if len(state.pending) >= block:
                 self._learn(state, result)
         result.encode_seconds[state.name] = time.perf_counter() - t0
 
-    def _score(self, state: SourceState, items: list[tuple[int, Event]], result: BatchResult) -> None:
+    def _score(
+        self, state: SourceState, items: list[tuple[int, Event]], result: BatchResult,
+        numbers: NumberRows | None = None,
+    ) -> None:
         """Score events of the block in progress; they join the block, nothing learns yet."""
-        good, X = self._encode(state.encoder, items, result)
+        if numbers is not None and state.takes_numbers:
+            # the rows of these events (by batch position): a slice when they are consecutive
+            first, last = items[0][0], items[-1][0]
+            rows = (numbers.values[first : last + 1] if last - first == len(items) - 1
+                    else numbers.values[[i for i, _ in items]])
+            numbers = NumberRows(numbers.names, rows)
+        else:
+            numbers = None
+        good, X = self._encode(state.encoder, items, result, numbers)
         if len(good) < len(items):
             # An event the encoder refused may come again corrected, with its id.
             kept = {i for i, _ in good}
             for i, e in items:
                 if i not in kept:
-                    state.seen.pop(e.id, None)
+                    state.seen.discard(e.id)
         items = good
         if not items:
             return
@@ -659,11 +732,14 @@ class Pipeline:
         return result
 
     def _encode(
-        self, encoder: Encoder, items: list[tuple[int, Event]], result: BatchResult
+        self, encoder: Encoder, items: list[tuple[int, Event]], result: BatchResult,
+        numbers: NumberRows | None = None,
     ) -> tuple[list[tuple[int, Event]], np.ndarray]:
-        """Encode a source's batch; an invalid event is rejected alone, the rest go on."""
+        """Encode a source's batch; an invalid event is rejected alone, the rest go on.
+        ``numbers``: the items' fields, a row each, for an encoder that takes them."""
         try:
-            X = encoder.encode([e for _, e in items])
+            events = [e for _, e in items]
+            X = encoder.encode(events) if numbers is None else encoder.encode_numbers(events, numbers)  # type: ignore[attr-defined]
             good = items
         except InvalidEvent:
             # Rare: find the culprits one by one rather than losing the batch.

@@ -582,3 +582,73 @@ def test_settings_outside_the_table_are_simulated(monkeypatch) -> None:
         drift.calibrated_threshold(t, block_size=50, reference_size=1000, kurtosis=3.0,
                                    horizon_events=100_000, alpha=alpha, seed=0)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("d, components", [(1, 0), (3, 2), (7, 8), (8, 8), (36, 8), (96, 8), (128, 3), (20, 0)])
+def test_compiled_block_scores_equal_numpy_bit_for_bit(d: int, components: int, monkeypatch) -> None:
+    # the three compiled passes of _block_scores against its NumPy code, on monitors
+    # with and without the principal components, blocks near and far from the reference
+    from detectors import kernels
+
+    monkeypatch.setattr(kernels, "enabled", True)  # compared with NumPy whatever NWATCH_SCAN_KERNEL says
+    assert kernels.loaded()
+    rng = np.random.default_rng(d)
+    scale = rng.uniform(0.01, 300.0, d).astype(np.float32)
+    m = CentroidDriftMonitor(reference_size=200, block_size=25, components=components, bootstrap=300, seed=d)
+    m.update(_gaussian(200, d, d) * scale, _ids(200))
+    assert m.is_ready
+    for shift in (0.0, 0.3, 3.0, 1e4):
+        rows = (_gaussian(100, d, d + 1) * scale + np.float32(shift)).astype(np.float32)
+        rows[::7, : max(1, d // 3)] = 0.0  # repeated values, ties with the null
+        compiled = m._block_scores(rows)
+        monkeypatch.setattr(kernels, "enabled", False)
+        plain = m._block_scores(rows)
+        monkeypatch.setattr(kernels, "enabled", True)
+        assert compiled.shape == (4,) and np.all(np.isfinite(compiled))
+        assert compiled.tobytes() == plain.tobytes()
+
+
+def test_drift_alarms_are_the_same_with_and_without_the_kernels(monkeypatch) -> None:
+    from detectors import kernels
+
+    X = _shifted(6000, 12, 3, 3000, 0.4, 2)
+    runs = []
+    for on in (True, False):
+        monkeypatch.setattr(kernels, "enabled", on)
+        assert kernels.loaded() is on and kernels.already_loaded() is on
+        m = CentroidDriftMonitor(reference_size=500, block_size=50)
+        alarms = _feed(m, X, _ids(len(X)), 32)
+        runs.append(([a.to_dict() for a in alarms], m.statistic))
+    assert runs[0][0] and runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("d", [2, 3, 9, 96, 300])
+def test_compiled_column_moments_are_numpy_mean_and_std(d: int, monkeypatch) -> None:
+    # the rebase's centroid and spread of a kept reference: the compiled pass against NumPy
+    from detectors import kernels
+
+    monkeypatch.setattr(kernels, "enabled", True)
+    assert kernels.loaded()
+    rng = np.random.default_rng(d)
+    rows = (rng.standard_normal((1000, d)) * rng.uniform(1e-3, 1e4, d) + rng.uniform(-1e3, 1e3, d)).astype(np.float32)
+    rows[:, ::4] = 0.0
+    rows[::3, 1] = 7.0
+    mu, sd = kernels.column_moments(rows)
+    ref = rows.astype(np.float64)
+    assert mu.tobytes() == ref.mean(axis=0).tobytes() and sd.tobytes() == ref.std(axis=0).tobytes()
+
+
+def test_rebase_of_a_kept_reference_is_the_same_with_and_without_the_kernels(monkeypatch) -> None:
+    from detectors import kernels
+
+    X = _gaussian(1300, 6, 5) * np.float32(3.0)
+    out = []
+    for on in (True, False):
+        monkeypatch.setattr(kernels, "enabled", on)
+        assert kernels.loaded() is on
+        m = CentroidDriftMonitor(reference_size=1000, block_size=50)
+        m.update(X, _ids(len(X)))
+        assert m._ref_kept
+        m.rebase(lambda rows: (rows * np.float32(1.5) + np.float32(0.25)).astype(np.float32))
+        out.append((m._mu.tobytes(), m._sigma.tobytes(), m.update(X[:200] * 2, _ids(200, "f")), m.statistic))
+    assert out[0] == out[1]

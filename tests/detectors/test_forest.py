@@ -233,3 +233,26 @@ def test_events_past_a_components_calibration_set_are_ranked_not_tied_and_decisi
     assert d_far.scores.min() > d_in.scores.max()
     # however far out (here ~1e5 fitted scales), the score stays finite
     assert np.isfinite(mon.score(np.full((1, 4), 1e5, np.float32)).scores).all()
+
+
+@pytest.mark.parametrize("filled", [[0, 3, 7], [2, 5], [4], [0], []])
+def test_trees_grown_on_the_filled_columns_are_those_of_the_full_rows(filled, monkeypatch):
+    # fit / regrow with ``columns``: R holds only those columns of rows that are 0 elsewhere
+    from detectors import kernels
+
+    rng = np.random.default_rng(len(filled))
+    full = np.zeros((600, 10), np.float32)
+    full[:, filled] = rng.normal(size=(600, len(filled))).astype(np.float32)
+    if filled:
+        full[::5, filled[0]] = 1.0  # ties
+    X = rng.normal(size=(40, 10)).astype(np.float32)
+    for on in (True, False):
+        monkeypatch.setattr(kernels, "enabled", on)
+        a, b = IsolationForest(trees=12, sample_size=64, seed=3), IsolationForest(trees=12, sample_size=64, seed=3)
+        a.fit(full)
+        b.fit(full[:, filled], columns=np.asarray(filled, np.intp))
+        for _ in range(3):
+            a.regrow(full[::-1], 4)
+            b.regrow(full[::-1][:, filled], 4, columns=np.asarray(filled, np.intp))
+        assert all(np.array_equal(p, q) for p, q in zip(a.packed(), b.packed()))
+        assert a.score(X).tobytes() == b.score(X).tobytes()

@@ -101,7 +101,7 @@ def _expected(bootstrap: str, topics: dict[str, str], records: list | None = Non
     return expected
 
 
-def _chaos_run(broker, tmp_path, sig: int, kills: int, seed: int) -> dict:
+def _chaos_run(broker, tmp_path, sig: int, kills: int, seed: int, input_path: str = "aiokafka") -> dict:
     bootstrap = broker.bootstrap_servers
     topics = _topics(bootstrap)
     rng = random.Random(seed)
@@ -111,7 +111,7 @@ def _chaos_run(broker, tmp_path, sig: int, kills: int, seed: int) -> dict:
     # Event times end now: a long stream from the fixed sample start would run
     # into the future, and its tail would be refused as future_timestamp.
     lines = list(sample_lines(events=n_events, seed=seed, broken=0, kinds=KINDS, start=time.time() - 2.0 * n_events))
-    env = worker_env(bootstrap, topics, NWATCH_STATE__SNAPSHOT_INTERVAL="2")
+    env = worker_env(bootstrap, topics, NWATCH_STATE__SNAPSHOT_INTERVAL="2", NWATCH_KAFKA__INPUT_PATH=input_path)
     done, stop = threading.Event(), threading.Event()
     sent = [0]
     producer = threading.Thread(target=_produce, args=(bootstrap, topics["events"], lines, RATE, done, stop, sent),
@@ -193,9 +193,12 @@ def _check(stats: dict, sig: int) -> None:
     assert stats["restored"] >= stats["kills"], stats  # every restart restored snapshots
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
-def test_killed_worker_loses_nothing_and_restores_its_state(broker, tmp_path, sig):
-    _check(_chaos_run(broker, tmp_path, sig, kills=1, seed=21 + sig), sig)
+@pytest.mark.parametrize(("sig", "input_path"), [
+    (signal.SIGKILL, "aiokafka"), (signal.SIGTERM, "aiokafka"),
+    (signal.SIGKILL, "faust"),  # the other input path: one batch at a time, faust's consumer and commits
+], ids=["sigkill", "sigterm", "sigkill-faust-input"])
+def test_killed_worker_loses_nothing_and_restores_its_state(broker, tmp_path, sig, input_path):
+    _check(_chaos_run(broker, tmp_path, sig, kills=1, seed=21 + sig, input_path=input_path), sig)
 
 
 @pytest.mark.chaos

@@ -166,3 +166,52 @@ def test_decode_events_is_decode_event_per_message(raws):
     limits = Limits(max_id_chars=4, max_fields=3, max_bytes=150)
     events, errs = decode_events(raws, arrival_ts=5.0, limits=limits)
     assert (events, [(i, type(e), e.reason, str(e)) for i, e in errs]) == _one_by_one(raws, limits)
+
+
+# Batches of nearly common transaction events: the whole-batch checks of
+# decode_events (_common_transactions) take the batch or leave it to the per-event
+# loop; either way the events and errors are decode_event's, message by message.
+common_like = st.fixed_dictionaries(
+    {"id": st.sampled_from(["a", "bb", "abcd", "abcde", ""]) | st.integers(0, 3),
+     "kind": st.sampled_from(["transaction"] * 6 + ["log"]),
+     "fields": st.dictionaries(st.sampled_from(["x", "y", "z", "w"]),
+                               st.floats(-1e6, 1e6) | st.floats(-1e6, 1e6) | st.integers(-3, 3) | st.booleans()
+                               | st.just("s") | st.none(), max_size=4)},
+    optional={"source": st.sampled_from(["s", "src1", "sourc", ""]) | st.integers(0, 3),
+              "ts": st.just(7.0), "label": st.sampled_from([None, 0])},
+).map(lambda d: json.dumps(d).encode())
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(common_like, min_size=1, max_size=6), st.booleans())
+def test_whole_batch_decoding_is_decode_event_per_message(raws, str_input):
+    from models.events import _common_transactions
+
+    limits = Limits(max_id_chars=4, max_fields=3, max_bytes=150)
+    if str_input:
+        raws = [r.decode() for r in raws]
+    events, errs = decode_events(raws, arrival_ts=5.0, limits=limits)
+    assert (events, [(i, type(e), e.reason, str(e)) for i, e in errs]) == _one_by_one(raws, limits)
+    taken = _common_transactions(raws, 5.0, limits)
+    if taken is not None:
+        assert not errs and taken[0] == events
+        assert all(type(v) is float for _, e in events for v in e.payload.values())
+
+
+def test_a_batch_of_common_transactions_is_checked_whole():
+    from models.events import _common_transactions
+
+    raws = [json.dumps({"id": f"t{i}", "source": "cards", "kind": "transaction",
+                        "fields": {"amount": 1.5 * i, "hour": 3.0}}).encode() for i in range(40)]
+    events, _ = _common_transactions(raws, 5.0, Limits())
+    assert events == decode_events(raws, arrival_ts=5.0)[0]
+    assert [e.id for _, e in events] == [f"t{i}" for i in range(40)]
+    # one message out of line (an int field, a time, another key order, a bad line)
+    # leaves the batch to the per-event loop, which then decodes or names each message
+    for bad in (b'{"id":"x","kind":"transaction","fields":{"amount":1}}',
+                b'{"id":"x","kind":"transaction","fields":{"amount":1.0},"ts":3.0}',
+                b'{"kind":"transaction","id":"x","fields":{"amount":1.0}}',
+                b'{"id":"x","kind":"transaction","fields":{"amount":1.0}'):
+        assert _common_transactions(raws[:5] + [bad], 5.0, Limits()) is None
+        got, errs = decode_events(raws[:5] + [bad], arrival_ts=5.0)
+        assert (got, [(i, type(e), e.reason, str(e)) for i, e in errs]) == _one_by_one(raws[:5] + [bad], Limits())

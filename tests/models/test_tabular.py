@@ -452,3 +452,52 @@ def test_one_schema_batch_scales_only_its_slots_and_equals_the_whole_matrix(numb
     whole = c * np.arcsinh(enc._scaler.transform(raw) / c)
     assert np.array_equal(got[:, : enc.numeric_slots], whole)
     assert np.count_nonzero(got[:, : enc.numeric_slots].any(axis=0)) == 3
+
+
+def _lines(rows: list[dict], start: int = 0) -> list[bytes]:
+    return [json.dumps({"id": f"n{start + i}", "source": "s", "kind": "transaction", "fields": f}).encode()
+            for i, f in enumerate(rows)]
+
+
+def test_decoded_numbers_hold_the_fields_of_a_batch_of_one_schema():
+    from models.events import decode_batch
+
+    rows = [{"a": float(i), "b": -0.5 * i, "c": 1e300} for i in range(20)]
+    events, errors, numbers = decode_batch(_lines(rows), arrival_ts=1.0)
+    assert not errors and numbers is not None and numbers.names == ("a", "b", "c")
+    assert numbers.values.dtype == np.float64 and numbers.values.shape == (20, 3)
+    assert numbers.values.tolist() == [list(e.payload.values()) for _, e in events]
+    # another key order, a missing field, a string: no numbers (the events all the same)
+    for odd in ({"b": 1.0, "a": 2.0, "c": 3.0}, {"a": 1.0, "b": 2.0}, {"a": 1.0, "b": 2.0, "c": "x"}):
+        ev, err, num = decode_batch(_lines(rows[:3] + [odd]), arrival_ts=1.0)
+        assert num is None and not err and [e.payload for _, e in ev] == rows[:3] + [odd]
+
+
+@pytest.mark.parametrize("learn_first", [True, False])
+def test_encode_numbers_is_encode_bit_for_bit_and_learns_alike(learn_first):
+    # the decoder's NumberRows against the payloads, block after block, slices and picks of rows
+    from models.events import decode_batch
+
+    rng = np.random.default_rng(4)
+    a, b = TransactionEncoder(), TransactionEncoder()
+    names = ["amount", "hour", "n"]
+    for block in range(12):
+        vals = rng.standard_normal((40, 3)) * [100.0, 5.0, 1.0]
+        if block == 5:
+            vals[:, 0] = 1e8  # far out: squashed
+        rows = [dict(zip(names, map(float, r))) for r in vals]
+        events, _, numbers = decode_batch(_lines(rows, 40 * block), arrival_ts=1.0)
+        assert numbers is not None
+        events = [e for _, e in events]
+        if learn_first and block == 0:
+            a.learn(events)
+            b.learn(events)
+        pick = [0, 3, 4, 9, 17, 30] if block % 2 else slice(5, 37)
+        sub = events[pick] if isinstance(pick, slice) else [events[i] for i in pick]
+        numbers = numbers._replace(values=numbers.values[pick])
+        xa, xb = a.encode(sub), b.encode_numbers(sub, numbers)
+        assert xa.dtype == xb.dtype == np.float32 and xa.tobytes() == xb.tobytes()
+        a.learn(sub)
+        b.learn(sub)
+    assert a.get_state()["scaler_rows"].tobytes() == b.get_state()["scaler_rows"].tobytes()
+    assert a.encode(sub).tobytes() == b.encode(sub).tobytes()

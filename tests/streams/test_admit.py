@@ -60,3 +60,34 @@ def test_a_batch_repeating_an_id_is_left_to_the_per_event_path():
     assert state.admit_all([_event("a"), _event("b")])
     assert not state.admit_all([_event("b")])  # seen
     assert list(state.seen) == ["a", "b"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["add", "add_new", "discard", "keep"]),
+                          st.lists(st.sampled_from("abcdefghij"), max_size=5), st.integers(0, 6)), max_size=40))
+def test_recent_ids_hold_what_an_ordered_dict_holds(steps):
+    # the dedup window against the OrderedDict it replaced, operation by operation
+    from collections import OrderedDict
+
+    from streams.pipeline import RecentIds
+
+    fast, slow = RecentIds(), OrderedDict()
+    for op, ids, window in steps:
+        if op == "add" and ids and ids[0] not in slow:
+            fast.add(ids[0])
+            slow[ids[0]] = None
+        elif op == "add_new":
+            taken = fast.add_new(ids)
+            assert taken == (len(set(ids)) == len(ids) and slow.keys().isdisjoint(ids))
+            if taken:
+                slow.update(dict.fromkeys(ids))
+        elif op == "discard" and ids:
+            fast.discard(ids[0])
+            slow.pop(ids[0], None)
+        elif op == "keep":
+            fast.keep_last(window)
+            while len(slow) > window:
+                slow.popitem(last=False)
+        assert list(fast) == list(slow) and len(fast) == len(slow)
+        assert all((i in fast) == (i in slow) for i in "abcdefghij")
+    assert list(RecentIds(list(slow))) == list(slow)
