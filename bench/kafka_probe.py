@@ -6,7 +6,7 @@ pipeline on the same events first.
     python bench/kafka_probe.py worker bare          # worker, then a bare aiokafka loop
     python bench/kafka_probe.py spy:/tmp/profile.txt  # worker under py-spy record (py-spy in .venv)
 
-K4_OUTPUT (default process, as the worker) is the worker's kafka.output_path ("process": its producer process's CPU
+K4_OUTPUT (default aiokafka, as the worker) is the worker's kafka.output_path ("process": its producer process's CPU
 shows in the worker's CPU seconds, not among its threads). K4_EVENTS (default 30000) shuttle events, K4_REPEAT times over with fresh ids (default 1: a longer
 measuring window at 2); K4_SPY_SECONDS (default 3) of py-spy, every thread, idle ones too; NWATCH_*
 settings pass through to the worker.
@@ -43,7 +43,7 @@ def threads_runqueue(pid):
 
 async def sat(bootstrap, lines, broker_pid, bare=False, spy=None):
     log_dir = Path(tempfile.mkdtemp(prefix="k4-"))
-    run = bk._Run(bootstrap, ("bare", "bare") if bare else ("aiokafka", os.environ.get("K4_OUTPUT", "process")), log_dir)
+    run = bk._Run(bootstrap, ("bare", "bare") if bare else ("aiokafka", os.environ.get("K4_OUTPUT", "aiokafka")), log_dir)
     p = await bk._producer(bootstrap, linger_ms=20)
     futs = [await p.send(run.topics["events"], l, key=b"tab") for l in lines]
     await asyncio.gather(*futs); await p.stop()

@@ -70,20 +70,9 @@ INVALID_SUMMARY = "invalid_summary"
 # event's latency at moderate rates. `nwatch bench speed --kafka` measured
 # p50 1.6 s at a quarter of saturation with 1500 ms.
 FETCH_MAX_WAIT_MS = 50
-# The aiokafka input path keeps this many batches queued for the pipeline thread
-# besides the one it runs, and fetches the next as one leaves it (its results
-# built), while earlier ones wait for their acks: aiokafka fetches a partition's
-# next records only once those it holds are handed out, and the fetch (a round
-# trip, ~1 MB read by the broker and parsed on the loop) must end before the
-# pipeline thread runs out of work.
-PIPELINE_QUEUE = 2
-# At most this many batches are between fetch and acknowledgement.
-MAX_BATCHES_IN_FLIGHT = PIPELINE_QUEUE + 3
-# The aiokafka input path commits the offsets of acknowledged batches at most
-# this often (as faust's broker_commit_interval), and whenever partitions are
-# taken away or the worker stops: a commit is a round trip on the event loop,
-# which at one per batch held up the hand-over of the next batch.
-COMMIT_INTERVAL_SECONDS = 1.0
+# The aiokafka input path hands a batch to the pipeline while the one before
+# waits for its acks; at most this many batches are between fetch and commit.
+MAX_BATCHES_IN_FLIGHT = 2
 # aiokafka's producer sends one request per broker at a time, with one batch
 # per partition in it: at faust's 16 KiB a batch of 256 score records (~150 KiB,
 # one partition) went out in ~10 round trips one after the other, most of a
@@ -220,9 +209,7 @@ class Worker:
         self._taking: dict[TP, asyncio.Future] = {}  # partition take-overs under way
         self._input_consumer: Any = None  # the aiokafka input path's consumer, while it runs
         self._input_opening: asyncio.Future | None = None  # its start, begun as the faust app starts
-        self._inflight: deque[tuple[asyncio.Future, dict]] = deque()  # its batches between fetch and ack
-        self._uncommitted: dict[Any, int] = {}  # offsets of its acknowledged batches, not yet committed
-        self._committed_at = 0.0
+        self._inflight: deque[tuple[asyncio.Future, dict]] = deque()  # its batches between fetch and commit
         self._assigned: set[Any] = set()  # its partitions (aiokafka TopicPartition), as its rebalance listener saw
         self._merging = False  # this worker holds the shard-summaries partition and its merge state
         self._issue_lock = asyncio.Lock()  # output topics declared for the direct produce path
@@ -351,11 +338,9 @@ class Worker:
         """Process one batch of faust events; never raises (see the module docstring)."""
         await self.handle_records([e.message for e in events])
 
-    async def handle_records(self, msgs: Sequence[Any], *, timestamp_ms: bool = False,
-                             processed: asyncio.Future | None = None) -> None:
+    async def handle_records(self, msgs: Sequence[Any], *, timestamp_ms: bool = False) -> None:
         """Process one batch of messages (faust's, or aiokafka's records as they come, whose
-        ``timestamp`` is in milliseconds: ``timestamp_ms``); never raises. ``processed``, if
-        given, is resolved as the batch leaves the pipeline thread.
+        ``timestamp`` is in milliseconds: ``timestamp_ms``); never raises.
 
         Batches enter the pipeline in the order ``handle`` was called (the
         order they were fetched), even when an earlier one waits for a
@@ -401,15 +386,11 @@ class Worker:
         try:
             result, outputs = await processing
         except Exception as err:  # a bug, not bad data: keep the batch, keep the stream
-            if processed is not None:
-                processed.set_result(None)
             log.exception("pipeline or its output records failed on a batch of %d events; "
                           "sent to the dead-letter topic", len(raws))
             await self._dead_letter_all(msgs, err)
             self.durable.abandon()
             return
-        if processed is not None:
-            processed.set_result(None)
         await self._send(outputs)
         self.durable.done(tps, [m.offset for m in msgs], result, raws)
         if self.durable.due() and not self.durable.in_flight:
@@ -830,7 +811,6 @@ class Worker:
                 worker._assigned.difference_update(revoked)
                 while worker._inflight:
                     await worker._finish_oldest(consumer)
-                await worker._commit(consumer)
                 tps = [(tp.topic, tp.partition) for tp in revoked]
                 await asyncio.get_running_loop().run_in_executor(
                     worker._pipeline_executor(), worker.durable.release, tps
@@ -845,29 +825,18 @@ class Worker:
         return consumer
 
     async def _finish_oldest(self, consumer: Any) -> None:
-        """Wait for the oldest batch in flight (its outputs acknowledged), then take its offsets,
-        with those of the batches after it that are finished too, for the next commit; commit
-        them when ``COMMIT_INTERVAL_SECONDS`` have passed since the last."""
+        """Wait for the oldest batch in flight (its outputs acknowledged), then commit its offsets,
+        with those of the batches after it that are finished too: one commit for all of them."""
+        from aiokafka.errors import CommitFailedError, KafkaError
+
         task, offsets = self._inflight.popleft()
-        await task  # handle_records() never raises; its outputs are acknowledged when it returns
-        self._uncommitted.update(offsets)
+        await task  # handle() never raises; its outputs are acknowledged when it returns
         while self._inflight and self._inflight[0][0].done():
             # Finished in order behind the oldest (outputs acknowledged): a later
             # offset of a partition covers the earlier one.
             task, later = self._inflight.popleft()
             await task
-            self._uncommitted.update(later)
-        if time.monotonic() - self._committed_at >= COMMIT_INTERVAL_SECONDS:
-            await self._commit(consumer)
-
-    async def _commit(self, consumer: Any) -> None:
-        """Commit the offsets of every acknowledged batch (only those: at least once)."""
-        from aiokafka.errors import CommitFailedError, KafkaError
-
-        offsets, self._uncommitted = self._uncommitted, {}
-        self._committed_at = time.monotonic()
-        if not offsets:
-            return
+            offsets = offsets | later
         try:
             await consumer.commit(offsets)
         except (CommitFailedError, KafkaError) as err:
@@ -885,7 +854,6 @@ class Worker:
         consumer = await self.open_input()
         log.info("neighbourwatch worker consuming %s in batches", ", ".join(self.settings.kafka.input_topics))
         inflight = self._inflight
-        entered: deque[asyncio.Future] = deque()  # "processed" of the batches handed over, until out of the pipeline
         try:
             while True:
                 batches = await consumer.getmany(
@@ -907,36 +875,19 @@ class Worker:
                     continue
                 records = [r for recs in batches.values() for r in recs]
                 offsets = {tp: recs[-1].offset + 1 for tp, recs in batches.items()}
-                # The next batch is handed over as soon as this one has left the
-                # pipeline thread, while earlier ones wait for their acks: the
-                # pipeline thread does not idle through the round trips. Batches
-                # run through the one pipeline thread in order, their outputs are
-                # issued in order, and offsets are committed in order, each after
-                # its batch's acks.
-                processed = asyncio.get_running_loop().create_future()
-                inflight.append((asyncio.ensure_future(self._handle_fetched(records, processed)), offsets))
-                entered.append(processed)
-                while len(entered) > PIPELINE_QUEUE:
-                    await entered.popleft()  # out of the pipeline: the next fetch may begin
+                # The next batch is handed over while the previous one waits for
+                # its acks: the pipeline thread does not idle through the round
+                # trips. Batches run through the one pipeline thread in order,
+                # their outputs are issued in order (``_produce_direct``), and
+                # offsets are committed in order, each after its batch's acks.
+                inflight.append((asyncio.ensure_future(self.handle_records(records, timestamp_ms=True)), offsets))
                 while len(inflight) >= MAX_BATCHES_IN_FLIGHT:
                     await self._finish_oldest(consumer)
         finally:
             while inflight:
                 inflight.popleft()[0].cancel()  # not committed: processed again after a restart (at least once)
             self._input_consumer = None
-            try:
-                await self._commit(consumer)  # the batches acknowledged so far
-            finally:
-                await consumer.stop()
-
-    async def _handle_fetched(self, records: list[Any], processed: asyncio.Future) -> None:
-        """``handle_records`` of a fetched batch; ``processed`` resolves once the batch has left the
-        pipeline thread (or never entered it)."""
-        try:
-            await self.handle_records(records, timestamp_ms=True, processed=processed)
-        finally:
-            if not processed.done():
-                processed.set_result(None)
+            await consumer.stop()
 
     async def observe_lag(self) -> None:
         """``nwatch_consumer_lag``: high-water mark minus position, per assigned input partition.

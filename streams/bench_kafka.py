@@ -41,7 +41,7 @@ from streams.bench_speed import WARMUP, load_tabular, make_pipeline, run_pipelin
 # (input path, output path) of the worker: faust's per-event stream and
 # per-record topic.send; faust's stream with the batch hand-off of outputs;
 # aiokafka batches in and out, inside the faust app; aiokafka batches in,
-# produced by the worker's producer process (the default).
+# produced by the worker's producer process (kafka.output_path = "process").
 DESIGNS = (("faust", "faust"), ("faust", "aiokafka"), ("aiokafka", "aiokafka"), ("aiokafka", "process"))
 
 

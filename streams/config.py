@@ -142,16 +142,18 @@ class KafkaSettings(_Frozen):
     # input topic at the offset the headers name): a 2 MB poison message must
     # not become a record the DLQ topic refuses, which would stop the stream.
     dlq_max_value_bytes: int = Field(900_000, ge=1024)
-    # How a batch's outputs are produced: "process" hands them, one blob per
-    # batch, to a child process with its own aiokafka producer (same client
-    # settings, partitioner on the key and acks=all), so producing leaves the
-    # pipeline's GIL (streams/producer_process.py; a dead child stops the
-    # worker): the worker's pipeline thread and event loop spent ~39 instead of
-    # ~41-45 us of CPU per event (docs/speed.md); "aiokafka" hands them to
-    # faust's own aiokafka producer in one go; "faust" is one ``topic.send``
-    # per record. All await every ack before the inputs are acknowledged;
-    # `nwatch bench speed --kafka` measures them.
-    output_path: Literal["aiokafka", "faust", "process"] = "process"
+    # How a batch's outputs are produced: "aiokafka" hands them to faust's own
+    # aiokafka producer in one go (no per-record faust bookkeeping); "faust" is
+    # one ``topic.send`` per record; "process" hands them, one blob per batch,
+    # to a child process with its own aiokafka producer (same client settings,
+    # partitioner on the key, acks=all), so producing leaves the pipeline's GIL
+    # (streams/producer_process.py; a dead child stops the worker): the event
+    # loop's CPU per event falls by ~2-3 us, but the saturation rate did not
+    # rise measurably on the shared 2-core machine and p99 at half saturation
+    # rose (docs/speed.md, branch kafka10), so it is not the default. All
+    # await every ack before the inputs are acknowledged; `nwatch bench speed
+    # --kafka` measures them.
+    output_path: Literal["aiokafka", "faust", "process"] = "aiokafka"
     # How the detection input is read: "aiokafka" is a task of the faust app
     # with its own aiokafka consumer in the same group id, reading batches with
     # getmany (two in flight, entering the pipeline in fetch order) and
