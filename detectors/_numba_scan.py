@@ -70,6 +70,7 @@ def _nearest_kernel(
     folded = np.empty(groups + tail, np.float32)
     bar = np.empty(c, np.float32)
     cand = np.empty(m, np.int64)
+    picked = np.empty(groups, np.int64)
     best_v = np.empty(c, np.float32)
     best_j = np.empty(c, np.int64)
     exact = np.empty(m, np.float32)
@@ -108,18 +109,23 @@ def _nearest_kernel(
             bar[pos] = v
         t = bar[c - 1]
         # every entry <= t lies in a group whose minimum is <= t
-        count = 0
+        # (written without branches: whether an entry is <= t is new data at every
+        # step, and a mispredicted branch per taken candidate cost more than the
+        # store; each column is written and kept by advancing the count or not)
+        chosen = 0
         for j in range(groups):
-            if fold[j] <= t:
-                for i in range(g):
-                    col = i * groups + j
-                    if row[col] <= t:
-                        cand[count] = col
-                        count += 1
+            picked[chosen] = j
+            chosen += np.intp(fold[j] <= t)
+        count = 0
+        for q in range(chosen):
+            j = picked[q]
+            for i in range(g):
+                col = i * groups + j
+                cand[count] = col
+                count += np.intp(row[col] <= t)
         for j in range(groups * g, m):
-            if row[j] <= t:
-                cand[count] = j
-                count += 1
+            cand[count] = j
+            count += np.intp(row[j] <= t)
         if count > _MAX_CANDIDATE_FACTOR * c:
             # ties (a reference of repeated vectors): the c smallest by value, then slot
             kept = 0
