@@ -273,10 +273,16 @@ class ReferenceIndex:
                 # whose vectors were all evicted leave (a count per insert cost
                 # more than the scan saved).
                 self._set_active(np.any(self._vecs[: min(self._added + len(X), self.capacity)] != 0, axis=0))
+            elif self._compact is not None:
+                # no non-zero outside the stored columns when the counts agree (as_stored
+                # let no NaN through): two counts instead of gathering the other columns
+                Xa = X[:, self._active]
+                if np.count_nonzero(Xa) != np.count_nonzero(X):
+                    self._set_active(mask | np.any(X != 0, axis=0))
+                else:
+                    self._compact[slots] = Xa
             elif not mask.all() and (X[:, ~mask] != 0).any():
                 self._set_active(mask | np.any(X != 0, axis=0))
-            elif self._compact is not None:
-                self._compact[slots] = X[:, self._active]
         else:
             # The oldest slot is reused by updating its element in place: its
             # label (the slot number) stays, hnswlib re-links its neighbours.

@@ -159,15 +159,17 @@ def test_compiled_scoring_gives_the_numpy_descents_scores_bit_for_bit(
     Q = np.concatenate([R[:40], rng.standard_normal((40, dim)).astype(np.float32) * 3])
     feature, threshold, _ = f.packed()
     # rows that sit exactly on split points: x >= threshold goes right
-    on = np.zeros((19, dim), np.float32)  # 99 rows: the kernel's four-row steps and its tail
+    on = np.zeros((19, dim), np.float32)  # 99 rows: the kernel's eight-row steps and its tail
     pick = rng.integers(0, feature.shape[1], size=19)
     on[np.arange(19), feature[0, pick]] = np.where(np.isfinite(threshold[0, pick]), threshold[0, pick], 0.0)
     Q = np.concatenate([Q, on])
-    compiled = [f.score(Q), f.score(Q[:3])]
+    # 13 and 47 rows: eight-row steps, a four-row step and a tail; 3: the tail alone
+    compiled = [f.score(Q), f.score(Q[:3]), f.score(Q[:13]), f.score(Q[52:])]
     monkeypatch.setattr(kernels, "enabled", False)
     plain = f.score(Q)
     assert compiled[0].dtype == plain.dtype == np.float64
     assert np.array_equal(compiled[0], plain) and np.array_equal(compiled[1], plain[:3])
+    assert np.array_equal(compiled[2], plain[:13]) and np.array_equal(compiled[3], plain[52:])
     assert len(np.unique(plain)) > 1  # the rows do not all end in the same leaf
 
 

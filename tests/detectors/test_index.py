@@ -273,3 +273,32 @@ def test_compiled_scan_gives_the_numpy_scans_answers_bit_for_bit(metric, dim, fi
         monkeypatch.setattr(kernels, "enabled", True)
         assert compiled[0].dtype == plain[0].dtype and compiled[1].dtype == plain[1].dtype
         assert np.array_equal(compiled[0], plain[0]) and np.array_equal(compiled[1], plain[1])
+
+
+@pytest.mark.parametrize("distinct", [1, 5, 60])
+def test_compiled_scan_on_a_reference_of_repeats_keeps_the_lowest_tied_slots(distinct, rng, monkeypatch):
+    # Most of the row ties at the threshold: the candidates gathered (every column
+    # of the row when all tie) exceed the tie cut, which keeps the smallest by
+    # distance, then slot. The distances are NumPy's; among tied slots the NumPy
+    # path may name other slots of the same vector (as on main), so the slots are
+    # checked against that rule, on queries whose distances are exact in float32.
+    from detectors import kernels
+
+    monkeypatch.setattr(kernels, "enabled", True)
+    assert kernels.loaded()
+    dim, cap = 12, 2000
+    idx = ReferenceIndex(dim=dim, capacity=cap, metric="l2", backend="exact")
+    patterns = rng.integers(-3, 4, size=(distinct, dim)).astype(np.float32)
+    _fill(idx, patterns[rng.integers(0, distinct, size=cap + 70)])
+    exact_q = np.concatenate([patterns[:4], patterns[:4] + 0.5])
+    Q = np.concatenate([exact_q, rng.standard_normal((9, dim)).astype(np.float32)])
+    squared = ((exact_q[:, None, :].astype(np.float64) - idx._vecs[None]) ** 2).sum(axis=2)
+    for k in (1, 10):
+        d, s = idx._query_exact(idx.as_stored(Q), k)
+        monkeypatch.setattr(kernels, "enabled", False)
+        plain = idx._query_exact(idx.as_stored(Q), k)
+        monkeypatch.setattr(kernels, "enabled", True)
+        assert np.array_equal(d, plain[0])
+        for row, sq in zip(s, squared):
+            expected = np.lexsort((np.arange(cap), sq))[:k]  # by distance, then slot
+            assert row.tolist() == expected.tolist()
