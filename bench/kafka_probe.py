@@ -6,7 +6,8 @@ pipeline on the same events first.
     python bench/kafka_probe.py worker bare          # worker, then a bare aiokafka loop
     python bench/kafka_probe.py spy:/tmp/profile.txt  # worker under py-spy record (py-spy in .venv)
 
-K4_EVENTS (default 30000) shuttle events, K4_REPEAT times over with fresh ids (default 1: a longer
+K4_OUTPUT (default aiokafka, as the worker) is the worker's kafka.output_path ("process": its producer process's CPU
+shows in the worker's CPU seconds, not among its threads). K4_EVENTS (default 30000) shuttle events, K4_REPEAT times over with fresh ids (default 1: a longer
 measuring window at 2); K4_SPY_SECONDS (default 3) of py-spy, every thread, idle ones too; NWATCH_*
 settings pass through to the worker.
 """
@@ -29,19 +30,20 @@ def threads_cpu(pid):
             pass
     return out
 
-def children_cpu(pid):
-    # cpu of pid and its descendants
-    tot = 0.0
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout.split()
-    for c in out:
-        tot += children_cpu(int(c))
-    return tot + cpu(pid)
-
-
+def threads_runqueue(pid):
+    # seconds each thread spent runnable but waiting for a core (/proc schedstat, field 2)
+    out = {}
+    for t in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{t}/schedstat") as f:
+                out[t] = int(f.read().split()[1]) / 1e9
+        except Exception:
+            pass
+    return out
 
 async def sat(bootstrap, lines, broker_pid, bare=False, spy=None):
     log_dir = Path(tempfile.mkdtemp(prefix="k4-"))
-    run = bk._Run(bootstrap, ("bare", "bare") if bare else ("aiokafka", "aiokafka"), log_dir)
+    run = bk._Run(bootstrap, ("bare", "bare") if bare else ("aiokafka", os.environ.get("K4_OUTPUT", "aiokafka")), log_dir)
     p = await bk._producer(bootstrap, linger_ms=20)
     futs = [await p.send(run.topics["events"], l, key=b"tab") for l in lines]
     await asyncio.gather(*futs); await p.stop()
@@ -50,21 +52,22 @@ async def sat(bootstrap, lines, broker_pid, bare=False, spy=None):
     run.start()  # its own session: stopping it stops its group only
     # wait for first results, then measure cpu over the window
     await bk._read_until(consumer, WARMUP, 120, seen, run.proc)
-    th0 = threads_cpu(run.proc.pid)
-    c0 = (children_cpu(run.proc.pid), cpu(broker_pid), time.process_time(), len(seen), time.time())
+    th0, rq0 = threads_cpu(run.proc.pid), threads_runqueue(run.proc.pid)
+    c0 = (bk.tree_cpu_seconds(run.proc.pid), cpu(broker_pid), time.process_time(), len(seen), time.time())
     spyp = None
     if spy:
-        spyp = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "py-spy"), "record", "-p", str(run.proc.pid), "-d", os.environ.get("K4_SPY_SECONDS", "3"), "--threads", "--idle", "-f", "raw", "-o", spy, "-r", "250"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        spyp = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "py-spy"), "record", "-p", str(run.proc.pid), "-d", os.environ.get("K4_SPY_SECONDS", "3"), *os.environ.get("K4_SPY_FLAGS", "--threads --idle").split(), "-f", "raw", "-o", spy, "-r", "250"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     await bk._read_until(consumer, len(lines), 300, seen, run.proc)
-    th1 = threads_cpu(run.proc.pid)
-    c1 = (children_cpu(run.proc.pid), cpu(broker_pid), time.process_time(), len(seen), time.time())
+    th1, rq1 = threads_cpu(run.proc.pid), threads_runqueue(run.proc.pid)
+    c1 = (bk.tree_cpu_seconds(run.proc.pid), cpu(broker_pid), time.process_time(), len(seen), time.time())
     if spyp: spyp.wait()
     run.stop(); await consumer.stop()
     n = c1[3] - c0[3]
     stamps = [ts for _, ts in seen.values()]
     rate = bk.saturation_rate(stamps, skip=WARMUP)
     thr = sorted(((round((th1[t] - th0.get(t, 0)) / (c1[3]-c0[3]) * 1e6, 1), t) for t in th1), reverse=True)[:6]
-    return {"threads_us_per_event": thr, "log": str(run.log_path), "bare": bare, "rate": round(rate), "wall": round(c1[4]-c0[4], 2), "events": n,
+    rq = [round((rq1.get(t, 0) - rq0.get(t, 0)) / (c1[3]-c0[3]) * 1e6, 1) for _, t in thr]
+    return {"threads_us_per_event": thr, "runqueue_us_per_event": rq, "log": str(run.log_path), "bare": bare, "rate": round(rate), "wall": round(c1[4]-c0[4], 2), "events": n,
             "cpu_s_per_1000": {"worker": round((c1[0]-c0[0])/n*1000, 4), "broker": round((c1[1]-c0[1])/n*1000, 4), "bench": round((c1[2]-c0[2])/n*1000, 4)}}
 
 def main():

@@ -53,6 +53,7 @@ from streams.alerts import Alert
 from streams.config import KafkaSettings, Settings
 from streams.durable import TP, DurableState
 from streams.pipeline import BatchResult, Pipeline
+from streams.producer_process import ProducerDied, ProducerProcess, produce_batch
 from streams.snapshots import SnapshotStore
 
 log = logging.getLogger("neighbourwatch.worker")
@@ -212,6 +213,7 @@ class Worker:
         self._assigned: set[Any] = set()  # its partitions (aiokafka TopicPartition), as its rebalance listener saw
         self._merging = False  # this worker holds the shard-summaries partition and its merge state
         self._issue_lock = asyncio.Lock()  # output topics declared for the direct produce path
+        self._producer_process: ProducerProcess | None = None  # the "process" output path's child
         self._entered: asyncio.Future | None = None  # the last batch handed to handle(), once in the pipeline
         self.app: faust.App | None = None
         store = None
@@ -267,6 +269,10 @@ class Worker:
         self.dlq_topic = app.topic(k.dlq_topic, **raw)
         self.alerts_dlq_topic = app.topic(k.alerts_dlq_topic, **raw)
         self.summaries_topic = app.topic(k.shard_summaries_topic, partitions=1, compacting=True, **raw)
+        # Output records name their topic; the faust paths look the topic object up by name.
+        self._topics = {t.get_topic_name(): t for t in (
+            self.scores_topic, self.anomalies_topic, self.drift_topic, self.alerts_topic,
+            self.dlq_topic, self.alerts_dlq_topic, self.summaries_topic)}
 
         if self.settings.is_sharded:
             # One partition, so one worker of the group merges every sharded
@@ -276,8 +282,9 @@ class Worker:
                 async for events in stream.take_events(100, within=0.2):
                     await self.merge(events)
 
+        if k.input_path == "aiokafka" or k.output_path == "process":
+            app.on_starting = self._on_starting
         if k.input_path == "aiokafka":
-            app.on_starting = self.open_input
 
             @app.task
             async def detect_batches() -> None:
@@ -328,7 +335,12 @@ class Worker:
 
     # -- detection ----------------------------------------------------------------------
     async def handle(self, events: Sequence[Any]) -> None:
-        """Process one batch; never raises (see the module docstring).
+        """Process one batch of faust events; never raises (see the module docstring)."""
+        await self.handle_records([e.message for e in events])
+
+    async def handle_records(self, msgs: Sequence[Any], *, timestamp_ms: bool = False) -> None:
+        """Process one batch of messages (faust's, or aiokafka's records as they come, whose
+        ``timestamp`` is in milliseconds: ``timestamp_ms``); never raises.
 
         Batches enter the pipeline in the order ``handle`` was called (the
         order they were fetched), even when an earlier one waits for a
@@ -341,7 +353,6 @@ class Worker:
         earlier, entered = self._entered, loop.create_future()
         self._entered = entered  # the next batch enters the pipeline after this one
         try:
-            msgs = [e.message for e in events]  # one attribute read per event, not one per use
             tps = [(m.topic, m.partition) for m in msgs]
             firsts: dict[TP, int] = {}
             seen: set[TP] = set()
@@ -361,10 +372,9 @@ class Worker:
             skip = self.durable.skip_below
             if any(m.offset < skip[tp] for tp, m in zip(tps, msgs)):
                 keep = [i for i, (tp, m) in enumerate(zip(tps, msgs)) if m.offset >= skip[tp]]
-                events = [events[i] for i in keep]
                 msgs = [msgs[i] for i in keep]
                 tps = [tps[i] for i in keep]
-            if not events:
+            if not msgs:
                 return  # already in the restored state, outputs produced before the snapshot
             raws = [m.value if m.value is not None else b"" for m in msgs]
             self.durable.begin()
@@ -392,7 +402,8 @@ class Worker:
                 self.metrics.observe_batch(
                     result, pipeline=self.pipeline, input_topic=tps[0][0],
                     batch_seconds=time.perf_counter() - t0,
-                    event_times=[m.timestamp for m in msgs],
+                    event_times=[m.timestamp / 1000.0 if m.timestamp is not None else None for m in msgs]
+                    if timestamp_ms else [m.timestamp for m in msgs],
                 )
             except Exception:  # metrics must never stop detection
                 log.exception("metrics failed")
@@ -541,32 +552,34 @@ class Worker:
         result = self.pipeline.process_raw(raws)
         return result, self._outputs(result, msgs)
 
-    def _outputs(self, result: BatchResult, msgs: Sequence[Any]) -> list[tuple[Any, bytes | None, bytes, list | None]]:
-        """Every record a batch of messages produces, as ``(topic, key, value, headers)``."""
-        out: list[tuple[Any, bytes | None, bytes, list | None]] = []
-        publish_scores = self.settings.kafka.publish_scores
+    def _outputs(self, result: BatchResult, msgs: Sequence[Any]) -> list[tuple[str, bytes | None, bytes, list | None]]:
+        """Every record a batch of messages produces, as ``(topic name, key, value, headers)``."""
+        out: list[tuple[str, bytes | None, bytes, list | None]] = []
+        k = self.settings.kafka
+        publish_scores = k.publish_scores
+        scores, anomalies, alerts = k.scores_topic, k.anomalies_topic, k.alerts_topic
         for _, rec in result.scores:
             key = rec.source.encode()
             d = rec.to_dict()
             value = orjson.dumps(d)
             if publish_scores:
-                out.append((self.scores_topic, key, value, None))
+                out.append((scores, key, value, None))
             if rec.is_anomaly:
-                out.append((self.anomalies_topic, key, value, None))
+                out.append((anomalies, key, value, None))
                 alert = Alert.from_anomaly(d)
-                out.append((self.alerts_topic, alert.fingerprint.encode(), _bytes(alert.to_json()), None))
+                out.append((alerts, alert.fingerprint.encode(), _bytes(alert.to_json()), None))
         for msg, kind, encoder in result.summaries:
             value = orjson.dumps(msg.to_dict() | {"kind": kind, "encoder": encoder})
-            out.append((self.summaries_topic, msg.key.encode(), value, None))
+            out.append((k.shard_summaries_topic, msg.key.encode(), value, None))
         for drift in result.drifts:
             d = drift.to_dict()
-            out.append((self.drift_topic, drift.source.encode(), orjson.dumps(d), None))
+            out.append((k.drift_topic, drift.source.encode(), orjson.dumps(d), None))
             alert = Alert.from_drift(d)
-            out.append((self.alerts_topic, alert.fingerprint.encode(), _bytes(alert.to_json()), None))
-        cap = self.settings.kafka.dlq_max_value_bytes
+            out.append((alerts, alert.fingerprint.encode(), _bytes(alert.to_json()), None))
+        cap = k.dlq_max_value_bytes
         for reject in result.rejects:
             key, value, headers = dead_letter(msgs[reject.index], reject.reason, reject.message, cap)
-            out.append((self.dlq_topic, key, value, headers))
+            out.append((k.dlq_topic, key, value, headers))
         return out
 
     async def merge(self, events: Sequence[Any]) -> None:
@@ -591,7 +604,7 @@ class Worker:
         outputs = self._outputs(BatchResult(drifts=drifts), [])
         cap = self.settings.kafka.dlq_max_value_bytes
         for msg, why in bad:  # kept with the reason, never dropped
-            outputs.append((self.dlq_topic, *dead_letter(msg, INVALID_SUMMARY, why, cap)))
+            outputs.append((self.settings.kafka.dlq_topic, *dead_letter(msg, INVALID_SUMMARY, why, cap)))
         if outputs:
             await self._send(outputs)
         await self._checkpoint_merge()
@@ -610,12 +623,12 @@ class Worker:
         due = self.pipeline.merge_checkpoints(self.settings.kafka.shard_checkpoint_windows)
         if not due:
             return
+        topic = self.settings.kafka.shard_summaries_topic
         await self._send([
-            (self.summaries_topic, cp.key.encode(), orjson.dumps(cp.to_dict() | {"kind": kind, "encoder": encoder}),
-             None)
+            (topic, cp.key.encode(), orjson.dumps(cp.to_dict() | {"kind": kind, "encoder": encoder}), None)
             for cp, _, kind, encoder in due
         ])
-        tombstones = [(self.summaries_topic, key.encode(), None, None) for _, keys, _, _ in due for key in keys]
+        tombstones = [(topic, key.encode(), None, None) for _, keys, _, _ in due for key in keys]
         if tombstones:
             await self._send(tombstones)
         for cp, keys, _, _ in due:
@@ -661,31 +674,60 @@ class Worker:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nwatch-pipeline")
         return self._executor
 
-    async def _send(self, outputs: list[tuple[Any, bytes | None, bytes | None, list | None]]) -> None:
+    async def _send(self, outputs: list[tuple[str, bytes | None, bytes | None, list | None]]) -> None:
         """Produce and wait for the broker's acknowledgement of every record.
 
         A broker that is away is waited for (with capped backoff) rather than
         skipped: the input events are acknowledged only after this returns.
         A retry after a partial failure can duplicate outputs; downstream
-        de-duplicates by event id and alert fingerprint (at least once).
+        de-duplicates by event id and alert fingerprint (at least once). On
+        the "process" output path the child process does the waiting; a dead
+        child raises :class:`ProducerDied` (the worker stops, nothing acknowledged).
         """
+        path = self.settings.kafka.output_path
         delay = 0.5
         while True:
             try:
-                if self.settings.kafka.output_path == "faust":
-                    futures = [await t.send(key=k, value=v, headers=h) for t, k, v, h in outputs]
+                if path == "process":
+                    async with self._issue_lock:  # topics declared, then handed over in call order
+                        await self._declare({name for name, _, _, _ in outputs})
+                        acked = self._producer().submit(outputs)
+                    await acked
+                    return
+                if path == "faust":
+                    futures = [await self._topics[t].send(key=k, value=v, headers=h) for t, k, v, h in outputs]
                 else:
                     futures = await self._produce_direct(outputs)
                 await asyncio.gather(*futures)
                 return
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, ProducerDied):
                 raise
             except Exception as err:
                 log.warning("producing %d records failed (%s); retrying in %.1f s", len(outputs), err, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
-    async def _produce_direct(self, outputs: list[tuple[Any, bytes | None, bytes | None, list | None]]) -> list[Any]:
+    async def _declare(self, names: set[str]) -> None:
+        """Create the output topics not seen before, as faust's ``topic.send`` would (topic_allow_declare)."""
+        for name in names - self._declared:
+            await self._topics[name].maybe_declare()
+            self._declared.add(name)
+
+    def _producer(self) -> ProducerProcess:
+        """The "process" output path's child, started on first use (or as the app starts)."""
+        if self._producer_process is None:
+            self._producer_process = ProducerProcess(
+                self.settings.kafka, max_batch_bytes=PRODUCER_MAX_BATCH_BYTES, on_death=self._producer_died,
+            )
+            self._producer_process.start()
+        return self._producer_process
+
+    def _producer_died(self, err: ProducerDied) -> None:
+        """Never silently drop outputs: the worker stops with the error (its batches uncommitted)."""
+        if self.app is not None:
+            asyncio.ensure_future(self.app.crash(err))
+
+    async def _produce_direct(self, outputs: list[tuple[str, bytes | None, bytes | None, list | None]]) -> list[Any]:
         """Hand the records to the aiokafka producer under faust's own, a record batch per partition;
         returns the ack futures (one per record batch). A ``None`` value is a tombstone.
 
@@ -694,8 +736,9 @@ class Worker:
         worker that writes one score per event. aiokafka's ``send`` still
         makes a future and takes the accumulator's path per record (a quarter
         of the event loop's time at 4,000 events/s, py-spy); here the records
-        of each partition are appended to one record batch (``create_batch``)
-        that is queued whole (``send_batch``). Partitions come from the
+        of each partition are appended to one record batch
+        (:func:`streams.producer_process.produce_batch`, shared with the
+        "process" path) that is queued whole. Partitions come from the
         producer's own partitioner on the record key, as ``send`` picks them,
         so a source's records still share a partition and keep their order.
         The producer is faust's (same settings, acks=all, credentials), so the
@@ -708,37 +751,8 @@ class Worker:
         # first out), and the lock keeps a later batch out while an earlier one
         # is suspended here (declaring a topic, or a full accumulator).
         async with self._issue_lock:
-            by_partition: dict[tuple[str, int], list[tuple[bytes | None, bytes | None, list | None]]] = {}
-            names: dict[int, str] = {}  # topic object -> name, resolved once per batch, not per record
-            for t in {id(t): t for t, _, _, _ in outputs}.values():
-                name = names[id(t)] = t.get_topic_name()
-                if name not in self._declared:  # as faust's topic.send would (topic_allow_declare)
-                    await t.maybe_declare()
-                    self._declared.add(name)
-                await producer.partitions_for(name)  # metadata in hand for the partitioner
-            # (topic, key) -> the records list of its partition; a source's score
-            # records share a key, so the partitioner runs once per key and batch.
-            target: dict[tuple[str, bytes], list[tuple[bytes | None, bytes | None, list | None]]] = {}
-            for t, k, v, h in outputs:
-                name = names[id(t)]
-                if k is None:  # the partitioner picks at random: per record
-                    records = by_partition.setdefault((name, producer._partition(name, None, None, None, k, v)), [])
-                elif (records := target.get((name, k))) is None:
-                    part = producer._partition(name, None, None, None, k, v)
-                    records = target[(name, k)] = by_partition.setdefault((name, part), [])
-                records.append((k, v, h))
-            futures = []
-            for (name, part), records in by_partition.items():
-                batch = producer.create_batch()
-                for k, v, h in records:
-                    if batch.append(key=k, value=v, timestamp=None, headers=h or []) is None:  # full
-                        futures.append(await producer.send_batch(batch, name, partition=part))
-                        batch = producer.create_batch()
-                        # aiokafka takes a batch's first record whatever its size; never lose one silently
-                        if batch.append(key=k, value=v, timestamp=None, headers=h or []) is None:
-                            raise RuntimeError(f"a record of {len(v or b'')} bytes fits no batch of {name}")
-                futures.append(await producer.send_batch(batch, name, partition=part))
-        return futures
+            await self._declare({name for name, _, _, _ in outputs})
+            return await produce_batch(producer, outputs)
 
     async def _dead_letter_all(self, msgs: Sequence[Any], err: Exception) -> None:
         if self.metrics is not None:
@@ -747,8 +761,17 @@ class Worker:
         cap = self.settings.kafka.dlq_max_value_bytes
         for m in msgs:
             key, value, headers = dead_letter(m, INTERNAL_ERROR, f"{type(err).__name__}: {err}", cap)
-            outputs.append((self.dlq_topic, key, value, headers))
+            outputs.append((self.settings.kafka.dlq_topic, key, value, headers))
         await self._send(outputs)
+
+    def _on_starting(self) -> None:
+        """As the faust app starts: the input consumer's group join and the producer process's
+        start-up (a Python and aiokafka import, ~0.5 s) run alongside faust's own start."""
+        k = self.settings.kafka
+        if k.output_path == "process":
+            self._producer()
+        if k.input_path == "aiokafka":
+            self.open_input()
 
     def open_input(self) -> asyncio.Future:
         """Start the aiokafka input path's consumer (once); resolves to the started consumer.
@@ -850,14 +873,14 @@ class Worker:
                 batches = {tp: recs for tp, recs in batches.items() if recs and tp in self._assigned}
                 if not batches:
                     continue
-                records = [InputRecord(r) for recs in batches.values() for r in recs]
+                records = [r for recs in batches.values() for r in recs]
                 offsets = {tp: recs[-1].offset + 1 for tp, recs in batches.items()}
                 # The next batch is handed over while the previous one waits for
                 # its acks: the pipeline thread does not idle through the round
                 # trips. Batches run through the one pipeline thread in order,
                 # their outputs are issued in order (``_produce_direct``), and
                 # offsets are committed in order, each after its batch's acks.
-                inflight.append((asyncio.ensure_future(self.handle(records)), offsets))
+                inflight.append((asyncio.ensure_future(self.handle_records(records, timestamp_ms=True)), offsets))
                 while len(inflight) >= MAX_BATCHES_IN_FLIGHT:
                     await self._finish_oldest(consumer)
         finally:
@@ -940,12 +963,14 @@ class Worker:
     async def dead_letter_alerts(self, hook: str, alerts: Sequence[Any], reason: str) -> None:
         """Undeliverable alerts are kept on ``<alerts topic>.dlq``, never dropped."""
         headers = [("nwatch-hook", hook.encode()), ("nwatch-error-reason", reason.encode())]
-        await self._send([(self.alerts_dlq_topic, a.fingerprint.encode(), _bytes(a.to_json()), headers) for a in alerts])
+        await self._send([(self.settings.kafka.alerts_dlq_topic, a.fingerprint.encode(), _bytes(a.to_json()), headers) for a in alerts])
 
     def close(self) -> None:
         """After the app stopped: finish the batch in hand, then save every partition's state."""
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+        if self._producer_process is not None:
+            self._producer_process.stop()  # what it holds is produced first
         try:
             n = self.durable.snapshot(final=True)
             if n:
@@ -960,29 +985,6 @@ def _faust_dir(settings: Settings) -> str:
     import tempfile
 
     return tempfile.mkdtemp(prefix="nwatch-faust-")
-
-
-class InputRecord:
-    """An aiokafka record seen through the attributes ``handle`` reads of a faust event.
-
-    ``record.message`` is the record itself; ``timestamp`` is in seconds, as
-    faust's (aiokafka's is in milliseconds).
-    """
-
-    __slots__ = ("key", "value", "topic", "partition", "offset", "timestamp", "headers")
-
-    def __init__(self, record: Any) -> None:
-        self.key = record.key
-        self.value = record.value
-        self.topic = record.topic
-        self.partition = record.partition
-        self.offset = record.offset
-        self.timestamp = record.timestamp / 1000.0 if record.timestamp is not None else None
-        self.headers = record.headers
-
-    @property
-    def message(self) -> InputRecord:
-        return self
 
 
 def _text(value: str | bytes | None) -> str:

@@ -144,9 +144,16 @@ class KafkaSettings(_Frozen):
     dlq_max_value_bytes: int = Field(900_000, ge=1024)
     # How a batch's outputs are produced: "aiokafka" hands them to faust's own
     # aiokafka producer in one go (no per-record faust bookkeeping); "faust" is
-    # one ``topic.send`` per record. Both await every ack before the inputs are
-    # acknowledged; `nwatch bench speed --kafka` measures the two.
-    output_path: Literal["aiokafka", "faust"] = "aiokafka"
+    # one ``topic.send`` per record; "process" hands them, one blob per batch,
+    # to a child process with its own aiokafka producer (same client settings,
+    # partitioner on the key, acks=all), so producing leaves the pipeline's GIL
+    # (streams/producer_process.py; a dead child stops the worker): the event
+    # loop's CPU per event falls by ~2-3 us, but the saturation rate did not
+    # rise measurably on the shared 2-core machine and p99 at half saturation
+    # rose (docs/speed.md, branch kafka10), so it is not the default. All
+    # await every ack before the inputs are acknowledged; `nwatch bench speed
+    # --kafka` measures them.
+    output_path: Literal["aiokafka", "faust", "process"] = "aiokafka"
     # How the detection input is read: "aiokafka" is a task of the faust app
     # with its own aiokafka consumer in the same group id, reading batches with
     # getmany (two in flight, entering the pipeline in fetch order) and

@@ -159,31 +159,32 @@ class DurableState:
     def done(self, tps: Sequence[TP], offsets: Sequence[int], result: BatchResult, values: Sequence[bytes]) -> None:
         """A batch's outputs are acknowledged: its events are in the state for good."""
         self._home(result, tps)
-        last: dict[TP, int] = {}
-        for j, (tp, off) in enumerate(zip(tps, offsets)):
-            if off >= self.positions.get(tp, 0):
-                self.positions[tp] = off + 1
-                last[tp] = j
-        for tp, j in last.items():
-            self.anchors[tp] = (offsets[j], zlib.crc32(values[j]))
+        # A partition's offsets rise through a batch (fetch order): its last event is its newest.
+        for tp, j in {tp: j for j, tp in enumerate(tps)}.items():
+            if offsets[j] >= self.positions.get(tp, 0):
+                self.positions[tp] = offsets[j] + 1
+                self.anchors[tp] = (offsets[j], zlib.crc32(values[j]))
         self.in_flight = max(0, self.in_flight - 1)
 
     def _home(self, result: BatchResult, tps: Sequence[TP]) -> None:
         sources = self.pipeline.sources
-        for i, rec in result.scores:
-            key = result.state_keys.get(i, rec.source)  # source#k for a shard of a sharded source
+        keys = result.state_keys  # source#k for a shard of a sharded source
+        # Each (source, partition) once, in the order first seen: a batch holds few of them.
+        pairs = ({(keys.get(i, rec.source), tps[i]): None for i, rec in result.scores} if keys
+                 else {(rec.source, tps[i]): None for i, rec in result.scores})
+        for key, tp in pairs:
             state = sources.get(key)
             if state is None:
                 continue
             if state.home is None:
-                state.home = tps[i]
-                self.sources_of.setdefault(tps[i], set()).add(key)
-            elif state.home != tps[i] and key not in self._strays:
+                state.home = tp
+                self.sources_of.setdefault(tp, set()).add(key)
+            elif state.home != tp and key not in self._strays:
                 self._strays.add(key)
                 log.warning(
                     "source %r arrives on %s[%d] as well as on %s[%d]: key events by source, "
                     "or its saved state cannot follow a rebalance exactly",
-                    key[:80], tps[i][0], tps[i][1], state.home[0], state.home[1],
+                    key[:80], tp[0], tp[1], state.home[0], state.home[1],
                 )
 
     # -- snapshots -----------------------------------------------------------------------
