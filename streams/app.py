@@ -695,7 +695,10 @@ class Worker:
                     await acked
                     return
                 if path == "faust":
-                    futures = [await self._topics[t].send(key=k, value=v, headers=h) for t, k, v, h in outputs]
+                    # Issued whole, in call order (pipeline order), as the other paths are: with two
+                    # batches in flight, a later batch's records must not come between these.
+                    async with self._issue_lock:
+                        futures = [await self._topics[t].send(key=k, value=v, headers=h) for t, k, v, h in outputs]
                 else:
                     futures = await self._produce_direct(outputs)
                 await asyncio.gather(*futures)

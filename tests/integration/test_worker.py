@@ -32,8 +32,9 @@ def produce_lines(bootstrap: str, topic: str, lines: list[bytes]) -> None:
     produce_paced(bootstrap, topic, lines)
 
 
-@pytest.mark.parametrize("input_path", ["faust", "aiokafka"])
-def test_worker_scores_every_event_and_dead_letters_broken_ones(broker, tmp_path, input_path):
+@pytest.mark.parametrize(("input_path", "output_path"), [("faust", "aiokafka"), ("aiokafka", "aiokafka"), ("aiokafka", "faust")],
+                         ids=["faust", "aiokafka", "aiokafka-faust-output"])
+def test_worker_scores_every_event_and_dead_letters_broken_ones(broker, tmp_path, input_path, output_path):
     bootstrap = broker.bootstrap_servers
     topics = worker_topics(bootstrap, "t")
     mixed = list(sample_lines(events=1500, seed=11, broken=len(BROKEN_LINES)))
@@ -47,7 +48,8 @@ def test_worker_scores_every_event_and_dead_letters_broken_ones(broker, tmp_path
     expected = valid_ids(lines)
 
     port = free_port()
-    env = worker_env(bootstrap, topics, NWATCH_METRICS__PORT=str(port), NWATCH_KAFKA__INPUT_PATH=input_path)
+    env = worker_env(bootstrap, topics, NWATCH_METRICS__PORT=str(port), NWATCH_KAFKA__INPUT_PATH=input_path,
+                     NWATCH_KAFKA__OUTPUT_PATH=output_path)
     worker, log = start_worker(env, tmp_path / "worker.log")
     try:
         deadline = time.monotonic() + 300
