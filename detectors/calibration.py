@@ -77,7 +77,7 @@ class ConformalThresholder:
         """The smallest score flagged right now (inf until ready)."""
         if not self.is_ready:
             return math.inf
-        cal = self._sorted_scores()
+        cal = self.sorted_scores()
         n = len(cal)
         # p < alpha  <=>  #{cal >= s} < alpha (n+1) - 1
         m = math.ceil(self.alpha * (n + 1) - 1)  # largest count allowed is m - 1
@@ -89,7 +89,7 @@ class ConformalThresholder:
         """The ``q`` quantile of the calibration scores (nan while the set is empty)."""
         if self.size == 0:
             return math.nan
-        cal = self._sorted_scores()
+        cal = self.sorted_scores()
         # The scores are sorted already: NumPy's linear interpolation between
         # the two around the position, written out (np.quantile's own
         # arithmetic, so the same value bit for bit), instead of np.quantile's
@@ -102,7 +102,8 @@ class ConformalThresholder:
         t = pos - lo
         return b - (b - a) * (1.0 - t) if t >= 0.5 else a + (b - a) * t
 
-    def _sorted_scores(self) -> np.ndarray:
+    def sorted_scores(self) -> np.ndarray:
+        """The set's scores in ascending order (nan last), sorted once per change of the set."""
         if self._sorted is None:
             if kernels.already_loaded():
                 self._order = self._ring[: self.size].argsort(kind="stable")
@@ -116,7 +117,7 @@ class ConformalThresholder:
         scores = np.asarray(scores, dtype=np.float64)
         if self.size == 0:
             return np.ones(len(scores))
-        cal = self._sorted_scores()
+        cal = self.sorted_scores()
         n = len(cal)
         n_ge = n - cal.searchsorted(scores, side="left")  # the method: no wrapper
         return (1.0 + n_ge) / (n + 1.0)
@@ -147,7 +148,7 @@ class ConformalThresholder:
         floor = 0.5 / (n + 1.0)  # the p-value of a score past every calibration score
         p = self.p_values(scores) - floor
         if n > 5 and len(p) and np.minimum.reduce(p) <= floor:  # most blocks have none: ~1 us, not ~20
-            cal = self._sorted_scores()  # p_values sorted it: no work
+            cal = self.sorted_scores()  # p_values sorted it: no work
             m = max(5, n // 100)
             top = float(cal[-1])
             b = (math.fsum(cal[n - m:]) - m * float(cal[n - m - 1])) / m
@@ -179,7 +180,7 @@ class ConformalThresholder:
         # the order is the one kept with the sorted copy where there is one (any order of
         # equal scores counts the same)
         if self._sorted is None and kernels.already_loaded():
-            self._sorted_scores()
+            self.sorted_scores()
         ascending, order = self._sorted, self._order
         if ascending is None or order is None:
             order = np.argsort(self._ring[:n], kind="stable")

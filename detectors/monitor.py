@@ -309,7 +309,7 @@ class SourceMonitor:
         knn_cal, forest_cal = self._component_cal
         dist, slots, components, least, tail = kernels.knn_forest_step(
             D, sqnorm, V, Xa, rest, c, k, mean=self.aggregate == "mean", X=rows, packed=forest.packed(),
-            depth=forest.depth, knn_cal=knn_cal._sorted_scores(), forest_cal=forest_cal._sorted_scores(),
+            depth=forest.depth, knn_cal=knn_cal.sorted_scores(), forest_cal=forest_cal.sorted_scores(),
         )
         if inverse is not None:
             dist, slots, components, least = dist[inverse], slots[inverse], components[inverse], least[inverse]
@@ -454,9 +454,7 @@ class SourceMonitor:
         if self.detector.index is None or self.detector.size < self.min_reference:
             return
         if not self.forest.is_ready:
-            R, columns = self.detector.index.stored_columns()
-            self.forest.fit(R, columns=columns)
-            self._learned_since_regrow = 0
+            self._refit_forest()
             return
         self._learned_since_regrow += learned
         count = max(1, self.forest_trees // _REGROW_ROUNDS)
@@ -466,6 +464,13 @@ class SourceMonitor:
             R, columns = self.detector.index.stored_columns()
             self.forest.regrow(R, count, columns=columns)
             self._learned_since_regrow -= every
+
+    def _refit_forest(self) -> None:
+        """Grow every tree afresh on the reference, from its filled columns only."""
+        assert self.forest is not None and self.detector.index is not None
+        R, columns = self.detector.index.stored_columns()
+        self.forest.fit(R, columns=columns)
+        self._learned_since_regrow = 0
 
     def _refit_covariance(self, learned: int, *, now: bool = False) -> None:
         """Estimate the covariance from the reference as it grows (each time it doubled,
@@ -588,9 +593,7 @@ class SourceMonitor:
         if self.forest is not None and self.forest.is_ready and self.detector.index is not None:
             # the forest turns over slowly (_FOREST_TURNOVER): the new normal
             # must not stay isolated by trees of the old one
-            R, columns = self.detector.index.stored_columns()
-            self.forest.fit(R, columns=columns)
-            self._learned_since_regrow = 0
+            self._refit_forest()
         if self.covariance is not None:
             self._refit_covariance(0, now=True)
         if not self.thresholder.is_ready:

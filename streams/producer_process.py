@@ -236,15 +236,7 @@ async def _child(data: Connection, acks: Connection) -> None:
         **aiokafka_client_config(kafka), acks="all", max_batch_size=max_batch_bytes,
         max_request_size=1024 * 1024 + 16 * 1024,
     )
-    delay = 0.5
-    while True:  # a broker that is away is waited for
-        try:
-            await producer.start()
-            break
-        except Exception as err:
-            log.warning("producer process: connecting failed (%s); retrying in %.1f s", err, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+    await _retrying(producer.start, "producer process: connecting")  # a broker that is away is waited for
     waiting: asyncio.Queue[tuple[int, list[Record], list[asyncio.Future]] | None] = asyncio.Queue()
 
     async def confirm() -> None:
@@ -278,12 +270,17 @@ async def _child(data: Connection, acks: Connection) -> None:
 
 async def _issue(producer: Any, records: list[Record]) -> list[asyncio.Future]:
     """``produce_batch``, with a refusal (broker away, metadata missing) retried until it goes."""
+    return await _retrying(lambda: produce_batch(producer, records), f"queueing {len(records)} records")
+
+
+async def _retrying(action: Callable[[], Any], what: str) -> Any:
+    """``await action()`` until it succeeds, waiting 0.5 s after a failure, doubled each time up to 10 s."""
     delay = 0.5
     while True:
         try:
-            return await produce_batch(producer, records)
+            return await action()
         except Exception as err:
-            log.warning("queueing %d records failed (%s); retrying in %.1f s", len(records), err, delay)
+            log.warning("%s failed (%s); retrying in %.1f s", what, err, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
 

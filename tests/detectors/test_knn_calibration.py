@@ -69,7 +69,7 @@ def test_rolling_calibration_keeps_its_sorted_scores_equal_to_a_fresh_sort(rng):
         block = np.round(rng.exponential(size=int(rng.integers(1, 40))), 1)
         t.learn(block)
         expected = np.sort(t._ring[: t.size])
-        assert np.array_equal(t._sorted_scores(), expected)
+        assert np.array_equal(t.sorted_scores(), expected)
         q = np.round(rng.exponential(size=5), 1)
         n_ge = (expected[None, :] >= q[:, None]).sum(axis=1)
         assert np.array_equal(t.p_values(q), (1.0 + n_ge) / (t.size + 1.0))
@@ -100,7 +100,7 @@ def test_compiled_merge_rolls_the_sorted_scores_and_their_slots_as_numpy_would(r
             t.learn(block)
             q = np.round(draws.exponential(size=5), 1)
             if step % 3:
-                seen.append((t._sorted_scores().copy(), t.p_values(q), t.score_quantile(0.5), t.threshold))
+                seen.append((t.sorted_scores().copy(), t.p_values(q), t.score_quantile(0.5), t.threshold))
             if step % 5 == 0:
                 seen.append((t.own_p_values(),))
             if on and t._order is not None:
