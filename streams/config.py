@@ -173,6 +173,15 @@ class KafkaSettings(_Frozen):
     # wait, so latency stays. (The faust path's take_events waits to fill its
     # batch: at 1024 it had p99 2.2 s at half saturation.)
     input_batch_size: int = Field(1024, ge=1)
+    # Where the pipeline runs: "thread" is one thread of the worker process
+    # (sharing its GIL with the event loop: Kafka I/O, commits, metrics);
+    # "process" is a child process (``python -m streams.engine_process``) that
+    # holds the pipeline, the durable state and its snapshots and builds the
+    # output records, one pickled blob per batch each way, so the pipeline and
+    # the loop each have a core (streams/engine_process.py; a dead child stops
+    # the worker, nothing committed past it). Not with sharded sources (the
+    # merge agent) nor the demo's live view: refused at start-up.
+    pipeline_path: Literal["thread", "process"] = "thread"
     group_id: str = "neighbourwatch"
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
