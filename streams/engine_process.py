@@ -435,8 +435,11 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     requests = Connection(int(argv[0]), writable=False)
     replies = Connection(int(argv[1]), readable=False)
+    from streams.runtime import configure_gc, configure_threads, freeze_startup_objects
+
+    configure_threads()  # as `nwatch run` does: BLAS on one thread, the collector less often
+    configure_gc()
     settings, with_metrics = pickle.loads(requests.recv_bytes())
-    from streams.runtime import freeze_startup_objects
 
     engine = _Engine(settings, with_metrics)
     freeze_startup_objects()
