@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import pickle
 import signal
 import subprocess
@@ -50,7 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any
 
-from streams.producer_process import _widen
+from streams.producer_process import spawn_child
 
 log = logging.getLogger("neighbourwatch.engine")
 
@@ -108,18 +107,7 @@ class EngineProcess:
         if self.proc is not None:
             return
         self._loop = asyncio.get_running_loop()
-        req_r, req_w = os.pipe()
-        rep_r, rep_w = os.pipe()
-        _widen(req_w)
-        _widen(rep_w)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "streams.engine_process", str(req_r), str(rep_w)],
-            pass_fds=(req_r, rep_w), stdin=subprocess.DEVNULL, close_fds=True,
-        )
-        os.close(req_r)
-        os.close(rep_w)
-        self._requests = Connection(req_w, readable=False)
-        self._replies = Connection(rep_r, writable=False)
+        self.proc, self._requests, self._replies = spawn_child("streams.engine_process")
         self._requests.send_bytes(pickle.dumps((self.settings, self.metrics is not None), protocol=PROTOCOL))
         threading.Thread(target=self._read, name="nwatch-engine-read", daemon=True).start()
 
@@ -172,6 +160,12 @@ class EngineProcess:
             try:
                 n, ok, value, calls = pickle.loads(self._replies.recv_bytes())
             except (EOFError, OSError):
+                self._from_thread(self._gone)
+                return
+            except Exception:  # a reply this side cannot read: the two cannot go on together
+                log.exception("unreadable reply from the pipeline process")
+                if self.proc is not None:
+                    self.proc.kill()
                 self._from_thread(self._gone)
                 return
             self._from_thread(self._answer, n, ok, value, calls)
@@ -448,4 +442,8 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    # Run from the module by its name, not as __main__: the classes it pickles (SnapshotRef)
+    # must be found under streams.engine_process in the worker.
+    from streams.engine_process import main as _main
+
+    sys.exit(_main(sys.argv[1:]))

@@ -52,6 +52,14 @@ def _engine_pid(worker: subprocess.Popen, timeout: float = 60.0) -> int:
     raise AssertionError("no pipeline process")
 
 
+def _start(broker, topics: dict[str, str], log_path, **env: str) -> tuple:
+    """``nwatch run`` on the pipeline process path: (process, log file, metrics port)."""
+    port = free_port()
+    env = worker_env(broker.bootstrap_servers, topics, NWATCH_METRICS__PORT=str(port),
+                     NWATCH_KAFKA__PIPELINE_PATH="process", **env)
+    return *start_worker(env, log_path), port
+
+
 def test_outputs_equal_the_in_process_pipeline(broker, tmp_path):
     bootstrap = broker.bootstrap_servers
     topics = worker_topics(bootstrap, "e")
@@ -59,9 +67,7 @@ def test_outputs_equal_the_in_process_pipeline(broker, tmp_path):
     produce_paced(bootstrap, topics["events"], lines)
     expected_ids = valid_ids(lines)
 
-    port = free_port()
-    env = worker_env(bootstrap, topics, NWATCH_METRICS__PORT=str(port), NWATCH_KAFKA__PIPELINE_PATH="process")
-    worker, log = start_worker(env, tmp_path / "worker.log")
+    worker, log, port = _start(broker, topics, tmp_path / "worker.log")
     try:
         engine = _engine_pid(worker)
         deadline = time.monotonic() + 200
@@ -107,18 +113,20 @@ def test_outputs_equal_the_in_process_pipeline(broker, tmp_path):
 
 
 def test_a_killed_pipeline_process_stops_the_worker_and_nothing_unproduced_is_committed(broker, tmp_path):
+    """Killed mid-stream: the worker stops, its committed offset covers only scored events; the
+    next worker restores the state the pipeline process saved (a snapshot loaded there, its
+    anchor checked here) and scores the rest."""
     from kafka import KafkaConsumer, TopicPartition
 
     bootstrap = broker.bootstrap_servers
     topics = worker_topics(bootstrap, "k")
     lines = list(sample_lines(events=20_000, seed=32, broken=0, kinds=["transaction", "vector"]))
-    stop = threading.Event()
+    stop, produced = threading.Event(), [0]
     producing = threading.Thread(target=produce_paced, args=(bootstrap, topics["events"], lines, 400.0),
-                                 kwargs={"stop": stop}, daemon=True)
+                                 kwargs={"stop": stop, "counter": produced}, daemon=True)
     producing.start()
-    port = free_port()
-    env = worker_env(bootstrap, topics, NWATCH_METRICS__PORT=str(port), NWATCH_KAFKA__PIPELINE_PATH="process")
-    worker, log = start_worker(env, tmp_path / "worker.log")
+    state = {"NWATCH_STATE__DIR": str(tmp_path / "state"), "NWATCH_STATE__SNAPSHOT_INTERVAL": "1"}
+    worker, log, port = _start(broker, topics, tmp_path / "worker.log", **state)
     try:
         engine = _engine_pid(worker)
         deadline = time.monotonic() + 120
@@ -144,3 +152,17 @@ def test_a_killed_pipeline_process_stops_the_worker_and_nothing_unproduced_is_co
     assert 0 < committed < len(lines)
     first = [orjson.loads(x)["id"] for x in lines[:committed]]
     assert not [i for i in first if i not in scored], "offsets committed for events never scored"
+
+    ids = {orjson.loads(x)["id"] for x in lines[:produced[0]]}
+    worker, log, _ = _start(broker, topics, tmp_path / "worker-2.log", **state)
+    try:
+        deadline = time.monotonic() + 120
+        while not scored >= ids and time.monotonic() < deadline:
+            assert worker.poll() is None, (tmp_path / "worker-2.log").read_text()[-3000:]
+            time.sleep(2)
+            scored = {orjson.loads(r.value)["id"] for r in read_topic(bootstrap, topics["scores"])}
+    finally:
+        stop_process_group(worker, timeout=30)
+        log.close()
+    assert not ids - scored, f"{len(ids - scored)} events never scored"
+    assert "restored" in (tmp_path / "worker-2.log").read_text(errors="replace")
