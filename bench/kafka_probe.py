@@ -7,7 +7,7 @@ pipeline on the same events first.
     python bench/kafka_probe.py spy:/tmp/profile.txt  # worker under py-spy record (py-spy in .venv)
 
 K4_OUTPUT (default aiokafka, as the worker) is the worker's kafka.output_path ("process": its producer process's CPU
-shows in the worker's CPU seconds, not among its threads). K4_PIPELINE (default thread) is its kafka.pipeline_path
+shows in the worker's CPU seconds, not among its threads). K4_PIPELINE (default thread; the worker's default is auto: process) is its kafka.pipeline_path
 ("process": the pipeline process's threads are listed too, as child:<tid>, and its CPU per event as cpu_us_per_event.child). K4_EVENTS (default 30000) shuttle events, K4_REPEAT times over with fresh ids (default 1: a longer
 measuring window at 2); K4_SPY_SECONDS (default 3) of py-spy, every thread, idle ones too; NWATCH_*
 settings pass through to the worker.

@@ -199,15 +199,16 @@ class Worker:
     ) -> None:
         self.settings = settings
         self._engine: EngineProcess | None = None  # the "process" pipeline path's child
-        if settings.kafka.pipeline_path == "process":
+        explicit = settings.kafka.pipeline_path == "process"
+        if explicit:
             if settings.is_sharded:
                 raise ValueError("kafka.pipeline_path = \"process\" does not run sharded sources (their merge "
                                  "agent needs the pipeline in the worker process): use \"thread\"")
             if on_batch is not None or pipeline is not None:
                 raise ValueError("kafka.pipeline_path = \"process\": the pipeline lives in its own process; "
                                  "no pipeline object or on_batch callback in the worker")
-        self.pipeline = None if settings.kafka.pipeline_path == "process" else (
-            pipeline or Pipeline(settings=settings, merge_shards=False))
+        in_process = explicit or (settings.pipeline_in_process and pipeline is None and on_batch is None)
+        self.pipeline = None if in_process else (pipeline or Pipeline(settings=settings, merge_shards=False))
         self.metrics = metrics
         self.deliverer = deliverer
         self.on_batch = on_batch

@@ -179,9 +179,13 @@ class KafkaSettings(_Frozen):
     # holds the pipeline, the durable state and its snapshots and builds the
     # output records, one pickled blob per batch each way, so the pipeline and
     # the loop each have a core (streams/engine_process.py; a dead child stops
-    # the worker, nothing committed past it). Not with sharded sources (the
-    # merge agent) nor the demo's live view: refused at start-up.
-    pipeline_path: Literal["thread", "process"] = "thread"
+    # the worker, nothing committed past it): 79-90 % of the in-process rate
+    # against 54-73 % (docs/speed.md, kafka11). Not with sharded sources (the
+    # merge agent reads the pipeline on the loop): refused at start-up. "auto"
+    # (the default) is "process" unless some source is sharded, or the Worker
+    # is given a pipeline object or an on_batch callback (library use), then
+    # "thread".
+    pipeline_path: Literal["auto", "thread", "process"] = "auto"
     group_id: str = "neighbourwatch"
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
@@ -312,6 +316,12 @@ class Settings(BaseSettings):
     def is_sharded(self) -> bool:
         """True when some source (or the defaults) is split into shards."""
         return self.defaults.shards > 1 or bool(self.shard_counts)
+
+    @property
+    def pipeline_in_process(self) -> bool:
+        """The worker's pipeline runs in its own process (``kafka.pipeline_path``, "auto" resolved)."""
+        path = self.kafka.pipeline_path
+        return path == "process" or (path == "auto" and not self.is_sharded)
 
     def masked(self) -> dict[str, Any]:
         """The settings as plain data with every secret masked (``SecretStr`` dumps as '**********')."""

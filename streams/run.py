@@ -10,7 +10,7 @@ from streams.config import Settings
 
 def run_worker(settings: Settings, *, loglevel: str = "warning") -> int:
     # On the "process" pipeline path the pipeline (and its model preload) lives in the child.
-    pipeline = _pipeline(settings) if settings.kafka.pipeline_path == "thread" else None
+    pipeline = None if settings.pipeline_in_process else _pipeline(settings)
     import faust
 
     from streams.alerts import OUTCOMES, Deliverer, hooks_from_settings
