@@ -18,7 +18,7 @@ sys.path.insert(0, os.getcwd())
 from streams.runtime import configure_threads; configure_threads(1)
 from streams import bench_kafka as bk
 from streams.bench_kafka import cpu_seconds as cpu
-from streams.bench_speed import WARMUP, load_tabular, tabular_lines
+from streams.bench_speed import WARMUP, load_tabular
 
 def children(pid):
     return [int(c) for c in subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout.split()]
@@ -89,7 +89,7 @@ def main():
     from streams.broker import EmbeddedBroker
     events = int(os.environ.get("K4_EVENTS", "30000"))
     X, _ = load_tabular(Path("/work/shared/data"), "32_shuttle", limit=events)
-    lines = [l for r in range(int(os.environ.get("K4_REPEAT", "1"))) for l in tabular_lines(X, kind="transaction", prefix=f"k{r}-" if r else "k")]
+    lines = bk.shuttle_lines(X, int(os.environ.get("K4_REPEAT", "1")))
     modes = sys.argv[1:] or ["worker"]
     from streams.bench_speed import run_pipeline, make_pipeline
     c0 = time.process_time(); n, secs, _ = run_pipeline(make_pipeline(), lines); c1 = time.process_time()

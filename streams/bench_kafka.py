@@ -10,7 +10,8 @@ the batch hand-off to faust's aiokafka producer):
 - saturation: a backlog of events is produced first, then the worker starts;
   events per second from the worker's own produce timestamps of the score
   records (after the first ``WARMUP`` events), set against the in-process
-  pipeline on the same events in this process;
+  pipeline on the same events in this process, measured again before each
+  design (a run's share moved by 10 % with one in-process figure for all);
 - start-up: from spawning the worker to its first score record;
 - latency: a fresh worker, warmed up, then events produced at half the
   measured saturation rate for ``latency_seconds``; produce-to-result latency
@@ -317,32 +318,46 @@ def design_name(design: tuple[str, ...]) -> str:
     return f"in {design[0]} / out {design[1]}{pipeline}"
 
 
-def bench_kafka(data_dir: Path, *, events: int = 20_000, latency_seconds: float = 15.0,
+def shuttle_lines(X: np.ndarray, repeat: int = 1) -> list[bytes]:
+    """The rows as transaction events, ``repeat`` times over with fresh ids (a longer measuring window)."""
+    return [line for r in range(repeat) for line in tabular_lines(X, kind="transaction", prefix=f"k{r}-" if r else "k")]
+
+
+def bench_kafka(data_dir: Path, *, events: int = 40_000, repeat: int = 2, latency_seconds: float = 15.0,
                 designs: tuple[tuple[str, ...], ...] = DESIGNS, bare: bool = True) -> dict[str, Any]:
-    """Both output paths through the embedded broker, with the in-process pipeline on the same events;
-    with ``bare`` also the saturation of a bare aiokafka loop (:func:`_bare_loop`) on the same broker:
+    """Every design through the embedded broker, each against the in-process pipeline on the same
+    events measured just before it (``events`` shuttle rows, ``repeat`` times over); with ``bare`` also the saturation of a bare aiokafka loop (:func:`_bare_loop`) on the same broker:
     what one Python process moves between two topics with no detection, the ceiling of the design."""
     from streams.broker import EmbeddedBroker
 
     X, _ = load_tabular(data_dir, "32_shuttle", limit=events)
-    lines = tabular_lines(X, kind="transaction", prefix="k")
-    n, s, _ = run_pipeline(make_pipeline(), lines)
-    in_process = n / s
+    lines = shuttle_lines(X, repeat)
+
+    def pipeline_rate() -> float:
+        n, s, _ = run_pipeline(make_pipeline(), lines)
+        return n / s
+
+    in_process = pipeline_rate()
     print(f"kafka: in-process pipeline on the same {len(lines):,} shuttle events: {in_process:,.0f} events/s", flush=True)
     result: dict[str, Any] = {"in_process_events_per_second": in_process, "designs": {}}
+    rates = [in_process]
     log_dir = Path(tempfile.mkdtemp(prefix="nwatch-bench-"))
     with EmbeddedBroker() as broker:
         result["broker_startup_seconds"] = broker.startup_seconds
-        for design in designs:
+        for i, design in enumerate(designs):
             name = design_name(design)
+            if i:  # each design against the in-process rate of the same minutes (the machine's load drifts)
+                in_process = pipeline_rate()
+                rates.append(in_process)
             sat = asyncio.run(_saturation(broker.bootstrap_servers, design, lines, log_dir, timeout=300.0,
                                           broker_pid=broker.pid))
             rate = sat["events_per_second"]
             lat = asyncio.run(_latency(broker.bootstrap_servers, design, lines[:WARMUP + 500], rate / 2,
                                        latency_seconds, log_dir)) if rate == rate else {}
             sat["ratio_to_in_process"] = rate / in_process
+            sat["in_process_events_per_second"] = in_process
             result["designs"][name] = {"saturation": sat, "latency": lat}
-            print(f"kafka [{name:>35}] saturation {rate:,.0f} events/s ({rate / in_process:.0%} of in-process), "
+            print(f"kafka [{name:>35}] saturation {rate:,.0f} events/s ({rate / in_process:.0%} of in-process {in_process:,.0f}), "
                   f"start-up to first result {sat['startup_seconds']:.1f} s; at {lat.get('rate', 0):,.0f} events/s: "
                   f"p50 {lat.get('p50_ms', float('nan')):.0f} ms, p95 {lat.get('p95_ms', float('nan')):.0f} ms, "
                   f"p99 {lat.get('p99_ms', float('nan')):.0f} ms ({lat.get('scored', 0):,} of {lat.get('sent', 0):,} back; "
@@ -354,8 +369,11 @@ def bench_kafka(data_dir: Path, *, events: int = 20_000, latency_seconds: float 
                                           broker_pid=broker.pid))
             rate = sat["events_per_second"]
             sat["ratio_to_in_process"] = rate / in_process
+            sat["in_process_events_per_second"] = in_process
             result["bare_loop"] = sat
             print(f"kafka [{design_name(('bare', 'bare')):>35}] saturation {rate:,.0f} events/s "
-                  f"({rate / in_process:.0%} of in-process); {_cpu_text(sat)}", flush=True)
+                  f"({rate / in_process:.0%} of in-process {in_process:,.0f}); {_cpu_text(sat)}", flush=True)
+    result["in_process_events_per_second"] = float(np.median(rates))
+    result["in_process_runs"] = rates
     result["worker_logs"] = str(log_dir)
     return result

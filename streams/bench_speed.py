@@ -427,7 +427,8 @@ def format_table(rows: Iterable[Row]) -> list[str]:
 
 def main(*, data_dir: str, json_out: str | None = None, only: Sequence[str] | None = None,
          events: int = 30_000, log_passes: int = 10, text_events: int = 2_000, ilof_seconds: float = 10.0,
-         long_events: int = 0, kafka: bool = False, kafka_events: int = 20_000) -> int:
+         long_events: int = 0, kafka: bool = False, kafka_events: int = 40_000,
+         kafka_repeat: int = 2) -> int:
     data = Path(data_dir)
     if not data.is_dir():
         print(f"no labelled data at {data} (NWATCH_DATA_DIR or --data-dir)", file=sys.stderr)
@@ -469,7 +470,7 @@ def main(*, data_dir: str, json_out: str | None = None, only: Sequence[str] | No
     if "kafka" in want:
         from streams.bench_kafka import bench_kafka
 
-        report["kafka"] = bench_kafka(data, events=kafka_events)
+        report["kafka"] = bench_kafka(data, events=kafka_events, repeat=kafka_repeat)
     report["rows"] = [r.to_dict() for r in rows]
     report["seconds"] = time.perf_counter() - t_start
     if json_out:

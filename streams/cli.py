@@ -140,6 +140,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             events=args.events, log_passes=args.log_passes, text_events=args.text_events,
             ilof_seconds=args.ilof_seconds, long_events=args.long_events, kafka=args.kafka,
             kafka_events=args.kafka_events,
+            kafka_repeat=args.kafka_repeat,
         )
     raise AssertionError(args.what)
 
@@ -249,7 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--long-events", type=int, default=0,
                    help="speed: also run this many tabular events and report the resident-memory slope")
     p.add_argument("--kafka", action="store_true", help="speed: also measure end to end through the embedded broker")
-    p.add_argument("--kafka-events", type=int, default=20_000, help="events of the saturation run (speed --kafka)")
+    p.add_argument("--kafka-events", type=int, default=40_000, help="shuttle rows of the saturation run (speed --kafka)")
+    p.add_argument("--kafka-repeat", type=int, default=2,
+                   help="the rows this many times over, with fresh ids, in the saturation run (speed --kafka)")
     p.add_argument("--config", help="TOML config file")
     p.set_defaults(func=cmd_bench)
     return parser

@@ -63,6 +63,18 @@ def _metrics(port: int) -> dict:
     }
 
 
+def _tree_rss(proc: psutil.Process) -> int:
+    """Resident bytes of the worker and its child processes (the pipeline's, the producer's):
+    memory that grows in a child must not go unseen."""
+    total = proc.memory_info().rss
+    for child in proc.children(recursive=True):
+        try:
+            total += child.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 def test_steady_rate_soak_memory_flat_index_bounded_backlog_bounded(broker, tmp_path):
     bootstrap = broker.bootstrap_servers
     t = worker_topics(bootstrap, "soak")
@@ -95,7 +107,7 @@ def test_steady_rate_soak_memory_flat_index_bounded_backlog_bounded(broker, tmp_
             rejected = sum(v for (name, _), v in m.items() if name == "nwatch_rejected_total")
             refs = {dict(lbl)["source"]: v for (name, lbl), v in m.items() if name == "nwatch_reference_size"}
             samples.append({
-                "t": time.monotonic() - t0, "rss_mb": proc.memory_info().rss / 2**20, "produced": produced[0],
+                "t": time.monotonic() - t0, "rss_mb": _tree_rss(proc) / 2**20, "produced": produced[0],
                 "handled": scored + rejected, "references": refs,
             })
         elapsed = time.monotonic() - t0

@@ -135,3 +135,14 @@ def test_cpu_seconds_counts_this_process_and_nan_for_none():
     after = cpu_seconds(os.getpid())
     assert after - before >= 0.2
     assert np.isnan(cpu_seconds(None))
+
+
+def test_shuttle_lines_repeat_the_rows_with_fresh_ids(X):
+    from streams.bench_kafka import shuttle_lines
+
+    once, twice = shuttle_lines(X), shuttle_lines(X, 2)
+    assert twice[: len(once)] == once
+    ids = [orjson.loads(line)["id"] for line in twice]
+    assert len(set(ids)) == 2 * len(X)  # no id comes back: each repeat is new events to the worker's dedup
+    first, again = orjson.loads(twice[0]), orjson.loads(twice[len(X)])
+    assert first["fields"] == again["fields"] and first["id"] != again["id"]
