@@ -29,6 +29,7 @@ from tests.integration.conftest import (
     produce_paced,
     read_topic,
     start_worker,
+    wait_until_scored,
     worker_env,
     worker_scored,
     worker_topics,
@@ -156,11 +157,7 @@ def test_a_killed_pipeline_process_stops_the_worker_and_nothing_unproduced_is_co
     ids = {orjson.loads(x)["id"] for x in lines[:produced[0]]}
     worker, log, _ = _start(broker, topics, tmp_path / "worker-2.log", **state)
     try:
-        deadline = time.monotonic() + 120
-        while not scored >= ids and time.monotonic() < deadline:
-            assert worker.poll() is None, (tmp_path / "worker-2.log").read_text()[-3000:]
-            time.sleep(2)
-            scored = {orjson.loads(r.value)["id"] for r in read_topic(bootstrap, topics["scores"])}
+        scored = wait_until_scored(bootstrap, topics["scores"], ids, worker, tmp_path / "worker-2.log", 120)
     finally:
         stop_process_group(worker, timeout=30)
         log.close()
