@@ -179,8 +179,9 @@ class KafkaSettings(_Frozen):
     # holds the pipeline, the durable state and its snapshots and builds the
     # output records, one pickled blob per batch each way, so the pipeline and
     # the loop each have a core (streams/engine_process.py; a dead child stops
-    # the worker, nothing committed past it): 79-90 % of the in-process rate
-    # against 54-73 % (docs/speed.md, kafka11). Not with sharded sources (the
+    # the worker, nothing committed past it): 78-90 % of the in-process rate
+    # against 71-77 % on a quiet machine, 79 % against 54 % under load
+    # (docs/speed.md, kafka11). Not with sharded sources (the
     # merge agent reads the pipeline on the loop): refused at start-up. "auto"
     # (the default) is "process" unless some source is sharded, or the Worker
     # is given a pipeline object or an on_batch callback (library use), then
