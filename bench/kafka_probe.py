@@ -7,7 +7,8 @@ pipeline on the same events first.
     python bench/kafka_probe.py spy:/tmp/profile.txt  # worker under py-spy record (py-spy in .venv)
 
 K4_OUTPUT (default aiokafka, as the worker) is the worker's kafka.output_path ("process": its producer process's CPU
-shows in the worker's CPU seconds, not among its threads). K4_EVENTS (default 30000) shuttle events, K4_REPEAT times over with fresh ids (default 1: a longer
+shows in the worker's CPU seconds, not among its threads). K4_PIPELINE (default thread; the worker's default is auto: process) is its kafka.pipeline_path
+("process": the pipeline process's threads are listed too, as child:<tid>, and its CPU per event as cpu_us_per_event.child). K4_EVENTS (default 30000) shuttle events, K4_REPEAT times over with fresh ids (default 1: a longer
 measuring window at 2); K4_SPY_SECONDS (default 3) of py-spy, every thread, idle ones too; NWATCH_*
 settings pass through to the worker.
 """
@@ -19,11 +20,24 @@ from streams import bench_kafka as bk
 from streams.bench_kafka import cpu_seconds as cpu
 from streams.bench_speed import WARMUP, load_tabular
 
+def children(pid):
+    return [int(c) for c in subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout.split()]
+
+def tasks(pid):
+    # the worker's threads, and its child processes' as child:<tid>
+    out = [(t, f"/proc/{pid}/task/{t}") for t in os.listdir(f"/proc/{pid}/task")]
+    for c in children(pid):
+        try:
+            out += [(f"child:{t}", f"/proc/{c}/task/{t}") for t in os.listdir(f"/proc/{c}/task")]
+        except OSError:
+            pass
+    return out
+
 def threads_cpu(pid):
     out = {}
-    for t in os.listdir(f"/proc/{pid}/task"):
+    for t, path in tasks(pid):
         try:
-            with open(f"/proc/{pid}/task/{t}/stat") as f:
+            with open(f"{path}/stat") as f:
                 parts = f.read().rsplit(")", 1)[1].split()
             out[t] = (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
         except Exception:
@@ -33,9 +47,9 @@ def threads_cpu(pid):
 def threads_runqueue(pid):
     # seconds each thread spent runnable but waiting for a core (/proc schedstat, field 2)
     out = {}
-    for t in os.listdir(f"/proc/{pid}/task"):
+    for t, path in tasks(pid):
         try:
-            with open(f"/proc/{pid}/task/{t}/schedstat") as f:
+            with open(f"{path}/schedstat") as f:
                 out[t] = int(f.read().split()[1]) / 1e9
         except Exception:
             pass
@@ -43,7 +57,7 @@ def threads_runqueue(pid):
 
 async def sat(bootstrap, lines, broker_pid, bare=False, spy=None):
     log_dir = Path(tempfile.mkdtemp(prefix="k4-"))
-    run = bk._Run(bootstrap, ("bare", "bare") if bare else ("aiokafka", os.environ.get("K4_OUTPUT", "aiokafka")), log_dir)
+    run = bk._Run(bootstrap, ("bare", "bare") if bare else ("aiokafka", os.environ.get("K4_OUTPUT", "aiokafka"), os.environ.get("K4_PIPELINE", "thread")), log_dir)
     p = await bk._producer(bootstrap, linger_ms=20)
     futs = [await p.send(run.topics["events"], l, key=b"tab") for l in lines]
     await asyncio.gather(*futs); await p.stop()
@@ -67,7 +81,8 @@ async def sat(bootstrap, lines, broker_pid, bare=False, spy=None):
     rate = bk.saturation_rate(stamps, skip=WARMUP)
     thr = sorted(((round((th1[t] - th0.get(t, 0)) / (c1[3]-c0[3]) * 1e6, 1), t) for t in th1), reverse=True)[:6]
     rq = [round((rq1.get(t, 0) - rq0.get(t, 0)) / (c1[3]-c0[3]) * 1e6, 1) for _, t in thr]
-    return {"threads_us_per_event": thr, "runqueue_us_per_event": rq, "log": str(run.log_path), "bare": bare, "rate": round(rate), "wall": round(c1[4]-c0[4], 2), "events": n,
+    per_event = lambda pred: round(sum(th1[t] - th0.get(t, 0) for t in th1 if pred(t)) / n * 1e6, 1)
+    return {"threads_us_per_event": thr, "cpu_us_per_event": {"worker": per_event(lambda t: not t.startswith("child:")), "child": per_event(lambda t: t.startswith("child:"))}, "runqueue_us_per_event": rq, "log": str(run.log_path), "bare": bare, "rate": round(rate), "wall": round(c1[4]-c0[4], 2), "events": n,
             "cpu_s_per_1000": {"worker": round((c1[0]-c0[0])/n*1000, 4), "broker": round((c1[1]-c0[1])/n*1000, 4), "bench": round((c1[2]-c0[2])/n*1000, 4)}}
 
 def main():

@@ -52,6 +52,7 @@ from pathlib import Path
 from streams.alerts import Alert
 from streams.config import KafkaSettings, Settings
 from streams.durable import TP, DurableState
+from streams.engine_process import EngineDied, EngineProcess, RemoteState
 from streams.pipeline import BatchResult, Pipeline
 from streams.producer_process import ProducerDied, ProducerProcess, produce_batch
 from streams.snapshots import SnapshotStore
@@ -197,7 +198,17 @@ class Worker:
         on_batch: Callable[[BatchResult], None] | None = None,
     ) -> None:
         self.settings = settings
-        self.pipeline = pipeline or Pipeline(settings=settings, merge_shards=False)
+        self._engine: EngineProcess | None = None  # the "process" pipeline path's child
+        explicit = settings.kafka.pipeline_path == "process"
+        if explicit:
+            if settings.is_sharded:
+                raise ValueError("kafka.pipeline_path = \"process\" does not run sharded sources (their merge "
+                                 "agent needs the pipeline in the worker process): use \"thread\"")
+            if on_batch is not None or pipeline is not None:
+                raise ValueError("kafka.pipeline_path = \"process\": the pipeline lives in its own process; "
+                                 "no pipeline object or on_batch callback in the worker")
+        in_process = explicit or (settings.pipeline_in_process and pipeline is None and on_batch is None)
+        self.pipeline = None if in_process else (pipeline or Pipeline(settings=settings, merge_shards=False))
         self.metrics = metrics
         self.deliverer = deliverer
         self.on_batch = on_batch
@@ -224,9 +235,15 @@ class Worker:
                 Path(settings.state.dir) / "snapshots" / settings.kafka.group_id,
                 writer=f"neighbourwatch {VERSION}",
             )
-        self.durable = DurableState(
-            self.pipeline, store, interval=settings.state.snapshot_interval, metrics=metrics
-        )
+        self.durable: DurableState | RemoteState
+        if self.pipeline is None:
+            self._engine = EngineProcess(settings, metrics=metrics, on_death=self._engine_died)
+            self.durable = RemoteState(self._engine, has_store=settings.state.dir is not None,
+                                       interval=settings.state.snapshot_interval)
+        else:
+            self.durable = DurableState(
+                self.pipeline, store, interval=settings.state.snapshot_interval, metrics=metrics
+            )
 
     # -- the faust app ------------------------------------------------------------------
     def build(self) -> faust.App:
@@ -282,7 +299,7 @@ class Worker:
                 async for events in stream.take_events(100, within=0.2):
                     await self.merge(events)
 
-        if k.input_path == "aiokafka" or k.output_path == "process":
+        if k.input_path == "aiokafka" or k.output_path == "process" or self._engine is not None:
             app.on_starting = self._on_starting
         if k.input_path == "aiokafka":
 
@@ -316,7 +333,7 @@ class Worker:
             if any(t == k.shard_summaries_topic for t, _ in tps):
                 self._merging = False  # rebuilt from the topic if it comes back
                 await asyncio.get_running_loop().run_in_executor(self._pipeline_executor(), self.pipeline.mergers.clear)
-            await asyncio.get_running_loop().run_in_executor(self._pipeline_executor(), self.durable.release, tps)
+            await self._on_pipeline(self.durable.release, tps)
 
         @app.on_partitions_assigned.connect
         async def fetch_wait(sender: Any, assigned: Any = None, **_: Any) -> None:
@@ -378,13 +395,23 @@ class Worker:
                 return  # already in the restored state, outputs produced before the snapshot
             raws = [m.value if m.value is not None else b"" for m in msgs]
             self.durable.begin()
-            # Submitted to the one pipeline thread (first in, first out) before the next batch may be.
-            processing = loop.run_in_executor(self._pipeline_executor(), self._process, raws, msgs)
+            # Submitted to the one pipeline thread, or the pipeline process (first in, first
+            # out either way), before the next batch may be.
+            if self._engine is not None:
+                processing = self._engine.process(raws, msgs, tps, self._event_times(msgs, timestamp_ms))
+            else:
+                processing = loop.run_in_executor(self._pipeline_executor(), self._process, raws, msgs)
         finally:
             if not entered.done():
                 entered.set_result(None)
+        summary = None
         try:
-            result, outputs = await processing
+            if self._engine is not None:
+                result, outputs, summary = await processing  # result: the batch's number in the child
+            else:
+                result, outputs = await processing
+        except EngineDied:
+            raise  # the worker stops; nothing of this batch is acknowledged
         except Exception as err:  # a bug, not bad data: keep the batch, keep the stream
             log.exception("pipeline or its output records failed on a batch of %d events; "
                           "sent to the dead-letter topic", len(raws))
@@ -392,23 +419,44 @@ class Worker:
             self.durable.abandon()
             return
         await self._send(outputs)
-        self.durable.done(tps, [m.offset for m in msgs], result, raws)
+        if self._engine is not None:
+            self.durable.done(result)
+        else:
+            self.durable.done(tps, [m.offset for m in msgs], result, raws)
         if self.durable.due() and not self.durable.in_flight:
-            await loop.run_in_executor(self._pipeline_executor(), self.durable.snapshot)
+            await self._on_pipeline(self.durable.snapshot)
         self.batches += 1
         self.events += len(msgs)
         if self.metrics is not None:
             try:
-                self.metrics.observe_batch(
-                    result, pipeline=self.pipeline, input_topic=tps[0][0],
-                    batch_seconds=time.perf_counter() - t0,
-                    event_times=[m.timestamp / 1000.0 if m.timestamp is not None else None for m in msgs]
-                    if timestamp_ms else [m.timestamp for m in msgs],
-                )
+                if self._engine is not None:
+                    if summary is not None:
+                        self.metrics.apply_batch(summary, input_topic=tps[0][0],
+                                                 batch_seconds=time.perf_counter() - t0)
+                else:
+                    self.metrics.observe_batch(
+                        result, pipeline=self.pipeline, input_topic=tps[0][0],
+                        batch_seconds=time.perf_counter() - t0, event_times=self._event_times(msgs, timestamp_ms),
+                    )
             except Exception:  # metrics must never stop detection
                 log.exception("metrics failed")
         if self.on_batch is not None:
             self.on_batch(result)
+
+    @staticmethod
+    def _event_times(msgs: Sequence[Any], timestamp_ms: bool) -> list[float | None]:
+        """The messages' timestamps in epoch seconds (aiokafka's records carry milliseconds)."""
+        if timestamp_ms:
+            return [m.timestamp / 1000.0 if m.timestamp is not None else None for m in msgs]
+        return [m.timestamp for m in msgs]
+
+    async def _on_pipeline(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a call of the pipeline or its durable state where the pipeline runs: in the one
+        pipeline thread, or (``fn`` a :class:`RemoteState` coroutine) as a request to the pipeline
+        process. First in, first out either way."""
+        if self._engine is not None:
+            return await fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._pipeline_executor(), fn, *args)
 
     def _begin_take_overs(self, firsts: dict[TP, int]) -> list[tuple[TP, asyncio.Future]]:
         """The take-overs of a batch's new partitions, all begun before the batch waits on any.
@@ -431,12 +479,10 @@ class Worker:
 
     async def _take_over(self, tp: TP, first_offset: int) -> None:
         """First events of a partition: load its snapshot, replay what the snapshot lacks."""
-        loop = asyncio.get_running_loop()
-        ex = self._pipeline_executor()
         delay = 0.5
         while True:
             try:
-                snapshot = await loop.run_in_executor(ex, self.durable.load, tp)
+                snapshot = await self._on_pipeline(self.durable.load, tp)
                 if snapshot is not None and snapshot.anchor is not None:
                     value = await self._fetch(tp, snapshot.anchor[0])
                     if value is None or zlib.crc32(value) != snapshot.anchor[1]:
@@ -444,7 +490,7 @@ class Worker:
                                             f"{'gone' if value is None else 'another message'} on the broker: "
                                             "the topic was recreated since")
                         snapshot = None
-                span = await loop.run_in_executor(ex, self.durable.take_over, tp, first_offset, snapshot)
+                span = await self._on_pipeline(self.durable.take_over, tp, first_offset, snapshot)
                 if span is not None:
                     n = await self._replay(tp, *span)
                     log.warning("partition %s[%d]: replayed %d events [%d, %d) into the restored state",
@@ -455,7 +501,7 @@ class Worker:
             except Exception:
                 # The broker away mid-replay, say: start the take-over again from the snapshot.
                 log.exception("taking over %s[%d] failed; retrying in %.1f s", tp[0], tp[1], delay)
-                await loop.run_in_executor(ex, self.durable.forget, tp)
+                await self._on_pipeline(self.durable.forget, tp)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
@@ -525,21 +571,26 @@ class Worker:
 
         Events the broker no longer holds (retention) are logged and skipped.
         """
-        loop = asyncio.get_running_loop()
-        ex = self._pipeline_executor()
         done, position = 0, start
         async for records in self._read_range(tp, start, end, self.settings.batch_size):
             if records[0].offset > position:
                 log.error("partition %s[%d]: offsets [%d, %d) are gone from the broker; not replayed",
                           tp[0], tp[1], position, records[0].offset)
             raws = [r.value if r.value is not None else b"" for r in records]
-            result = await loop.run_in_executor(ex, self.pipeline.process_raw, raws)
-            self.durable.replayed(tp, result, len(raws), (records[-1].offset, raws[-1]))
+            if self._engine is not None:
+                await self._engine.request("replay", tp, raws, records[-1].offset)
+            else:
+                await self._on_pipeline(self._replay_chunk, tp, raws, records[-1].offset)
             done += len(raws)
             position = records[-1].offset + 1
         if position < end:
             log.error("partition %s[%d]: replay stopped at %d of [%d, %d)", tp[0], tp[1], position, start, end)
         return done
+
+    def _replay_chunk(self, tp: TP, raws: list[bytes], last_offset: int) -> None:
+        """Pipeline thread (or process): a replayed chunk of ``tp`` into the state, outputs discarded."""
+        result = self.pipeline.process_raw(raws)
+        self.durable.replayed(tp, result, len(raws), (last_offset, raws[-1]))
 
     def _process(self, raws: list[bytes], msgs: Sequence[Any]) -> tuple[BatchResult, list]:
         """Pipeline thread: a batch's results and the records they produce.
@@ -725,6 +776,11 @@ class Worker:
             self._producer_process.start()
         return self._producer_process
 
+    def _engine_died(self, err: EngineDied) -> None:
+        """The pipeline process is gone: the worker stops with the error (its batches uncommitted)."""
+        if self.app is not None:
+            asyncio.ensure_future(self.app.crash(err))
+
     def _producer_died(self, err: ProducerDied) -> None:
         """Never silently drop outputs: the worker stops with the error (its batches uncommitted)."""
         if self.app is not None:
@@ -771,6 +827,8 @@ class Worker:
         """As the faust app starts: the input consumer's group join and the producer process's
         start-up (a Python and aiokafka import, ~0.5 s) run alongside faust's own start."""
         k = self.settings.kafka
+        if self._engine is not None:
+            self._engine.start()  # imports, the pipeline, the text model's preload: alongside faust's start
         if k.output_path == "process":
             self._producer()
         if k.input_path == "aiokafka":
@@ -815,9 +873,7 @@ class Worker:
                 while worker._inflight:
                     await worker._finish_oldest(consumer)
                 tps = [(tp.topic, tp.partition) for tp in revoked]
-                await asyncio.get_running_loop().run_in_executor(
-                    worker._pipeline_executor(), worker.durable.release, tps
-                )
+                await worker._on_pipeline(worker.durable.release, tps)
 
             async def on_partitions_assigned(self, assigned: Any) -> None:
                 worker._assigned.update(assigned)
@@ -868,7 +924,7 @@ class Worker:
                     # A consistent state needs every batch acknowledged: drain, then save.
                     while inflight:
                         await self._finish_oldest(consumer)
-                    await asyncio.get_running_loop().run_in_executor(self._pipeline_executor(), self.durable.snapshot)
+                    await self._on_pipeline(self.durable.snapshot)
                 # A rebalance may have run while this loop waited above: records of a
                 # partition revoked since the fetch are the new owner's to process (from
                 # the committed offset); begun here they would rebuild a stale copy of
@@ -974,6 +1030,9 @@ class Worker:
             self._executor.shutdown(wait=True)
         if self._producer_process is not None:
             self._producer_process.stop()  # what it holds is produced first
+        if self._engine is not None:
+            self._engine.stop()  # the final snapshot is written there, after the outputs above
+            return
         try:
             n = self.durable.snapshot(final=True)
             if n:

@@ -42,8 +42,11 @@ from streams.bench_speed import WARMUP, load_tabular, make_pipeline, run_pipelin
 # (input path, output path) of the worker: faust's per-event stream and
 # per-record topic.send; faust's stream with the batch hand-off of outputs;
 # aiokafka batches in and out, inside the faust app; aiokafka batches in,
-# produced by the worker's producer process (kafka.output_path = "process").
-DESIGNS = (("faust", "faust"), ("faust", "aiokafka"), ("aiokafka", "aiokafka"), ("aiokafka", "process"))
+# produced by the worker's producer process (kafka.output_path = "process");
+# aiokafka batches in and out, the pipeline in its own process (a third
+# element: kafka.pipeline_path = "process"; "thread" when absent).
+DESIGNS = (("faust", "faust"), ("faust", "aiokafka"), ("aiokafka", "aiokafka"), ("aiokafka", "process"),
+           ("aiokafka", "aiokafka", "process"))
 
 
 def _free_port() -> int:
@@ -124,15 +127,16 @@ async def _bare_loop(bootstrap: str, source: str, target: str) -> None:
 class _Run:
     """One worker on fresh topics of the broker."""
 
-    def __init__(self, bootstrap: str, design: tuple[str, str], log_dir: Path) -> None:
+    def __init__(self, bootstrap: str, design: tuple[str, ...], log_dir: Path) -> None:
         self.bootstrap = bootstrap
-        self.input_path, self.output_path = design
+        self.input_path, self.output_path = design[:2]
+        self.pipeline_path = design[2] if len(design) > 2 else "thread"
         suffix = uuid.uuid4().hex[:8]
         self.topics = {n: f"bench.{suffix}.{n}" for n in ("events", "scores", "anomalies", "drift", "alerts", "dlq")}
         from streams.broker import ensure_topics
 
         ensure_topics(bootstrap, [*self.topics.values(), f"{self.topics['alerts']}.dlq"])
-        self.log_path = log_dir / f"worker-{self.input_path}-{self.output_path}-{suffix}.log"
+        self.log_path = log_dir / f"worker-{self.input_path}-{self.output_path}-{self.pipeline_path}-{suffix}.log"
         self.proc: subprocess.Popen | None = None
         self.spawned_at = 0.0
         self.metrics_port = _free_port()
@@ -151,6 +155,7 @@ class _Run:
             "NWATCH_KAFKA__GROUP_ID": f"g-{t['events']}",
             "NWATCH_KAFKA__OUTPUT_PATH": self.output_path,
             "NWATCH_KAFKA__INPUT_PATH": self.input_path,
+            "NWATCH_KAFKA__PIPELINE_PATH": self.pipeline_path,
             "NWATCH_METRICS__PORT": str(self.metrics_port),
             "HF_HUB_OFFLINE": "1",
         })
@@ -228,7 +233,7 @@ async def _read_until(consumer: Any, count: int, timeout: float, seen: dict[str,
             raise RuntimeError(f"the worker exited with {proc.returncode}")
 
 
-async def _saturation(bootstrap: str, design: tuple[str, str], lines: list[bytes], log_dir: Path, timeout: float,
+async def _saturation(bootstrap: str, design: tuple[str, ...], lines: list[bytes], log_dir: Path, timeout: float,
                       broker_pid: int | None = None) -> dict[str, Any]:
     run = _Run(bootstrap, design, log_dir)
     p = await _producer(bootstrap, linger_ms=20)
@@ -259,7 +264,7 @@ async def _saturation(bootstrap: str, design: tuple[str, str], lines: list[bytes
     }
 
 
-async def _latency(bootstrap: str, design: tuple[str, str], warm: list[bytes], rate: float, seconds: float,
+async def _latency(bootstrap: str, design: tuple[str, ...], warm: list[bytes], rate: float, seconds: float,
                    log_dir: Path) -> dict[str, Any]:
     run = _Run(bootstrap, design, log_dir)
     consumer = await _reader(bootstrap, run.topics["scores"])
@@ -306,10 +311,11 @@ def _cpu_text(sat: dict[str, Any]) -> str:
             f"reader {cpu['reader']:.3f}")
 
 
-def design_name(design: tuple[str, str]) -> str:
+def design_name(design: tuple[str, ...]) -> str:
     if design[0] == "bare":
         return "bare aiokafka loop"
-    return f"in {design[0]} / out {design[1]}"
+    pipeline = f" / pipeline {design[2]}" if len(design) > 2 and design[2] != "thread" else ""
+    return f"in {design[0]} / out {design[1]}{pipeline}"
 
 
 def shuttle_lines(X: np.ndarray, repeat: int = 1) -> list[bytes]:
@@ -318,7 +324,7 @@ def shuttle_lines(X: np.ndarray, repeat: int = 1) -> list[bytes]:
 
 
 def bench_kafka(data_dir: Path, *, events: int = 40_000, repeat: int = 2, latency_seconds: float = 15.0,
-                designs: tuple[tuple[str, str], ...] = DESIGNS, bare: bool = True) -> dict[str, Any]:
+                designs: tuple[tuple[str, ...], ...] = DESIGNS, bare: bool = True) -> dict[str, Any]:
     """Every design through the embedded broker, each against the in-process pipeline on the same
     events measured just before it (``events`` shuttle rows, ``repeat`` times over); with ``bare`` also the saturation of a bare aiokafka loop (:func:`_bare_loop`) on the same broker:
     what one Python process moves between two topics with no detection, the ceiling of the design."""
@@ -351,7 +357,7 @@ def bench_kafka(data_dir: Path, *, events: int = 40_000, repeat: int = 2, latenc
             sat["ratio_to_in_process"] = rate / in_process
             sat["in_process_events_per_second"] = in_process
             result["designs"][name] = {"saturation": sat, "latency": lat}
-            print(f"kafka [{name:>24}] saturation {rate:,.0f} events/s ({rate / in_process:.0%} of in-process {in_process:,.0f}), "
+            print(f"kafka [{name:>35}] saturation {rate:,.0f} events/s ({rate / in_process:.0%} of in-process {in_process:,.0f}), "
                   f"start-up to first result {sat['startup_seconds']:.1f} s; at {lat.get('rate', 0):,.0f} events/s: "
                   f"p50 {lat.get('p50_ms', float('nan')):.0f} ms, p95 {lat.get('p95_ms', float('nan')):.0f} ms, "
                   f"p99 {lat.get('p99_ms', float('nan')):.0f} ms ({lat.get('scored', 0):,} of {lat.get('sent', 0):,} back; "
@@ -365,7 +371,7 @@ def bench_kafka(data_dir: Path, *, events: int = 40_000, repeat: int = 2, latenc
             sat["ratio_to_in_process"] = rate / in_process
             sat["in_process_events_per_second"] = in_process
             result["bare_loop"] = sat
-            print(f"kafka [{design_name(('bare', 'bare')):>24}] saturation {rate:,.0f} events/s "
+            print(f"kafka [{design_name(('bare', 'bare')):>35}] saturation {rate:,.0f} events/s "
                   f"({rate / in_process:.0%} of in-process {in_process:,.0f}); {_cpu_text(sat)}", flush=True)
     result["in_process_events_per_second"] = float(np.median(rates))
     result["in_process_runs"] = rates

@@ -173,6 +173,20 @@ class KafkaSettings(_Frozen):
     # wait, so latency stays. (The faust path's take_events waits to fill its
     # batch: at 1024 it had p99 2.2 s at half saturation.)
     input_batch_size: int = Field(1024, ge=1)
+    # Where the pipeline runs: "thread" is one thread of the worker process
+    # (sharing its GIL with the event loop: Kafka I/O, commits, metrics);
+    # "process" is a child process (``python -m streams.engine_process``) that
+    # holds the pipeline, the durable state and its snapshots and builds the
+    # output records, one pickled blob per batch each way, so the pipeline and
+    # the loop each have a core (streams/engine_process.py; a dead child stops
+    # the worker, nothing committed past it): 78-90 % of the in-process rate
+    # against 71-77 % on a quiet machine, 79 % against 54 % under load
+    # (docs/speed.md, kafka11). Not with sharded sources (the
+    # merge agent reads the pipeline on the loop): refused at start-up. "auto"
+    # (the default) is "process" unless some source is sharded, or the Worker
+    # is given a pipeline object or an on_batch callback (library use), then
+    # "thread".
+    pipeline_path: Literal["auto", "thread", "process"] = "auto"
     group_id: str = "neighbourwatch"
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
@@ -303,6 +317,12 @@ class Settings(BaseSettings):
     def is_sharded(self) -> bool:
         """True when some source (or the defaults) is split into shards."""
         return self.defaults.shards > 1 or bool(self.shard_counts)
+
+    @property
+    def pipeline_in_process(self) -> bool:
+        """The worker's pipeline runs in its own process (``kafka.pipeline_path``, "auto" resolved)."""
+        path = self.kafka.pipeline_path
+        return path == "process" or (path == "auto" and not self.is_sharded)
 
     def masked(self) -> dict[str, Any]:
         """The settings as plain data with every secret masked (``SecretStr`` dumps as '**********')."""

@@ -71,7 +71,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from importlib import metadata
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, exposition
@@ -237,7 +237,7 @@ class BatchHistogram:
 class _SourceBatch:
     """One source's share of a batch, aggregated before touching any metric."""
 
-    __slots__ = ("kind", "events", "anomalies", "scores", "p_values", "latencies")
+    __slots__ = ("kind", "events", "anomalies", "scores", "p_values", "times")
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
@@ -245,7 +245,78 @@ class _SourceBatch:
         self.anomalies = 0
         self.scores: list[float] = []
         self.p_values: list[float] = []
-        self.latencies: list[float] = []
+        self.times: list[float] = []  # event times (epoch seconds): latencies once the batch is out
+
+
+class BatchSummary(NamedTuple):
+    """What one batch tells the metrics, without the pipeline: small, picklable.
+
+    Built by :func:`summarise_batch` where the pipeline runs (its thread, or the
+    pipeline process of ``kafka.pipeline_path = "process"``), applied by
+    :meth:`Metrics.apply_batch` where the metrics live.
+    """
+
+    groups: dict[str, _SourceBatch]  # per source
+    published: dict[str, int]  # shard summaries per source
+    drifts: dict[tuple[str, str], int]  # per (source, kind)
+    reasons: dict[str, int]  # rejects per reason
+    size: int
+    n_sources: int
+    # per source touched: (kind, encoder tag, encode seconds or None, reference size,
+    # warming up, (drift statistic, threshold) or None)
+    touched: dict[str, tuple[str, str, float | None, int, bool, tuple[float, float] | None]]
+
+
+def summarise_batch(
+    result: BatchResult, pipeline: Pipeline, event_times: Sequence[float | None] | None = None
+) -> BatchSummary:
+    """The :class:`BatchSummary` of a processed batch (see :meth:`Metrics.observe_batch`)."""
+    groups: dict[str, _SourceBatch] = {}
+    for index, rec in result.scores:
+        agg = groups.get(rec.source)
+        if agg is None:
+            agg = groups[rec.source] = _SourceBatch(rec.kind)
+        agg.events += 1
+        if rec.is_anomaly:
+            agg.anomalies += 1
+        if not rec.warming_up:
+            agg.scores.append(rec.score)
+            agg.p_values.append(rec.p_value)
+        t = event_times[index] if event_times is not None else None
+        if t is None or not t > 0:
+            try:
+                t = datetime.fromisoformat(rec.ts).timestamp()
+            except ValueError:
+                continue
+        agg.times.append(t)
+
+    published: dict[str, int] = {}
+    for msg, _, _ in result.summaries:
+        if hasattr(msg, "seq"):  # a block, not a shard's null
+            published[msg.source] = published.get(msg.source, 0) + 1
+
+    drifts: dict[tuple[str, str], int] = {}
+    for d in result.drifts:
+        key = (d.source, d.kind)
+        drifts[key] = drifts.get(key, 0) + 1
+
+    reasons: dict[str, int] = {}
+    for r in result.rejects:
+        reasons[r.reason] = reasons.get(r.reason, 0) + 1
+
+    touched = {}
+    for name in set(groups) | set(result.encode_seconds):
+        state = pipeline.sources.get(name)
+        if state is None:
+            continue
+        monitor = state.monitor
+        drift = monitor.drift_monitor
+        touched[name] = (
+            state.kind, state.tag, result.encode_seconds.get(name), monitor.detector.size,
+            bool(monitor.is_warming_up), None if drift is None else (drift.statistic, drift.threshold),
+        )
+    return BatchSummary(groups, published, drifts, reasons, len(result.scores) + len(result.rejects),
+                        len(pipeline.sources), touched)
 
 
 class Metrics:
@@ -445,28 +516,15 @@ class Metrics:
         histograms skip warming-up events (their p-value is a placeholder 1)
         and non-finite scores.
         """
-        now = self.clock()
-        groups: dict[str, _SourceBatch] = {}
-        for index, rec in result.scores:
-            agg = groups.get(rec.source)
-            if agg is None:
-                agg = groups[rec.source] = _SourceBatch(rec.kind)
-            agg.events += 1
-            if rec.is_anomaly:
-                agg.anomalies += 1
-            if not rec.warming_up:
-                agg.scores.append(rec.score)
-                agg.p_values.append(rec.p_value)
-            t = event_times[index] if event_times is not None else None
-            if t is None or not t > 0:
-                try:
-                    t = datetime.fromisoformat(rec.ts).timestamp()
-                except ValueError:
-                    continue
-            latency = now - t
-            if latency >= 0:
-                agg.latencies.append(latency)
+        self.apply_batch(summarise_batch(result, pipeline, event_times),
+                         input_topic=input_topic, batch_seconds=batch_seconds)
 
+    def apply_batch(self, summary: BatchSummary, *, input_topic: str, batch_seconds: float) -> None:
+        """The metrics side of :meth:`observe_batch`: a batch's :class:`BatchSummary` into the
+        metrics. The summary may come from another process (``kafka.pipeline_path =
+        "process"``); latencies are taken now, from its event times."""
+        now = self.clock()
+        groups = summary.groups
         # Several sources may share the _other label: merge before touching metrics.
         counts: dict[tuple[str, str], list[int]] = {}
         for name, agg in groups.items():
@@ -477,63 +535,52 @@ class Metrics:
             if agg.scores:
                 self.score.observe_many(key, agg.scores)
                 self.p_value.observe_many(key, agg.p_values)
-            if agg.latencies:
-                self.end_to_end.observe_many(key, agg.latencies)
+            if agg.times:
+                latencies = now - np.asarray(agg.times, dtype=np.float64)
+                latencies = latencies[latencies >= 0]
+                if len(latencies):
+                    self.end_to_end.observe_many(key, latencies)
         for key, (n, flagged) in counts.items():
             self.events.labels(*key).inc(n)
             # inc(0) exports the series at 0 from the source's first event on.
             self.anomalies.labels(*key).inc(flagged)
             self.drift_alarms.labels(*key)
 
-        published: dict[str, int] = {}
-        for msg, _, _ in result.summaries:
-            if hasattr(msg, "seq"):  # a block, not a shard's null
-                published[msg.source] = published.get(msg.source, 0) + 1
-        for source, n in published.items():
+        for source, n in summary.published.items():
             self.shard_summaries.labels(self.source_label(source), "published").inc(n)
 
         drifts: dict[tuple[str, str], int] = {}
-        for d in result.drifts:
-            key = (self.source_label(d.source), d.kind)
-            drifts[key] = drifts.get(key, 0) + 1
+        for (source, kind), n in summary.drifts.items():
+            key = (self.source_label(source), kind)
+            drifts[key] = drifts.get(key, 0) + n
         for key, n in drifts.items():
             self.drift_alarms.labels(*key).inc(n)
 
         self._init_topic(input_topic)
-        reasons: dict[str, int] = {}
-        for r in result.rejects:
-            reasons[r.reason] = reasons.get(r.reason, 0) + 1
-        for reason, n in reasons.items():
+        for reason, n in summary.reasons.items():
             self.rejected.labels(reason, input_topic).inc(n)
 
-        self.batch_size.observe(len(result.scores) + len(result.rejects))
+        self.batch_size.observe(summary.size)
         self.batch_seconds.observe(batch_seconds)
-        self.sources.set(len(pipeline.sources))
+        self.sources.set(summary.n_sources)
 
-        touched = set(groups) | set(result.encode_seconds)
         new_encoder = False
-        for name in touched:
-            state = pipeline.sources.get(name)
-            if state is None:
-                continue
-            if self._encoders.get(state.kind) != state.tag:
-                self._encoders[state.kind] = state.tag
+        for name, (kind, tag, seconds, size, warming, drift) in summary.touched.items():
+            if self._encoders.get(kind) != tag:
+                self._encoders[kind] = tag
                 new_encoder = True
             label = self.source_label(name)
-            key = (label, state.kind)
-            seconds = result.encode_seconds.get(name)
+            key = (label, kind)
             if seconds is not None:
                 self.encode.labels(*key).observe(seconds)
             if label == OTHER_SOURCE:
                 continue  # gauges of different sources do not add up
-            monitor = state.monitor
-            self.reference_size.labels(*key).set(monitor.detector.size)
-            self.warming_up.labels(*key).set(1 if monitor.is_warming_up else 0)
-            drift = monitor.drift_monitor
+            self.reference_size.labels(*key).set(size)
+            self.warming_up.labels(*key).set(1 if warming else 0)
             if drift is not None:
                 # The threshold is NaN until the monitor has its first reference;
                 # the statistic (0 meanwhile) means nothing without it either.
-                stat, thr = drift.statistic, drift.threshold
+                stat, thr = drift
                 if not math.isnan(thr):
                     self.drift_threshold.labels(*key).set(thr)
                     if not math.isnan(stat):

@@ -59,6 +59,22 @@ def _widen(fd: int) -> None:
         pass
 
 
+def spawn_child(module: str) -> tuple[subprocess.Popen, Connection, Connection]:
+    """``python -m module <read fd> <write fd>`` with a pipe each way (widened to ``PIPE_BYTES``);
+    returns the process, the connection to write to it and the one to read from it."""
+    to_r, to_w = os.pipe()
+    from_r, from_w = os.pipe()
+    _widen(to_w)
+    _widen(from_w)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, str(to_r), str(from_w)],
+        pass_fds=(to_r, from_w), stdin=subprocess.DEVNULL, close_fds=True,
+    )
+    os.close(to_r)
+    os.close(from_w)
+    return proc, Connection(to_w, readable=False), Connection(from_r, writable=False)
+
+
 class ProducerProcess:
     """The worker's side of the producer process.
 
@@ -90,17 +106,8 @@ class ProducerProcess:
     def start(self) -> None:
         """Spawn the child (on the event loop that will await the acks)."""
         self._loop = asyncio.get_running_loop()
-        data_r, data_w = os.pipe()
-        ack_r, ack_w = os.pipe()
-        _widen(data_w)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "streams.producer_process", str(data_r), str(ack_w)],
-            pass_fds=(data_r, ack_w), stdin=subprocess.DEVNULL, close_fds=True,
-        )
-        os.close(data_r)
-        os.close(ack_w)
-        self._data = Connection(data_w, readable=False)
-        self._acks = Connection(ack_r, writable=False)
+        self.proc, self._data, self._acks = spawn_child("streams.producer_process")
+        ack_r = self._acks.fileno()
         self._data.send_bytes(pickle.dumps((self.kafka, self.max_batch_bytes)))
         self._loop.add_reader(ack_r, self._on_acks)
 

@@ -9,7 +9,8 @@ from streams.config import Settings
 
 
 def run_worker(settings: Settings, *, loglevel: str = "warning") -> int:
-    pipeline = _pipeline(settings)
+    # On the "process" pipeline path the pipeline (and its model preload) lives in the child.
+    pipeline = None if settings.pipeline_in_process else _pipeline(settings)
     import faust
 
     from streams.alerts import OUTCOMES, Deliverer, hooks_from_settings

@@ -177,6 +177,20 @@ def produce_paced(
             done.set()
 
 
+def wait_until_scored(bootstrap: str, topic: str, ids: set[str], worker, log_path, timeout: float) -> set[str]:
+    """Read the scores ``topic`` until every id of ``ids`` is there or ``timeout`` seconds passed
+    (the worker must keep running meanwhile); returns the ids scored."""
+    import orjson
+
+    deadline = time.monotonic() + timeout
+    scored: set[str] = set()
+    while time.monotonic() < deadline and not scored >= ids:
+        assert worker.poll() is None, log_path.read_text()[-3000:]
+        time.sleep(2)
+        scored = {orjson.loads(r.value)["id"] for r in read_topic(bootstrap, topic)}
+    return scored
+
+
 def worker_scored(port: int) -> float:
     """``nwatch_events_total`` of one worker process (0 until it serves /metrics)."""
     return metric_sum(port, "nwatch_events_total")

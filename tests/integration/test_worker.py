@@ -21,6 +21,7 @@ from tests.integration.conftest import (
     produce_paced,
     read_topic,
     start_worker,
+    wait_until_scored,
     worker_env,
     worker_topics,
 )
@@ -122,12 +123,7 @@ def test_a_worker_starting_on_a_backlog_of_several_partitions_scores_every_event
                      NWATCH_KAFKA__INPUT_BATCH_SIZE="1024")
     worker, log = start_worker(env, tmp_path / "worker.log")
     try:
-        deadline = time.monotonic() + 240
-        scored: set[str] = set()
-        while time.monotonic() < deadline and not scored >= ids:
-            assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
-            time.sleep(2)
-            scored = {orjson.loads(r.value)["id"] for r in read_topic(bootstrap, topics["scores"])}
+        scored = wait_until_scored(bootstrap, topics["scores"], ids, worker, tmp_path / "worker.log", 240)
     finally:
         stop_process_group(worker, timeout=30)
         log.close()
