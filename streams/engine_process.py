@@ -108,7 +108,9 @@ class EngineProcess:
             return
         self._loop = asyncio.get_running_loop()
         self.proc, self._requests, self._replies = spawn_child("streams.engine_process")
-        self._requests.send_bytes(pickle.dumps((self.settings, self.metrics is not None), protocol=PROTOCOL))
+        # The worker's log level (``nwatch run --loglevel``, set on the root logger) holds in the child too.
+        level = logging.getLogger().getEffectiveLevel()
+        self._requests.send_bytes(pickle.dumps((self.settings, self.metrics is not None, level), protocol=PROTOCOL))
         threading.Thread(target=self._read, name="nwatch-engine-read", daemon=True).start()
 
     # -- requests ------------------------------------------------------------------------
@@ -433,7 +435,8 @@ def main(argv: list[str]) -> int:
 
     configure_threads()  # as `nwatch run` does: BLAS on one thread, the collector less often
     configure_gc()
-    settings, with_metrics = pickle.loads(requests.recv_bytes())
+    settings, with_metrics, level = pickle.loads(requests.recv_bytes())
+    logging.getLogger().setLevel(level)
 
     engine = _Engine(settings, with_metrics)
     freeze_startup_objects()

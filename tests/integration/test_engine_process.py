@@ -53,12 +53,12 @@ def _engine_pid(worker: subprocess.Popen, timeout: float = 60.0) -> int:
     raise AssertionError("no pipeline process")
 
 
-def _start(broker, topics: dict[str, str], log_path, **env: str) -> tuple:
-    """``nwatch run`` on the pipeline process path: (process, log file, metrics port)."""
+def _start(broker, topics: dict[str, str], log_path, *args: str, **env: str) -> tuple:
+    """``nwatch run [args]`` on the pipeline process path: (process, log file, metrics port)."""
     port = free_port()
     env = worker_env(broker.bootstrap_servers, topics, NWATCH_METRICS__PORT=str(port),
                      NWATCH_KAFKA__PIPELINE_PATH="process", **env)
-    return *start_worker(env, log_path), port
+    return *start_worker(env, log_path, *args), port
 
 
 def test_outputs_equal_the_in_process_pipeline(broker, tmp_path):
@@ -68,7 +68,7 @@ def test_outputs_equal_the_in_process_pipeline(broker, tmp_path):
     produce_paced(bootstrap, topics["events"], lines)
     expected_ids = valid_ids(lines)
 
-    worker, log, port = _start(broker, topics, tmp_path / "worker.log")
+    worker, log, port = _start(broker, topics, tmp_path / "worker.log", "--loglevel", "info")
     try:
         engine = _engine_pid(worker)
         deadline = time.monotonic() + 200
@@ -86,6 +86,8 @@ def test_outputs_equal_the_in_process_pipeline(broker, tmp_path):
     assert code in (0, -15)
     with pytest.raises(ProcessLookupError):  # stopped with the worker
         os.kill(engine, 0)
+    # The worker's --loglevel holds in the pipeline process: its state logs a fresh start at INFO.
+    assert "no snapshot; starting afresh" in (tmp_path / "worker.log").read_text(errors="replace")
 
     # The same records as the pipeline of this process on the same events, in input order.
     pipeline = Pipeline(settings=Settings(), merge_shards=False)
