@@ -20,13 +20,10 @@ from streams import bench_kafka as bk
 from streams.bench_kafka import cpu_seconds as cpu
 from streams.bench_speed import WARMUP, load_tabular
 
-def children(pid):
-    return [int(c) for c in subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout.split()]
-
 def tasks(pid):
     # the worker's threads, and its child processes' as child:<tid>
     out = [(t, f"/proc/{pid}/task/{t}") for t in os.listdir(f"/proc/{pid}/task")]
-    for c in children(pid):
+    for c in bk.child_pids(pid):
         try:
             out += [(f"child:{t}", f"/proc/{c}/task/{t}") for t in os.listdir(f"/proc/{c}/task")]
         except OSError:

@@ -237,7 +237,7 @@ class Worker:
             )
         self.durable: DurableState | RemoteState
         if self.pipeline is None:
-            self._engine = EngineProcess(settings, metrics=metrics, on_death=self._engine_died)
+            self._engine = EngineProcess(settings, metrics=metrics, on_death=self._child_died)
             self.durable = RemoteState(self._engine, has_store=settings.state.dir is not None,
                                        interval=settings.state.snapshot_interval)
         else:
@@ -771,18 +771,14 @@ class Worker:
         """The "process" output path's child, started on first use (or as the app starts)."""
         if self._producer_process is None:
             self._producer_process = ProducerProcess(
-                self.settings.kafka, max_batch_bytes=PRODUCER_MAX_BATCH_BYTES, on_death=self._producer_died,
+                self.settings.kafka, max_batch_bytes=PRODUCER_MAX_BATCH_BYTES, on_death=self._child_died,
             )
             self._producer_process.start()
         return self._producer_process
 
-    def _engine_died(self, err: EngineDied) -> None:
-        """The pipeline process is gone: the worker stops with the error (its batches uncommitted)."""
-        if self.app is not None:
-            asyncio.ensure_future(self.app.crash(err))
-
-    def _producer_died(self, err: ProducerDied) -> None:
-        """Never silently drop outputs: the worker stops with the error (its batches uncommitted)."""
+    def _child_died(self, err: EngineDied | ProducerDied) -> None:
+        """The pipeline or producer process is gone. Never silently drop outputs: the worker
+        stops with the error (its batches uncommitted)."""
         if self.app is not None:
             asyncio.ensure_future(self.app.crash(err))
 

@@ -73,10 +73,14 @@ def saturation_rate(create_ms: list[int], *, skip: int) -> float:
     return (len(ts) - 1 - skip) / span if span > 0 else float("inf")
 
 
+def child_pids(pid: int | None) -> list[int]:
+    """The pids of a process's children."""
+    return [int(c) for c in subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout.split()]
+
+
 def tree_cpu_seconds(pid: int | None) -> float:
-    """:func:`cpu_seconds` of a process and its descendants (the worker and its producer process)."""
-    children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout.split()
-    return cpu_seconds(pid) + sum(tree_cpu_seconds(int(c)) for c in children)
+    """:func:`cpu_seconds` of a process and its descendants (the worker and its pipeline or producer process)."""
+    return cpu_seconds(pid) + sum(tree_cpu_seconds(c) for c in child_pids(pid))
 
 
 def cpu_seconds(pid: int | None) -> float:

@@ -49,7 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any
 
-from streams.producer_process import spawn_child
+from streams.producer_process import end_child, fail_pending, spawn_child
 
 log = logging.getLogger("neighbourwatch.engine")
 
@@ -203,10 +203,7 @@ class EngineProcess:
             f"the pipeline process ended (exit code {code}) with {len(self._pending)} requests "
             "unanswered; the batches it held are not acknowledged and their input offsets not committed"
         )
-        for fut in self._pending.values():
-            if not fut.done():
-                fut.set_exception(self.died)
-        self._pending.clear()
+        fail_pending(self._pending, self.died)
         log.error("%s", self.died)
         if self.on_death is not None:
             self.on_death(self.died)
@@ -221,12 +218,7 @@ class EngineProcess:
                 self._writer.submit(self._requests.send_bytes, pickle.dumps((None, "stop", ()))).result(timeout)
             except Exception:
                 pass
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log.warning("the pipeline process did not stop in %.0f s; killed", timeout)
-            self.proc.kill()
-            self.proc.wait()
+        end_child(self.proc, timeout, "pipeline process")
         for conn in (self._requests, self._replies):
             if conn is not None:
                 try:

@@ -75,6 +75,24 @@ def spawn_child(module: str) -> tuple[subprocess.Popen, Connection, Connection]:
     return proc, Connection(to_w, readable=False), Connection(from_r, writable=False)
 
 
+def fail_pending(pending: dict[int, asyncio.Future], err: Exception) -> None:
+    """Fail every future still waiting on a child that is gone (and forget them)."""
+    for fut in pending.values():
+        if not fut.done():
+            fut.set_exception(err)
+    pending.clear()
+
+
+def end_child(proc: subprocess.Popen, timeout: float, what: str) -> None:
+    """Wait for a child told to stop; killed after ``timeout`` seconds."""
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        log.warning("the %s did not stop in %.0f s; killed", what, timeout)
+        proc.kill()
+        proc.wait()
+
+
 class ProducerProcess:
     """The worker's side of the producer process.
 
@@ -149,10 +167,7 @@ class ProducerProcess:
         )
         if self._loop is not None and self._acks is not None:
             self._loop.remove_reader(self._acks.fileno())
-        for fut in self._pending.values():
-            if not fut.done():
-                fut.set_exception(self.died)
-        self._pending.clear()
+        fail_pending(self._pending, self.died)
         if not self._stopping:
             log.error("%s", self.died)
             if self.on_death is not None:
@@ -170,12 +185,7 @@ class ProducerProcess:
                 pass
             self._data.close()
             self._data = None
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log.warning("the producer process did not stop in %.0f s; killed", timeout)
-            self.proc.kill()
-            self.proc.wait()
+        end_child(self.proc, timeout, "producer process")
         if self._acks is not None:
             if self._loop is not None and not self._loop.is_closed():
                 self._loop.remove_reader(self._acks.fileno())
