@@ -1,0 +1,132 @@
+"""The worker as an operator runs it (Kubernetes, docker compose, systemd), on the real broker.
+
+The pipeline process is the default (``kafka.pipeline_path = "auto"``): ``nwatch
+run`` is two processes. What an operator relies on, each with real
+subprocesses and real signals:
+
+- SIGTERM sent to the worker alone (kubelet and ``docker stop`` signal PID 1
+  only, not its process group): the worker stops consuming, the batches in
+  flight finish and are committed, the pipeline process writes the final
+  snapshot (at the committed offset), both exit, the worker with 0.
+- SIGKILL of the worker alone (what a supervisor that is not a container
+  does after its grace period): the pipeline process does not outlive it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import psutil
+import pytest
+
+from streams.runtime import stop_process_group
+from streams.samples import sample_lines
+from streams.snapshots import SnapshotStore
+from tests.integration.conftest import (
+    free_port,
+    produce_paced,
+    start_worker,
+    worker_env,
+    worker_scored,
+    worker_topics,
+)
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def pipeline_process(worker: subprocess.Popen, timeout: float = 60.0) -> psutil.Process:
+    """The worker's pipeline process (``streams.engine_process``), once it runs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in psutil.Process(worker.pid).children():
+            try:
+                if "streams.engine_process" in " ".join(child.cmdline()):
+                    return child
+            except psutil.Error:
+                continue
+        time.sleep(0.2)
+    raise AssertionError("no pipeline process")
+
+
+def gone(proc: psutil.Process, timeout: float) -> bool:
+    """Whether ``proc`` has ended (or is a zombie) within ``timeout`` seconds."""
+    try:
+        proc.wait(timeout)
+        return True
+    except psutil.TimeoutExpired:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _running_worker(broker, tmp_path, prefix: str, **env: str) -> tuple:
+    """A worker (default settings: the pipeline process) scoring a stream paced at 300 events/s:
+    (worker, log, port, topics, state dir, stop event, producing thread), once 1000 are scored."""
+    bootstrap = broker.bootstrap_servers
+    topics = worker_topics(bootstrap, prefix)
+    lines = list(sample_lines(events=30_000, seed=41, broken=0, kinds=["transaction", "vector", "log"]))
+    stop = threading.Event()
+    producing = threading.Thread(target=produce_paced, args=(bootstrap, topics["events"], lines, 300.0),
+                                 kwargs={"stop": stop}, daemon=True)
+    producing.start()
+    state = tmp_path / "state"
+    port = free_port()
+    worker, log = start_worker(worker_env(bootstrap, topics, NWATCH_METRICS__PORT=str(port),
+                                          NWATCH_STATE__DIR=str(state), **env),
+                               tmp_path / "worker.log", "--loglevel", "info")
+    deadline = time.monotonic() + 150
+    while worker_scored(port) < 1000:
+        assert worker.poll() is None, (tmp_path / "worker.log").read_text(errors="replace")[-3000:]
+        assert time.monotonic() < deadline, "nothing scored"
+        time.sleep(0.3)
+    return worker, log, port, topics, state, stop, producing
+
+
+def test_sigterm_to_the_worker_alone_finishes_commits_and_writes_the_final_snapshot(broker, tmp_path):
+    from kafka import KafkaConsumer, TopicPartition
+
+    worker, log, _, topics, state, stop, producing = _running_worker(broker, tmp_path, "t")
+    try:
+        child = pipeline_process(worker)
+        os.kill(worker.pid, signal.SIGTERM)  # the worker only, as kubelet does; events keep coming
+        code = worker.wait(timeout=60)  # the Deployment's terminationGracePeriodSeconds
+        child_gone = gone(child, 10)
+    finally:
+        stop.set()
+        if worker.poll() is None:
+            stop_process_group(worker, timeout=30)
+        log.close()
+        producing.join(30)
+    text = (tmp_path / "worker.log").read_text(errors="replace")
+    assert code == 0, text[-3000:]
+    assert child_gone, "the pipeline process outlived the worker"
+    assert "interrupted" not in text, text[-3000:]
+
+    consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap_servers, group_id=f"g-{topics['events']}",
+                             enable_auto_commit=False)
+    committed = consumer.committed(TopicPartition(topics["events"], 0))
+    consumer.close()
+    snapshot = SnapshotStore(state / "snapshots" / f"g-{topics['events']}").load(topics["events"], 0)
+    assert snapshot is not None and committed
+    # The final snapshot covers exactly what was committed: a restart replays nothing.
+    assert snapshot.offset == committed, (snapshot.offset, committed)
+
+
+def test_sigkill_of_the_worker_alone_leaves_no_pipeline_process_behind(broker, tmp_path):
+    worker, log, _, _, _, stop, producing = _running_worker(broker, tmp_path, "o")
+    try:
+        child = pipeline_process(worker)
+        os.kill(worker.pid, signal.SIGKILL)  # not the group: the child is not signalled
+        worker.wait(timeout=30)
+        child_gone = gone(child, 10)
+    finally:
+        stop.set()
+        if not gone(child, 0):
+            child.kill()
+        log.close()
+        producing.join(30)
+    assert child_gone, "the pipeline process outlived a killed worker"
