@@ -49,12 +49,13 @@ from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any
 
-from streams.producer_process import end_child, fail_pending, spawn_child
+from streams.producer_process import child_logging, end_child, fail_pending, spawn_child
 
 log = logging.getLogger("neighbourwatch.engine")
 
 TP = tuple[str, int]
 PROTOCOL = 5
+WORKER_GONE = "the worker is gone; no final snapshot written"
 
 
 class EngineDied(RuntimeError):
@@ -397,7 +398,7 @@ class _Engine:
             try:
                 n, op, args = pickle.loads(requests.recv_bytes())
             except (EOFError, OSError):
-                log.warning("the worker is gone; no final snapshot written")
+                log.warning(WORKER_GONE)
                 return
             if op == "stop":
                 self.stop()
@@ -412,7 +413,11 @@ class _Engine:
                 value, ok = traceback.format_exc(), False
             if n is not None:
                 calls = self.recorder.take() if self.recorder is not None else []
-                replies.send_bytes(pickle.dumps((n, ok, value, calls), protocol=PROTOCOL))
+                try:
+                    replies.send_bytes(pickle.dumps((n, ok, value, calls), protocol=PROTOCOL))
+                except OSError:  # a broken pipe: the worker died while this request ran
+                    log.warning(WORKER_GONE)
+                    return
 
 
 def main(argv: list[str]) -> int:
@@ -420,7 +425,7 @@ def main(argv: list[str]) -> int:
     # whole process group (Ctrl-C, a container's stop) must not cut the final snapshot short.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    child_logging("pipeline")
     requests = Connection(int(argv[0]), writable=False)
     replies = Connection(int(argv[1]), readable=False)
     from streams.runtime import configure_gc, configure_threads, freeze_startup_objects

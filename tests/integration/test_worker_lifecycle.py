@@ -9,7 +9,10 @@ subprocesses and real signals:
   flight finish and are committed, the pipeline process writes the final
   snapshot (at the committed offset), both exit, the worker with 0.
 - SIGKILL of the worker alone (what a supervisor that is not a container
-  does after its grace period): the pipeline process does not outlive it.
+  does after its grace period): the pipeline process does not outlive it,
+  and says why it ends.
+- The pipeline process's log lines, on the stderr it shares with the worker,
+  name the process and its pid.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import time
 import psutil
 import pytest
 
+from streams.engine_process import WORKER_GONE
 from streams.runtime import stop_process_group
 from streams.samples import sample_lines
 from streams.snapshots import SnapshotStore
@@ -105,6 +109,8 @@ def test_sigterm_to_the_worker_alone_finishes_commits_and_writes_the_final_snaps
     assert code == 0, text[-3000:]
     assert child_gone, "the pipeline process outlived the worker"
     assert "interrupted" not in text, text[-3000:]
+    # The pipeline process's lines (its state's, at INFO: --loglevel holds there) name it and its pid.
+    assert f"[pipeline {child.pid}] INFO neighbourwatch.state: partition {topics['events']}[0]: no snapshot" in text
 
     consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap_servers, group_id=f"g-{topics['events']}",
                              enable_auto_commit=False)
@@ -130,3 +136,6 @@ def test_sigkill_of_the_worker_alone_leaves_no_pipeline_process_behind(broker, t
         log.close()
         producing.join(30)
     assert child_gone, "the pipeline process outlived a killed worker"
+    text = (tmp_path / "worker.log").read_text(errors="replace")
+    assert f"[pipeline {child.pid}] WARNING neighbourwatch.engine: {WORKER_GONE}" in text, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
