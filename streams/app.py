@@ -787,6 +787,13 @@ class Worker:
             self._producer_process.start()
         return self._producer_process
 
+    def child_pid(self, role: str) -> int | None:
+        """The pid of the worker's pipeline process (``"pipeline"``) or producer process
+        (``"producer"``) once started; None on the paths without one."""
+        child = self._engine if role == "pipeline" else self._producer_process
+        proc = child.proc if child is not None else None
+        return proc.pid if proc is not None else None
+
     def _child_died(self, err: EngineDied | ProducerDied) -> None:
         """The pipeline or producer process is gone. Never silently drop outputs: the worker
         stops with the error (its batches uncommitted)."""

@@ -11,6 +11,8 @@ subprocesses and real signals:
 - SIGKILL of the worker alone (what a supervisor that is not a container
   does after its grace period): the pipeline process does not outlive it,
   and says why it ends.
+- /metrics exports the pipeline process's memory, CPU and start time
+  (``nwatch_pipeline_process_*``) beside the worker's ``process_*``.
 - The pipeline process's log lines, on the stderr it shares with the worker,
   name the process and its pid.
 """
@@ -22,9 +24,11 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.request
 
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from streams.engine_process import WORKER_GONE
 from streams.runtime import stop_process_group
@@ -93,9 +97,12 @@ def _running_worker(broker, tmp_path, prefix: str, **env: str) -> tuple:
 def test_sigterm_to_the_worker_alone_finishes_commits_and_writes_the_final_snapshot(broker, tmp_path):
     from kafka import KafkaConsumer, TopicPartition
 
-    worker, log, _, topics, state, stop, producing = _running_worker(broker, tmp_path, "t")
+    worker, log, port, topics, state, stop, producing = _running_worker(broker, tmp_path, "t")
     try:
         child = pipeline_process(worker)
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        child_rss, worker_rss = child.memory_info().rss, psutil.Process(worker.pid).memory_info().rss
+        worker_start = psutil.Process(worker.pid).create_time()
         os.kill(worker.pid, signal.SIGTERM)  # the worker only, as kubelet does; events keep coming
         code = worker.wait(timeout=60)  # the Deployment's terminationGracePeriodSeconds
         child_gone = gone(child, 10)
@@ -107,6 +114,14 @@ def test_sigterm_to_the_worker_alone_finishes_commits_and_writes_the_final_snaps
         producing.join(30)
     text = (tmp_path / "worker.log").read_text(errors="replace")
     assert code == 0, text[-3000:]
+    # /metrics covers both processes: the worker's process_* and the pipeline process's own.
+    samples = {s.name: s.value for fam in text_string_to_metric_families(body) for s in fam.samples if not s.labels}
+    assert samples["nwatch_pipeline_process_start_time_seconds"] == pytest.approx(child.create_time(), abs=0.05)
+    assert samples["process_start_time_seconds"] == pytest.approx(worker_start, abs=0.05)
+    assert 0.5 < samples["nwatch_pipeline_process_resident_memory_bytes"] / child_rss < 2
+    assert 0.5 < samples["process_resident_memory_bytes"] / worker_rss < 2
+    assert samples["nwatch_pipeline_process_cpu_seconds_total"] > 0
+    assert "nwatch_producer_process_resident_memory_bytes" not in samples  # no producer process by default
     assert child_gone, "the pipeline process outlived the worker"
     assert "interrupted" not in text, text[-3000:]
     # The pipeline process's lines (its state's, at INFO: --loglevel holds there) name it and its pid.
