@@ -994,7 +994,10 @@ class Worker:
         if self.settings.state.dir is None:
             return
         try:
-            n = await self._on_pipeline(self.durable.snapshot)
+            n = await asyncio.wait_for(self._on_pipeline(self.durable.snapshot), timeout)
+        except asyncio.TimeoutError:
+            log.warning("saving the state at shutdown took over %.0f s; left to the pipeline's final snapshot", timeout)
+            return
         except EngineDied:
             return  # said already; the worker stops with that error
         except Exception:

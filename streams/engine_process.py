@@ -98,6 +98,9 @@ class EngineProcess:
         self._replies: Connection | None = None
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nwatch-engine-pipe")
         self._pending: dict[int, asyncio.Future] = {}
+        self._sent: dict[int, float] = {}  # when each request waiting was sent (monotonic), oldest first
+        self._progress: float | None = None  # when the child last answered (or said it was ready)
+        self.stall_seconds = float(settings.kafka.pipeline_stall_seconds)
         self._next = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
@@ -113,6 +116,8 @@ class EngineProcess:
         level = logging.getLogger().getEffectiveLevel()
         self._requests.send_bytes(pickle.dumps((self.settings, self.metrics is not None, level), protocol=PROTOCOL))
         threading.Thread(target=self._read, name="nwatch-engine-read", daemon=True).start()
+        if self.stall_seconds > 0:
+            self._loop.call_later(self._watch_interval(), self._watch)
 
     # -- requests ------------------------------------------------------------------------
     def request(self, op: str, *args: Any) -> asyncio.Future:
@@ -126,6 +131,7 @@ class EngineProcess:
             return fut
         n, self._next = self._next, self._next + 1
         self._pending[n] = fut
+        self._sent[n] = time.monotonic()
         self._send((n, op, args))
         return fut
 
@@ -180,7 +186,8 @@ class EngineProcess:
         except RuntimeError:  # the loop is closed: the worker is past its shutdown
             pass
 
-    def _answer(self, n: int, ok: bool, value: Any, calls: list) -> None:
+    def _answer(self, n: int | None, ok: bool, value: Any, calls: list) -> None:
+        self._progress = time.monotonic()  # n None: the child is ready (its start-up is not a stall)
         if self.metrics is not None:
             for name, args, kwargs in calls:
                 try:
@@ -188,6 +195,7 @@ class EngineProcess:
                 except Exception:  # metrics must never stop detection
                     log.exception("metrics failed")
         fut = self._pending.pop(n, None)
+        self._sent.pop(n, None)
         if fut is None or fut.done():
             return
         if ok:
@@ -195,16 +203,44 @@ class EngineProcess:
         else:
             fut.set_exception(EngineError(value))
 
-    def _gone(self) -> None:
-        """The child ended: every request waiting fails, and the worker hears of it once."""
+    def _watch_interval(self) -> float:
+        return min(5.0, self.stall_seconds / 4)
+
+    def oldest_request_age(self) -> float:
+        """Seconds the child has spent on the oldest request still unanswered: since it was sent
+        or since the child's last answer, whichever is later (0 when none waits, or before the
+        child is ready: its imports and model load are not a stall)."""
+        if not self._sent or self._progress is None:
+            return 0.0
+        return time.monotonic() - max(next(iter(self._sent.values())), self._progress)
+
+    def _watch(self) -> None:
+        """On the loop, every few seconds: a child that answers nothing for ``stall_seconds`` is
+        hung (its pipe still open, so no EOF tells): killed, and the worker stops with the error."""
         if self.died is not None or self._stopping:
             return
-        code = self.proc.poll() if self.proc is not None else None
+        age = self.oldest_request_age()
+        if age <= self.stall_seconds:
+            assert self._loop is not None
+            self._loop.call_later(self._watch_interval(), self._watch)
+            return
+        if self.proc is not None:
+            self.proc.kill()
+        self._gone(f"the pipeline process answered no request for {age:.0f} s "
+                   f"(kafka.pipeline_stall_seconds = {self.stall_seconds:g}) and was killed")
+
+    def _gone(self, why: str | None = None) -> None:
+        """The child ended (or hung: ``why``): every request waiting fails, and the worker hears of it once."""
+        if self.died is not None or self._stopping:
+            return
+        if why is None:
+            why = f"the pipeline process ended (exit code {self.proc.poll() if self.proc is not None else None})"
         self.died = EngineDied(
-            f"the pipeline process ended (exit code {code}) with {len(self._pending)} requests "
-            "unanswered; the batches it held are not acknowledged and their input offsets not committed"
+            f"{why} with {len(self._pending)} requests unanswered; the batches it held are not "
+            "acknowledged and their input offsets not committed"
         )
         fail_pending(self._pending, self.died)
+        self._sent.clear()
         log.error("%s", self.died)
         if self.on_death is not None:
             self.on_death(self.died)
@@ -219,7 +255,7 @@ class EngineProcess:
                 self._writer.submit(self._requests.send_bytes, pickle.dumps((None, "stop", ()))).result(timeout)
             except Exception:
                 pass
-        end_child(self.proc, timeout, "pipeline process")
+        end_child(self.proc, timeout if self.died is None else 10.0, "pipeline process")
         for conn in (self._requests, self._replies):
             if conn is not None:
                 try:
@@ -437,6 +473,7 @@ def main(argv: list[str]) -> int:
 
     engine = _Engine(settings, with_metrics)
     freeze_startup_objects()
+    replies.send_bytes(pickle.dumps((None, True, None, []), protocol=PROTOCOL))  # ready
     engine.serve(requests, replies)
     return 0
 

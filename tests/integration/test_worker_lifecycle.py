@@ -11,6 +11,10 @@ subprocesses and real signals:
 - SIGKILL of the worker alone (what a supervisor that is not a container
   does after its grace period): the pipeline process does not outlive it,
   and says why it ends.
+- A pipeline process that hangs (SIGSTOP here; a deadlock or a write stuck
+  on the state volume in life) is noticed: its pipe stays open, so only the
+  age of the oldest unanswered request tells. The worker kills it and exits
+  non-zero, so that its supervisor restarts it.
 - /metrics exports the pipeline process's memory, CPU and start time
   (``nwatch_pipeline_process_*``) beside the worker's ``process_*``.
 - The pipeline process's log lines, on the stderr it shares with the worker,
@@ -154,3 +158,25 @@ def test_sigkill_of_the_worker_alone_leaves_no_pipeline_process_behind(broker, t
     text = (tmp_path / "worker.log").read_text(errors="replace")
     assert f"[pipeline {child.pid}] WARNING neighbourwatch.engine: {WORKER_GONE}" in text, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
+
+
+def test_a_hung_pipeline_process_is_killed_and_the_worker_exits_non_zero(broker, tmp_path):
+    worker, log, _, _, _, stop, producing = _running_worker(
+        broker, tmp_path, "h", NWATCH_KAFKA__PIPELINE_STALL_SECONDS="5")
+    try:
+        child = pipeline_process(worker)
+        os.kill(child.pid, signal.SIGSTOP)  # alive, its pipes open, answering nothing
+        code = worker.wait(timeout=90)
+        child_gone = gone(child, 10)
+    finally:
+        stop.set()
+        if worker.poll() is None:
+            stop_process_group(worker, timeout=30)
+        if not gone(child, 0):
+            child.kill()
+        log.close()
+        producing.join(30)
+    text = (tmp_path / "worker.log").read_text(errors="replace")
+    assert code != 0, text[-3000:]
+    assert child_gone, "the hung pipeline process was left behind"
+    assert "the pipeline process answered no request for" in text, text[-3000:]
