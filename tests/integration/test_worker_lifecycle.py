@@ -15,6 +15,10 @@ subprocesses and real signals:
   on the state volume in life) is noticed: its pipe stays open, so only the
   age of the oldest unanswered request tells. The worker kills it and exits
   non-zero, so that its supervisor restarts it.
+- As PID 1 of a PID namespace (a container without an init) the kernel drops
+  every signal the process has no handler for: ``nwatch run`` handles SIGTERM
+  from its first instruction, and the image's entrypoint (deploy/Dockerfile)
+  puts tini in front of it, so a SIGTERM at once after the start stops it.
 - /metrics exports the pipeline process's memory, CPU and start time
   (``nwatch_pipeline_process_*``) beside the worker's ``process_*``.
 - The pipeline process's log lines, on the stderr it shares with the worker,
@@ -23,12 +27,18 @@ subprocesses and real signals:
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 import signal
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import psutil
 import pytest
@@ -48,6 +58,9 @@ from tests.integration.conftest import (
 )
 
 pytestmark = pytest.mark.timeout(300)
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
 
 
 def pipeline_process(worker: subprocess.Popen, timeout: float = 60.0) -> psutil.Process:
@@ -180,3 +193,61 @@ def test_a_hung_pipeline_process_is_killed_and_the_worker_exits_non_zero(broker,
     assert code != 0, text[-3000:]
     assert child_gone, "the hung pipeline process was left behind"
     assert "the pipeline process answered no request for" in text, text[-3000:]
+
+
+def _as_pid_1(command: list[str], **env: str) -> subprocess.Popen:
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare for a PID namespace")
+    return subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", *command], cwd=ROOT,
+                            env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _pid_1(outer: subprocess.Popen) -> int:
+    """The host pid of the namespace's PID 1 (unshare's child)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        children = psutil.Process(outer.pid).children()
+        if children:
+            return children[0].pid
+        time.sleep(0.005)
+    raise AssertionError("unshare started nothing")
+
+
+def test_nwatch_run_as_pid_1_honours_sigterm_from_its_start():
+    # The worker is replaced by one that signals itself before doing anything (faust has
+    # installed nothing yet): only the handler nwatch installs first keeps the signal.
+    code = ("import os, signal, sys, time\n"
+            "from streams import cli\n"
+            "def run(args):\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(60)\n"
+            "    return 0\n"
+            "cli.cmd_run = run\n"
+            "sys.exit(cli.main(['run']))\n")
+    outer = _as_pid_1([sys.executable, "-c", code])
+    try:
+        rc = outer.wait(timeout=30)
+    finally:
+        if outer.poll() is None:
+            outer.kill()
+    assert rc == 128 + signal.SIGTERM, outer.stdout.read().decode(errors="replace")[-2000:]
+
+
+def test_the_image_entrypoint_stops_the_worker_on_an_early_sigterm(broker):
+    entrypoint = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", (DEPLOY / "Dockerfile").read_text(), re.M).group(1))
+    cmd = json.loads(re.search(r"^CMD (\[.*\])$", (DEPLOY / "Dockerfile").read_text(), re.M).group(1))
+    init = entrypoint[0]
+    if entrypoint[:-1] and not shutil.which(Path(init).name):
+        pytest.skip(f"{init} not installed (./dev test installs Debian's tini)")
+    nwatch = str(Path(sys.executable).with_name("nwatch"))
+    command = [shutil.which(Path(a).name) or a for a in entrypoint[:-1]] + [nwatch, *cmd]
+    # a reachable broker: the worker would run on for good if the signal were lost
+    outer = _as_pid_1(command, NWATCH_KAFKA__BOOTSTRAP_SERVERS=broker.bootstrap_servers, NWATCH_METRICS__PORT="0",
+                      NWATCH_STATE__DIR=tempfile.mkdtemp(prefix="nwatch-pid1-"))
+    try:
+        os.kill(_pid_1(outer), signal.SIGTERM)  # at once, as a pod deleted right after it started
+        rc = outer.wait(timeout=30)
+    finally:
+        if outer.poll() is None:
+            outer.kill()
+    assert rc in (0, 128 + signal.SIGTERM), outer.stdout.read().decode(errors="replace")[-2000:]
