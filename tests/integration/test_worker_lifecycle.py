@@ -45,10 +45,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from streams.engine_process import WORKER_GONE
-from streams.runtime import stop_process_group
 from streams.samples import sample_lines
 from streams.snapshots import SnapshotStore
 from tests.integration.conftest import (
+    end_run,
     free_port,
     produce_paced,
     start_worker,
@@ -124,11 +124,7 @@ def test_sigterm_to_the_worker_alone_finishes_commits_and_writes_the_final_snaps
         code = worker.wait(timeout=60)  # the Deployment's terminationGracePeriodSeconds
         child_gone = gone(child, 10)
     finally:
-        stop.set()
-        if worker.poll() is None:
-            stop_process_group(worker, timeout=30)
-        log.close()
-        producing.join(30)
+        end_run(worker, log, stop, producing)
     text = (tmp_path / "worker.log").read_text(errors="replace")
     assert code == 0, text[-3000:]
     # /metrics covers both processes: the worker's process_* and the pipeline process's own.
@@ -162,11 +158,9 @@ def test_sigkill_of_the_worker_alone_leaves_no_pipeline_process_behind(broker, t
         worker.wait(timeout=30)
         child_gone = gone(child, 10)
     finally:
-        stop.set()
         if not gone(child, 0):
             child.kill()
-        log.close()
-        producing.join(30)
+        end_run(worker, log, stop, producing)
     assert child_gone, "the pipeline process outlived a killed worker"
     text = (tmp_path / "worker.log").read_text(errors="replace")
     assert f"[pipeline {child.pid}] WARNING neighbourwatch.engine: {WORKER_GONE}" in text, text[-3000:]
@@ -182,13 +176,9 @@ def test_a_hung_pipeline_process_is_killed_and_the_worker_exits_non_zero(broker,
         code = worker.wait(timeout=90)
         child_gone = gone(child, 10)
     finally:
-        stop.set()
-        if worker.poll() is None:
-            stop_process_group(worker, timeout=30)
         if not gone(child, 0):
             child.kill()
-        log.close()
-        producing.join(30)
+        end_run(worker, log, stop, producing)
     text = (tmp_path / "worker.log").read_text(errors="replace")
     assert code != 0, text[-3000:]
     assert child_gone, "the hung pipeline process was left behind"
