@@ -991,8 +991,8 @@ class Worker:
             except asyncio.TimeoutError:
                 log.warning("the batches in flight did not finish in %.0f s; they are processed again "
                             "after the restart (their offsets are not committed)", timeout)
-        if self.settings.state.dir is None:
-            return
+        if self.settings.state.dir is None or (self._engine is not None and self._engine.proc is None):
+            return  # nothing to save (or the pipeline process never started)
         try:
             n = await asyncio.wait_for(self._on_pipeline(self.durable.snapshot), timeout)
         except asyncio.TimeoutError:
