@@ -234,7 +234,15 @@ class EngineProcess:
         if self.died is not None or self._stopping:
             return
         if why is None:
-            why = f"the pipeline process ended (exit code {self.proc.poll() if self.proc is not None else None})"
+            code = None
+            if self.proc is not None:
+                try:  # its pipes close before it can be reaped: a moment for the exit code
+                    code = self.proc.wait(timeout=2)
+                except subprocess.TimeoutExpired:
+                    pass
+            # The OOM killer picks the biggest process of a container at its memory limit: this one.
+            hint = ": SIGKILL, as the OOM killer sends at a memory limit" if code == -signal.SIGKILL else ""
+            why = f"the pipeline process ended (exit code {code}{hint})"
         self.died = EngineDied(
             f"{why} with {len(self._pending)} requests unanswered; the batches it held are not "
             "acknowledged and their input offsets not committed"

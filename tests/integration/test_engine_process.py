@@ -143,7 +143,7 @@ def test_a_killed_pipeline_process_stops_the_worker_and_nothing_unproduced_is_co
         end_run(worker, log, stop, producing)
     text = (tmp_path / "worker.log").read_text(errors="replace")
     assert code != 0, text[-3000:]
-    assert "the pipeline process ended" in text, text[-3000:]
+    assert "the pipeline process ended (exit code -9: SIGKILL, as the OOM killer sends" in text, text[-3000:]
 
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=f"g-{topics['events']}", enable_auto_commit=False)
     committed = consumer.committed(TopicPartition(topics["events"], 0)) or 0
