@@ -169,7 +169,7 @@ def test_sigkill_of_the_worker_alone_leaves_no_pipeline_process_behind(broker, t
 
 def test_a_hung_pipeline_process_is_killed_and_the_worker_exits_non_zero(broker, tmp_path):
     worker, log, _, _, _, stop, producing = _running_worker(
-        broker, tmp_path, "h", NWATCH_KAFKA__PIPELINE_STALL_SECONDS="5")
+        broker, tmp_path, "h", NWATCH_KAFKA__PIPELINE_STALL_SECONDS="20")
     try:
         child = pipeline_process(worker)
         os.kill(child.pid, signal.SIGSTOP)  # alive, its pipes open, answering nothing
@@ -188,7 +188,8 @@ def test_a_hung_pipeline_process_is_killed_and_the_worker_exits_non_zero(broker,
 def _as_pid_1(command: list[str], **env: str) -> subprocess.Popen:
     if os.geteuid() != 0 or not shutil.which("unshare"):
         pytest.skip("needs root and unshare for a PID namespace")
-    return subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", *command], cwd=ROOT,
+    # --kill-child: the namespace (its PID 1 and so every process in it) ends with unshare
+    return subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", *command], cwd=ROOT,
                             env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
@@ -223,19 +224,27 @@ def test_nwatch_run_as_pid_1_honours_sigterm_from_its_start():
     assert rc == 128 + signal.SIGTERM, outer.stdout.read().decode(errors="replace")[-2000:]
 
 
-def test_the_image_entrypoint_stops_the_worker_on_an_early_sigterm(broker):
-    entrypoint = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", (DEPLOY / "Dockerfile").read_text(), re.M).group(1))
-    cmd = json.loads(re.search(r"^CMD (\[.*\])$", (DEPLOY / "Dockerfile").read_text(), re.M).group(1))
-    init = entrypoint[0]
-    if entrypoint[:-1] and not shutil.which(Path(init).name):
-        pytest.skip(f"{init} not installed (./dev test installs Debian's tini)")
+def test_the_image_entrypoint_puts_an_init_before_the_worker_and_forwards_sigterm(broker):
+    text = (DEPLOY / "Dockerfile").read_text()
+    entrypoint = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", text, re.M).group(1))
+    cmd = json.loads(re.search(r"^CMD (\[.*\])$", text, re.M).group(1))
+    assert entrypoint[-1] == "nwatch" and len(entrypoint) > 1, "the worker must not be PID 1: an init first"
+    if not shutil.which(Path(entrypoint[0]).name):
+        pytest.skip(f"{entrypoint[0]} not installed (./dev test installs Debian's tini)")
     nwatch = str(Path(sys.executable).with_name("nwatch"))
     command = [shutil.which(Path(a).name) or a for a in entrypoint[:-1]] + [nwatch, *cmd]
     # a reachable broker: the worker would run on for good if the signal were lost
     outer = _as_pid_1(command, NWATCH_KAFKA__BOOTSTRAP_SERVERS=broker.bootstrap_servers, NWATCH_METRICS__PORT="0",
                       NWATCH_STATE__DIR=tempfile.mkdtemp(prefix="nwatch-pid1-"))
     try:
-        os.kill(_pid_1(outer), signal.SIGTERM)  # at once, as a pod deleted right after it started
+        init = psutil.Process(_pid_1(outer))
+        deadline = time.monotonic() + 10
+        # tini blocks the signals it forwards before it starts the worker: once the worker is
+        # its child, a SIGTERM to PID 1 is kept (even while the worker itself handles none yet)
+        while not (init.children() and Path(init.exe()).name == Path(entrypoint[0]).name):
+            assert time.monotonic() < deadline, f"PID 1 is {init.exe()} with no child"
+            time.sleep(0.001)
+        os.kill(init.pid, signal.SIGTERM)  # as kubelet does, at once: the worker may not handle it yet
         rc = outer.wait(timeout=30)
     finally:
         if outer.poll() is None:
