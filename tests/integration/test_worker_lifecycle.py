@@ -17,8 +17,8 @@ subprocesses and real signals:
   non-zero, so that its supervisor restarts it.
 - As PID 1 of a PID namespace (a container without an init) the kernel drops
   every signal the process has no handler for: ``nwatch run`` handles SIGTERM
-  from its first instruction, and the image's entrypoint (deploy/Dockerfile)
-  puts tini in front of it, so a SIGTERM at once after the start stops it.
+  as its main() starts (before faust's handler, 0.5-1 s later), and the image's
+  entrypoint (deploy/Dockerfile) puts tini in front of it, which forwards it.
 - /metrics exports the pipeline process's memory, CPU and start time
   (``nwatch_pipeline_process_*``) beside the worker's ``process_*``.
 - The pipeline process's log lines, on the stderr it shares with the worker,
