@@ -83,6 +83,10 @@ PRODUCER_MAX_BATCH_BYTES = 512 * 1024
 # Consumer lag is read this often: cheap (cached high-water marks) and fine
 # enough for a dashboard that scrapes every 15 s.
 LAG_INTERVAL_SECONDS = 5.0
+# At shutdown (SIGTERM) the batches in flight get this long to finish (outputs
+# acknowledged, offsets committed) before the final snapshot; well inside the
+# Deployment's terminationGracePeriodSeconds (60) and compose's stop_grace_period.
+DRAIN_SECONDS = 20.0
 
 
 def broker_credentials(k: KafkaSettings) -> Any:
@@ -222,6 +226,8 @@ class Worker:
         self._input_opening: asyncio.Future | None = None  # its start, begun as the faust app starts
         self._inflight: deque[tuple[asyncio.Future, dict]] = deque()  # its batches between fetch and commit
         self._assigned: set[Any] = set()  # its partitions (aiokafka TopicPartition), as its rebalance listener saw
+        self._input_stopping: asyncio.Event | None = None  # set at shutdown: its loop begins no new batch
+        self._input_drained: asyncio.Future | None = None  # done once its batches in flight are committed
         self._merging = False  # this worker holds the shard-summaries partition and its merge state
         self._issue_lock = asyncio.Lock()  # output topics declared for the direct produce path
         self._producer_process: ProducerProcess | None = None  # the "process" output path's child
@@ -334,6 +340,11 @@ class Worker:
                 self._merging = False  # rebuilt from the topic if it comes back
                 await asyncio.get_running_loop().run_in_executor(self._pipeline_executor(), self.pipeline.mergers.clear)
             await self._on_pipeline(self.durable.release, tps)
+
+        @app.on_before_shutdown.connect
+        async def drain(_app: Any, **_: Any) -> None:
+            # faust has paused its consumer and waited for its agents; its producer still runs
+            await self.finish()
 
         @app.on_partitions_assigned.connect
         async def fetch_wait(sender: Any, assigned: Any = None, **_: Any) -> None:
@@ -776,6 +787,13 @@ class Worker:
             self._producer_process.start()
         return self._producer_process
 
+    def child_pid(self, role: str) -> int | None:
+        """The pid of the worker's pipeline process (``"pipeline"``) or producer process
+        (``"producer"``) once started; None on the paths without one."""
+        child = self._engine if role == "pipeline" else self._producer_process
+        proc = child.proc if child is not None else None
+        return proc.pid if proc is not None else None
+
     def _child_died(self, err: EngineDied | ProducerDied) -> None:
         """The pipeline or producer process is gone. Never silently drop outputs: the worker
         stops with the error (its batches uncommitted)."""
@@ -909,11 +927,15 @@ class Worker:
         consumer = await self.open_input()
         log.info("neighbourwatch worker consuming %s in batches", ", ".join(self.settings.kafka.input_topics))
         inflight = self._inflight
+        stopping = self._input_stopping = asyncio.Event()
+        drained = self._input_drained = asyncio.get_running_loop().create_future()
         try:
-            while True:
+            while not stopping.is_set():
                 batches = await consumer.getmany(
                     timeout_ms=int(BATCH_WAIT_SECONDS * 1000), max_records=self.settings.kafka.input_batch_size
                 )
+                if stopping.is_set():
+                    break  # records fetched but not begun: not committed, the partition's next owner has them
                 while inflight and inflight[0][0].done():
                     await self._finish_oldest(consumer)
                 if self.durable.due():
@@ -938,11 +960,50 @@ class Worker:
                 inflight.append((asyncio.ensure_future(self.handle_records(records, timestamp_ms=True)), offsets))
                 while len(inflight) >= MAX_BATCHES_IN_FLIGHT:
                     await self._finish_oldest(consumer)
+            # Shutdown (:meth:`finish`): the batches in flight finish and are committed while the
+            # partitions are still this worker's; the consumer leaves the group when the app
+            # cancels this task, after the final snapshot.
+            while inflight:
+                await self._finish_oldest(consumer)
+            drained.set_result(None)
+            await asyncio.Event().wait()
         finally:
+            if not drained.done():
+                drained.set_result(None)
             while inflight:
                 inflight.popleft()[0].cancel()  # not committed: processed again after a restart (at least once)
             self._input_consumer = None
             await consumer.stop()
+
+    async def finish(self, timeout: float = DRAIN_SECONDS) -> None:
+        """At shutdown, before faust stops its producer: begin no new batch, let those in flight
+        finish (outputs acknowledged, offsets committed; at most ``timeout`` seconds), then write
+        the snapshot of every partition while the group still assigns them to this worker.
+
+        Without it the batches in flight were cancelled at SIGTERM and the final snapshot was
+        refused (a batch in flight), so a restart replayed since the last interval's snapshot.
+        """
+        if self._input_stopping is not None:
+            self._input_stopping.set()
+            assert self._input_drained is not None
+            try:
+                await asyncio.wait_for(asyncio.shield(self._input_drained), timeout)
+            except asyncio.TimeoutError:
+                log.warning("the batches in flight did not finish in %.0f s; they are processed again "
+                            "after the restart (their offsets are not committed)", timeout)
+        if self.settings.state.dir is None or (self._engine is not None and self._engine.proc is None):
+            return  # nothing to save (or the pipeline process never started)
+        try:
+            n = await asyncio.wait_for(self._on_pipeline(self.durable.snapshot), timeout)
+        except asyncio.TimeoutError:
+            log.warning("saving the state at shutdown took over %.0f s; left to the pipeline's final snapshot", timeout)
+            return
+        except EngineDied:
+            return  # said already; the worker stops with that error
+        except Exception:
+            log.exception("saving the state at shutdown failed")
+            return
+        log.info("shutdown: batches in flight finished, the state of %d partitions saved", n)
 
     async def observe_lag(self) -> None:
         """``nwatch_consumer_lag``: high-water mark minus position, per assigned input partition.

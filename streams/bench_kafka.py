@@ -131,8 +131,9 @@ async def _bare_loop(bootstrap: str, source: str, target: str) -> None:
 class _Run:
     """One worker on fresh topics of the broker."""
 
-    def __init__(self, bootstrap: str, design: tuple[str, ...], log_dir: Path) -> None:
+    def __init__(self, bootstrap: str, design: tuple[str, ...], log_dir: Path, cpus: str | None = None) -> None:
         self.bootstrap = bootstrap
+        self.cpus = cpus  # a taskset CPU list the worker (and its children) is pinned to
         self.input_path, self.output_path = design[:2]
         self.pipeline_path = design[2] if len(design) > 2 else "thread"
         suffix = uuid.uuid4().hex[:8]
@@ -170,6 +171,8 @@ class _Run:
             command = [sys.executable, "-c", "import asyncio, sys; from streams.bench_kafka import _bare_loop; "
                        "asyncio.run(_bare_loop(*sys.argv[1:4]))",
                        self.bootstrap, t["events"], t["scores"]]
+        if self.cpus:
+            command = ["taskset", "-c", self.cpus, *command]
         self.proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
 
@@ -238,8 +241,8 @@ async def _read_until(consumer: Any, count: int, timeout: float, seen: dict[str,
 
 
 async def _saturation(bootstrap: str, design: tuple[str, ...], lines: list[bytes], log_dir: Path, timeout: float,
-                      broker_pid: int | None = None) -> dict[str, Any]:
-    run = _Run(bootstrap, design, log_dir)
+                      broker_pid: int | None = None, cpus: str | None = None) -> dict[str, Any]:
+    run = _Run(bootstrap, design, log_dir, cpus)
     p = await _producer(bootstrap, linger_ms=20)
     futs = [await p.send(run.topics["events"], line, key=b"tab") for line in lines]
     await asyncio.gather(*futs)

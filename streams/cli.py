@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -258,13 +259,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminated(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.func is cmd_run:
+        # As a container's PID 1 (`docker run` without --init, a Kubernetes pod without
+        # an init in the image) the kernel drops every signal the process has no handler
+        # for: a SIGTERM before faust installs its own (start-up, ~1 s) was lost, and the
+        # stop waited out the whole grace period for a SIGKILL. Until faust takes over,
+        # SIGTERM ends the worker at once (nothing started yet that needs saving).
+        signal.signal(signal.SIGTERM, _terminated)
     from streams.runtime import configure_gc, configure_threads
 
     configure_threads()
     configure_gc()
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except ValidationError as err:

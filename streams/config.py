@@ -187,6 +187,14 @@ class KafkaSettings(_Frozen):
     # is given a pipeline object or an on_batch callback (library use), then
     # "thread".
     pipeline_path: Literal["auto", "thread", "process"] = "auto"
+    # The pipeline process must answer each request (a batch, a take-over, a
+    # snapshot) within this many seconds, or the worker kills it and stops with
+    # an error (exit 1) so that its supervisor restarts it: a hung child (a
+    # deadlock, a write stuck on the state volume) otherwise holds its
+    # partitions while the worker, its heartbeats and /metrics look healthy. The
+    # slowest legitimate request is the first batch of text while the model
+    # loads (~15 s on 2 cores). 0: never.
+    pipeline_stall_seconds: float = Field(300.0, ge=0)
     group_id: str = "neighbourwatch"
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None

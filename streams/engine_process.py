@@ -49,12 +49,13 @@ from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any
 
-from streams.producer_process import end_child, fail_pending, spawn_child
+from streams.producer_process import child_logging, end_child, fail_pending, spawn_child
 
 log = logging.getLogger("neighbourwatch.engine")
 
 TP = tuple[str, int]
 PROTOCOL = 5
+WORKER_GONE = "the worker is gone; no final snapshot written"
 
 
 class EngineDied(RuntimeError):
@@ -97,6 +98,9 @@ class EngineProcess:
         self._replies: Connection | None = None
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nwatch-engine-pipe")
         self._pending: dict[int, asyncio.Future] = {}
+        self._sent: dict[int, float] = {}  # when each request waiting was sent (monotonic), oldest first
+        self._progress: float | None = None  # when the child last answered (or said it was ready)
+        self.stall_seconds = float(settings.kafka.pipeline_stall_seconds)
         self._next = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
@@ -112,6 +116,8 @@ class EngineProcess:
         level = logging.getLogger().getEffectiveLevel()
         self._requests.send_bytes(pickle.dumps((self.settings, self.metrics is not None, level), protocol=PROTOCOL))
         threading.Thread(target=self._read, name="nwatch-engine-read", daemon=True).start()
+        if self.stall_seconds > 0:
+            self._loop.call_later(self._watch_interval(), self._watch)
 
     # -- requests ------------------------------------------------------------------------
     def request(self, op: str, *args: Any) -> asyncio.Future:
@@ -125,6 +131,7 @@ class EngineProcess:
             return fut
         n, self._next = self._next, self._next + 1
         self._pending[n] = fut
+        self._sent[n] = time.monotonic()
         self._send((n, op, args))
         return fut
 
@@ -179,7 +186,8 @@ class EngineProcess:
         except RuntimeError:  # the loop is closed: the worker is past its shutdown
             pass
 
-    def _answer(self, n: int, ok: bool, value: Any, calls: list) -> None:
+    def _answer(self, n: int | None, ok: bool, value: Any, calls: list) -> None:
+        self._progress = time.monotonic()  # n None: the child is ready (its start-up is not a stall)
         if self.metrics is not None:
             for name, args, kwargs in calls:
                 try:
@@ -187,6 +195,7 @@ class EngineProcess:
                 except Exception:  # metrics must never stop detection
                     log.exception("metrics failed")
         fut = self._pending.pop(n, None)
+        self._sent.pop(n, None)
         if fut is None or fut.done():
             return
         if ok:
@@ -194,16 +203,52 @@ class EngineProcess:
         else:
             fut.set_exception(EngineError(value))
 
-    def _gone(self) -> None:
-        """The child ended: every request waiting fails, and the worker hears of it once."""
+    def _watch_interval(self) -> float:
+        return min(5.0, self.stall_seconds / 4)
+
+    def oldest_request_age(self) -> float:
+        """Seconds the child has spent on the oldest request still unanswered: since it was sent
+        or since the child's last answer, whichever is later (0 when none waits, or before the
+        child is ready: its imports and model load are not a stall)."""
+        if not self._sent or self._progress is None:
+            return 0.0
+        return time.monotonic() - max(next(iter(self._sent.values())), self._progress)
+
+    def _watch(self) -> None:
+        """On the loop, every few seconds: a child that answers nothing for ``stall_seconds`` is
+        hung (its pipe still open, so no EOF tells): killed, and the worker stops with the error."""
         if self.died is not None or self._stopping:
             return
-        code = self.proc.poll() if self.proc is not None else None
+        age = self.oldest_request_age()
+        if age <= self.stall_seconds:
+            assert self._loop is not None
+            self._loop.call_later(self._watch_interval(), self._watch)
+            return
+        if self.proc is not None:
+            self.proc.kill()
+        self._gone(f"the pipeline process answered no request for {age:.0f} s "
+                   f"(kafka.pipeline_stall_seconds = {self.stall_seconds:g}) and was killed")
+
+    def _gone(self, why: str | None = None) -> None:
+        """The child ended (or hung: ``why``): every request waiting fails, and the worker hears of it once."""
+        if self.died is not None or self._stopping:
+            return
+        if why is None:
+            code = None
+            if self.proc is not None:
+                try:  # its pipes close before it can be reaped: a moment for the exit code
+                    code = self.proc.wait(timeout=2)
+                except subprocess.TimeoutExpired:
+                    pass
+            # The OOM killer picks the biggest process of a container at its memory limit: this one.
+            hint = ": SIGKILL, as the OOM killer sends at a memory limit" if code == -signal.SIGKILL else ""
+            why = f"the pipeline process ended (exit code {code}{hint})"
         self.died = EngineDied(
-            f"the pipeline process ended (exit code {code}) with {len(self._pending)} requests "
-            "unanswered; the batches it held are not acknowledged and their input offsets not committed"
+            f"{why} with {len(self._pending)} requests unanswered; the batches it held are not "
+            "acknowledged and their input offsets not committed"
         )
         fail_pending(self._pending, self.died)
+        self._sent.clear()
         log.error("%s", self.died)
         if self.on_death is not None:
             self.on_death(self.died)
@@ -218,7 +263,7 @@ class EngineProcess:
                 self._writer.submit(self._requests.send_bytes, pickle.dumps((None, "stop", ()))).result(timeout)
             except Exception:
                 pass
-        end_child(self.proc, timeout, "pipeline process")
+        end_child(self.proc, timeout if self.died is None else 10.0, "pipeline process")
         for conn in (self._requests, self._replies):
             if conn is not None:
                 try:
@@ -397,7 +442,7 @@ class _Engine:
             try:
                 n, op, args = pickle.loads(requests.recv_bytes())
             except (EOFError, OSError):
-                log.warning("the worker is gone; no final snapshot written")
+                log.warning(WORKER_GONE)
                 return
             if op == "stop":
                 self.stop()
@@ -412,7 +457,11 @@ class _Engine:
                 value, ok = traceback.format_exc(), False
             if n is not None:
                 calls = self.recorder.take() if self.recorder is not None else []
-                replies.send_bytes(pickle.dumps((n, ok, value, calls), protocol=PROTOCOL))
+                try:
+                    replies.send_bytes(pickle.dumps((n, ok, value, calls), protocol=PROTOCOL))
+                except OSError:  # a broken pipe: the worker died while this request ran
+                    log.warning(WORKER_GONE)
+                    return
 
 
 def main(argv: list[str]) -> int:
@@ -420,7 +469,7 @@ def main(argv: list[str]) -> int:
     # whole process group (Ctrl-C, a container's stop) must not cut the final snapshot short.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    child_logging("pipeline")
     requests = Connection(int(argv[0]), writable=False)
     replies = Connection(int(argv[1]), readable=False)
     from streams.runtime import configure_gc, configure_threads, freeze_startup_objects
@@ -432,6 +481,7 @@ def main(argv: list[str]) -> int:
 
     engine = _Engine(settings, with_metrics)
     freeze_startup_objects()
+    replies.send_bytes(pickle.dumps((None, True, None, []), protocol=PROTOCOL))  # ready
     engine.serve(requests, replies)
     return 0
 

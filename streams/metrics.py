@@ -74,7 +74,7 @@ from importlib import metadata
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, exposition
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, exposition
 from prometheus_client.metrics_core import HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
@@ -366,6 +366,10 @@ class Metrics:
         self._lock = threading.Lock()  # admission of new source labels only
         self._topics_seen: set[str] = set()
         self._encoders: dict[str, str] = {}
+        # This process's process_* (resident memory, CPU seconds, start time, open files), as
+        # every Prometheus client exports them; child processes' come from track_process.
+        ProcessCollector(registry=self.registry)
+        self._processes: set[str] = set()
 
         sk = ("source", "kind")
         common: dict[str, Any] = {"namespace": namespace, "registry": self.registry}
@@ -612,6 +616,16 @@ class Metrics:
             self.consumer_lag.remove(topic, str(partition))
         except KeyError:
             pass
+
+    def track_process(self, name: str, pid: Callable[[], int | None]) -> None:
+        """Export a child process's ``process_*`` as ``<namespace>_<name>_process_*``
+        (``nwatch_pipeline_process_resident_memory_bytes``, ``..._cpu_seconds_total``,
+        ``..._start_time_seconds``, ...), read from /proc at each scrape: the worker's own
+        ``process_*`` do not cover it. Nothing while ``pid()`` is None or the process is gone."""
+        if name in self._processes:
+            return
+        self._processes.add(name)
+        ProcessCollector(namespace=f"{self.namespace}_{name}", pid=lambda: pid() or "-", registry=self.registry)
 
     def init_deliveries(self, hooks: Iterable[str], outcomes: Iterable[str]) -> None:
         """Export ``nwatch_alert_deliveries_total`` at 0 for every hook and outcome.

@@ -75,6 +75,12 @@ def spawn_child(module: str) -> tuple[subprocess.Popen, Connection, Connection]:
     return proc, Connection(to_w, readable=False), Connection(from_r, writable=False)
 
 
+def child_logging(role: str, level: int = logging.WARNING) -> None:
+    """A child process's log lines, on the stderr it shares with the worker, say which process
+    wrote them: ``[pipeline 1234]`` (the worker's own lines carry its pid as faust writes them)."""
+    logging.basicConfig(level=level, format=f"%(asctime)s [{role} %(process)d] %(levelname)s %(name)s: %(message)s")
+
+
 def fail_pending(pending: dict[int, asyncio.Future], err: Exception) -> None:
     """Fail every future still waiting on a child that is gone (and forget them)."""
     for fut in pending.values():
@@ -307,7 +313,7 @@ def main(argv: list[str]) -> int:
     # whole process group (Ctrl-C, a container's stop) must not cut a batch short.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    child_logging("producer")
     data = Connection(int(argv[0]), writable=False)
     acks = Connection(int(argv[1]), readable=False)
     asyncio.run(_child(data, acks))

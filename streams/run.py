@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 
@@ -27,6 +28,8 @@ def run_worker(settings: Settings, *, loglevel: str = "warning") -> int:
     server = start_http_server(metrics, host=settings.metrics.host, port=settings.metrics.port)
     logging.getLogger("neighbourwatch").warning("metrics on %s", server.url)
     worker = Worker(settings=settings, pipeline=pipeline, metrics=metrics)
+    for role in ("pipeline", "producer"):  # their memory and CPU, beside the worker's own process_*
+        metrics.track_process(role, functools.partial(worker.child_pid, role))
     hooks = hooks_from_settings(settings.alerts, timeout=settings.alerts.timeout)
     if hooks:
         metrics.init_deliveries([hook.name for hook in hooks], OUTCOMES)

@@ -9,6 +9,7 @@ against what the worker really exports (:func:`exported_series`).
 from __future__ import annotations
 
 import io
+import os
 import json
 import re
 from collections.abc import Iterator
@@ -127,6 +128,8 @@ def exported_series() -> dict[str, tuple[str, set[str]]]:
     metrics.observe_snapshot_time("nwatch.events", 0, 0.0)
     metrics.observe_restore(1, 0, 10)
     metrics.observe_merge("cards", "transaction", merged=4, waiting=1, statistic=0.5, threshold=9.0)
+    for child in ("pipeline", "producer"):  # nwatch run tracks its children; this process stands in
+        metrics.track_process(child, os.getpid)
 
     out: dict[str, tuple[str, set[str]]] = {}
     for family in metrics.registry.collect():

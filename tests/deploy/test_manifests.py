@@ -109,7 +109,7 @@ def test_dockerfile_installs_like_dev_and_runs_unprivileged():
     assert re.search(r'pip install "pip==26\.3"', text)
     assert "-c /src/requirements.lock" in steps[torch] and "-c /src/requirements.lock" in steps[project]
     assert "torch==2.13.0+cpu" in (ROOT / "requirements.lock").read_text()
-    for needed in ("HF_HUB_OFFLINE=1", "NWATCH_METRICS__HOST=0.0.0.0", "USER 10001", 'ENTRYPOINT ["nwatch"]',
+    for needed in ("HF_HUB_OFFLINE=1", "NWATCH_METRICS__HOST=0.0.0.0", "USER 10001", 'ENTRYPOINT ["/usr/bin/tini", "--", "nwatch"]',
                    'CMD ["run"]', "EXPOSE 9650"):
         assert needed in text, needed
     for copied in re.findall(r"^COPY (?!--from)(.+) \S+$", text, flags=re.M):

@@ -239,6 +239,18 @@ def worker_env(bootstrap: str, topics: dict[str, str], **extra: str) -> dict[str
     return env
 
 
+def end_run(worker, log, stop: threading.Event, producing: threading.Thread) -> None:
+    """After a test's worker (``start_worker``) ran beside a paced producer (``produce_paced``):
+    stop producing, stop the worker's process group if it still runs, close its log."""
+    from streams.runtime import stop_process_group
+
+    stop.set()
+    if worker.poll() is None:
+        stop_process_group(worker, timeout=30)
+    log.close()
+    producing.join(30)
+
+
 def start_worker(env: dict[str, str], log_path, *args: str) -> tuple:
     """``nwatch run [args]`` as a child process in its own group; returns (process, open log file)."""
     import subprocess

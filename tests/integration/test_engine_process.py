@@ -25,6 +25,7 @@ from streams.pipeline import Pipeline
 from streams.runtime import stop_process_group
 from streams.samples import BROKEN_LINES, sample_lines, valid_ids
 from tests.integration.conftest import (
+    end_run,
     free_port,
     produce_paced,
     read_topic,
@@ -139,14 +140,10 @@ def test_a_killed_pipeline_process_stops_the_worker_and_nothing_unproduced_is_co
         os.kill(engine, signal.SIGKILL)  # mid-stream: events keep coming at 400 a second
         code = worker.wait(timeout=60)  # the worker stops by itself
     finally:
-        stop.set()
-        if worker.poll() is None:
-            stop_process_group(worker, timeout=30)
-        log.close()
-        producing.join(30)
+        end_run(worker, log, stop, producing)
     text = (tmp_path / "worker.log").read_text(errors="replace")
     assert code != 0, text[-3000:]
-    assert "the pipeline process ended" in text, text[-3000:]
+    assert "the pipeline process ended (exit code -9: SIGKILL, as the OOM killer sends" in text, text[-3000:]
 
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=f"g-{topics['events']}", enable_auto_commit=False)
     committed = consumer.committed(TopicPartition(topics["events"], 0)) or 0

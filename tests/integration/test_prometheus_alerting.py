@@ -194,10 +194,14 @@ def test_drift_rule_fires_through_alertmanager_to_a_webhook(broker, tmp_path):
         empty = []
         for title, ref, expr in dashboard_exprs():
             if not query(prom, substitute(expr)):
-                empty.append(title)
+                empty.append((title, ref))
         for title in ("Events/s by source", "Drift statistic vs threshold", "Reference size",
                       "kNN score quantiles", "p-value quantiles", "End-to-end latency", "Consumer lag"):
-            assert title not in empty, (title, empty)
+            assert title not in {t for t, _ in empty}, (title, empty)
+        # both processes of the worker (A the worker, B its pipeline process; no producer process)
+        for title in ("Resident memory per process", "CPU cores per process"):
+            assert {(title, "A"), (title, "B")}.isdisjoint(empty), (title, empty)
+        assert ("Worker restarts (30 min)", "A") not in empty, empty
     finally:
         for name, proc in reversed(list(procs.items())):
             stop_process_group(proc, timeout=20)

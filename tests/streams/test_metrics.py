@@ -322,6 +322,11 @@ def test_names_and_labels_follow_the_prometheus_rules(run: Run):
     m.observe_merge("cards", "transaction", merged=2, waiting=1, statistic=0.3, threshold=8.0)
     m.observe_restore(1, 0, 5)
     families = {f.name: f for f in m.registry.collect()}
+    # the standard process_* of prometheus_client's process collector (this process's own), as is
+    process = {n: families.pop(n).type for n in list(families) if n.startswith("process_")}
+    assert process == {"process_virtual_memory_bytes": "gauge", "process_resident_memory_bytes": "gauge",
+                       "process_start_time_seconds": "gauge", "process_cpu_seconds": "counter",
+                       "process_open_fds": "gauge", "process_max_fds": "gauge"}
     assert {n: f.type for n, f in families.items()} == EXPECTED
     for name, family in families.items():
         assert re.fullmatch(r"nwatch_[a-z][a-z0-9_]*", name), name
@@ -413,7 +418,8 @@ def test_http_endpoint_serves_the_registry_on_loopback():
     assert samples[key("nwatch_batch_size_count")] == 1
     assert samples[key("nwatch_batch_size_sum")] == len(lines)
     assert samples[key("nwatch_end_to_end_seconds_count", source="v", kind="vector")] == 30
-    assert all(name.startswith("nwatch_") for name, _ in samples)
+    assert all(name.startswith(("nwatch_", "process_")) for name, _ in samples)
+    assert samples[key("process_resident_memory_bytes")] > 0  # this process's, the standard name
     # stopped: the port no longer answers, and stop() may be called again
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(server.url, timeout=2)
