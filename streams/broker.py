@@ -46,6 +46,7 @@ __all__ = [
     "ClientConfig",
     "EmbeddedBroker",
     "aiokafka_client_config",
+    "cluster_topics",
     "default_topics",
     "ensure_topics",
     "kafka_client_config",
@@ -573,7 +574,6 @@ def ensure_topics(
         The cluster is unreachable, or refused a topic for a reason other than
         "already exists".
     """
-    from kafka import KafkaAdminClient
     from kafka.admin import NewTopic
     from kafka.errors import KafkaError
 
@@ -590,17 +590,7 @@ def ensure_topics(
     if not wanted:
         return []
     timeout_ms = max(1, int(timeout * 1000))
-    config: dict[str, Any] = dict(client_config or {})
-    config.update(
-        bootstrap_servers=bootstrap_servers,
-        client_id="nwatch-admin",
-        request_timeout_ms=timeout_ms,
-        bootstrap_timeout_ms=timeout_ms,
-    )
-    try:
-        admin = KafkaAdminClient(**config)
-    except KafkaError as err:
-        raise BrokerError(f"cannot reach Kafka at {bootstrap_servers}: {err}") from err
+    admin = _admin(bootstrap_servers, timeout, client_config)
     try:
         configs = configs or {}
         new = [NewTopic(name, n, replication, topic_configs=dict(configs.get(name, {}))) for name, n in wanted.items()]
@@ -622,6 +612,47 @@ def ensure_topics(
     if created:
         log.info("created topics %s", created)
     return created
+
+
+def cluster_topics(
+    bootstrap_servers: str | list[str], *, timeout: float = 10.0, client_config: Mapping[str, Any] | None = None
+) -> set[str]:
+    """The names of the topics the cluster holds.
+
+    Raises
+    ------
+    BrokerError
+        The cluster did not answer within ``timeout`` seconds (wrong address,
+        broker down, a security setting it refuses).
+    """
+    from kafka.errors import KafkaError
+
+    admin = _admin(bootstrap_servers, timeout, client_config)
+    try:
+        return set(admin.list_topics())
+    except KafkaError as err:
+        raise BrokerError(f"cannot list the topics of Kafka at {bootstrap_servers}: {err}") from err
+    finally:
+        admin.close()
+
+
+def _admin(bootstrap_servers: str | list[str], timeout: float, client_config: Mapping[str, Any] | None) -> Any:
+    """A connected kafka-python admin client (BrokerError when the cluster cannot be reached)."""
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    timeout_ms = max(1, int(timeout * 1000))
+    config: dict[str, Any] = dict(client_config or {})
+    config.update(
+        bootstrap_servers=bootstrap_servers,
+        client_id="nwatch-admin",
+        request_timeout_ms=timeout_ms,
+        bootstrap_timeout_ms=timeout_ms,
+    )
+    try:
+        return KafkaAdminClient(**config)
+    except KafkaError as err:
+        raise BrokerError(f"cannot reach Kafka at {bootstrap_servers}: {err}") from err
 
 
 _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")

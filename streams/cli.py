@@ -5,15 +5,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
-from streams.config import Settings, load_settings
+from streams.config import Settings, explain_settings_error, load_settings, unknown_variables
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    for name in unknown_variables(os.environ):
+        print(f"nwatch: warning: {name} is not a setting and is ignored (nwatch config lists the settings)",
+              file=sys.stderr)
     return load_settings(getattr(args, "config", None))
 
 
@@ -53,7 +58,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from streams.run import run_worker
 
-    return run_worker(_settings(args), loglevel=args.loglevel)
+    settings = _settings(args)
+    if args.metrics_port is not None:
+        settings = settings.model_copy(update={"metrics": settings.metrics.model_copy(update={"port": args.metrics_port})})
+    return run_worker(settings, loglevel=args.loglevel)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -192,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", help="TOML config file (NWATCH_* variables override it)")
     p.add_argument("--loglevel", default="warning", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--metrics-port", type=int, help="port of /metrics (default NWATCH_METRICS__PORT, 9650)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
@@ -259,17 +268,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from streams.runtime import configure_gc, configure_threads
+    from streams.runtime import StartupError, configure_gc, configure_threads
 
-    configure_threads()
-    configure_gc()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        configure_threads()
+        configure_gc()
         return int(args.func(args) or 0)
     except ValidationError as err:
         print(f"nwatch: invalid settings:\n{err}", file=sys.stderr)
         return 2
+    except SettingsError as err:  # a value pydantic-settings could not even parse (not JSON where JSON is due)
+        print(f"nwatch: invalid settings: {explain_settings_error(err, os.environ)}", file=sys.stderr)
+        return 2
+    except StartupError as err:
+        print(f"nwatch: {err}", file=sys.stderr)
+        return 1
     except FileNotFoundError as err:
         print(f"nwatch: {err}", file=sys.stderr)
         return 1

@@ -8,6 +8,12 @@ import signal
 import subprocess
 
 
+class StartupError(RuntimeError):
+    """A command cannot start because of its settings or its surroundings (a port in use, a
+    state directory that cannot be written, a cluster that does not answer). The message
+    names the cause and the setting to change; ``nwatch`` prints it on one line, no traceback."""
+
+
 def configure_threads(blas_threads: int = 1) -> None:
     """Pin BLAS to ``blas_threads`` threads.
 
@@ -42,9 +48,12 @@ def configure_gc(thresholds: tuple[int, int, int] | None = None) -> None:
     if thresholds is None:
         env = os.environ.get("NWATCH_GC_THRESHOLDS", "").strip()
         if env:
-            parts = tuple(int(v) for v in env.split(","))
+            try:
+                parts = tuple(int(v) for v in env.split(","))
+            except ValueError:
+                parts = ()
             if len(parts) != 3 or min(parts) < 0:
-                raise ValueError(f"NWATCH_GC_THRESHOLDS must be three integers >= 0, got {env!r}")
+                raise StartupError(f"NWATCH_GC_THRESHOLDS must be three integers >= 0, got {env!r}")
             thresholds = parts  # type: ignore[assignment]
         else:
             thresholds = GC_THRESHOLDS
