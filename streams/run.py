@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from streams.config import KafkaSettings, Settings
-from streams.runtime import StartupError
+from streams.runtime import StartupError, limit_repeats
 
 
 log = logging.getLogger("neighbourwatch")
@@ -84,6 +84,8 @@ def _run(settings: Settings, loglevel: str, metrics: Any, server: Any) -> int:
     # spinning it sets the root logger to DEBUG, which the pipeline process
     # takes as the worker's log level (INFO and DEBUG lines at "warning").
     runner.spinner = None
+    # faust sets up the root logger as the worker starts; its handlers then hold back repeats.
+    runner.on_setup_root_logger = lambda root, level: limit_repeats(root)
     try:
         runner.execute_from_commandline()
     except SystemExit as exit_:
