@@ -766,3 +766,43 @@ def aiokafka_client_config(kafka_settings: KafkaSettings) -> ClientConfig:
             cafile=s.ssl_cafile, certfile=s.ssl_certfile, keyfile=s.ssl_keyfile
         )
     return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m streams.broker``: the embedded broker in the foreground, for trying ``nwatch
+    run`` and ``nwatch produce`` by hand. In memory: its records are gone when it stops."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="python -m streams.broker",
+        description="A Kafka-compatible broker (Tansu, in memory) on loopback, until Ctrl-C or SIGTERM.",
+    )
+    parser.add_argument("--port", type=int, default=9092, help="port (default 9092, nwatch's default address; 0: any free one)")
+    parser.add_argument("--host", default="127.0.0.1", help="address it listens on and advertises (default 127.0.0.1)")
+    args = parser.parse_args(argv)
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM too: the broker is stopped below, never left behind
+
+    signal.signal(signal.SIGTERM, stop)
+    broker = EmbeddedBroker(host=args.host, port=args.port)
+    try:
+        broker.start()
+        print(f"Kafka-compatible broker (Tansu, in memory) on {broker.bootstrap_servers}; Ctrl-C stops it",
+              flush=True)
+        while broker.is_running:
+            time.sleep(0.5)
+        print("the broker exited", file=sys.stderr)
+        return 1
+    except BrokerError as err:
+        print(f"broker: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        broker.stop()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -424,3 +425,29 @@ def test_produce_reads_stdin(
         )  # fmt: skip
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     assert [r.key for r in consume_all(broker.bootstrap_servers, topic, 1)] == [b"s1"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_python_m_streams_broker_serves_until_stopped_and_leaves_nothing(sig) -> None:
+    """The README's broker for trying ``nwatch run`` by hand: it answers Kafka clients on the
+    port it prints; Ctrl-C or SIGTERM stops it and its Tansu process, exit status 0."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "streams.broker", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        line = proc.stdout.readline()
+        assert f"on 127.0.0.1:{port};" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+        assert ensure_topics(f"127.0.0.1:{port}", ["by-hand"]) == ["by-hand"]
+        tansu = [c.pid for c in psutil.Process(proc.pid).children() if "tansu" in " ".join(c.cmdline())]
+        assert len(tansu) == 1
+        proc.send_signal(sig)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert _gone(tansu[0])
+    with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port), 2):
+        pass
