@@ -43,6 +43,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
             batch_size=args.batch_size or settings.batch_size,
             progress=sys.stderr if show else None,
         )
+    if summary.interrupted:
+        done = f"the records of lines 1-{summary.lines:,}" if summary.lines else "no records yet"
+        print(f"nwatch: interrupted; the outputs hold {done}", file=sys.stderr)
     if not args.quiet:
         for line in summary.lines_text():
             print(line, file=sys.stderr)
@@ -52,7 +55,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 f"reference {s['reference_size']:>6,}  {s['encoder']}",
                 file=sys.stderr,
             )
-    return 0
+    return 130 if summary.interrupted else 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -75,7 +78,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_produce(args: argparse.Namespace) -> int:
     from streams.broker import BrokerError, ensure_topics, kafka_client_config
-    from streams.produce import ProduceError, ProgressLine, produce_file
+    from streams.produce import ProduceError, ProduceInterrupted, ProgressLine, produce_file
 
     settings = _settings(args)
     kafka = settings.kafka
@@ -98,7 +101,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
         print(f"nwatch: {err}", file=sys.stderr)
         for t in err.summary.lines_text():
             print(t, file=sys.stderr)
-        return 1
+        return 130 if isinstance(err, ProduceInterrupted) else 1
     if line:
         line.close()
     if not args.quiet:
