@@ -285,10 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as err:  # a value pydantic-settings could not even parse (not JSON where JSON is due)
         print(f"nwatch: invalid settings: {explain_settings_error(err, os.environ)}", file=sys.stderr)
         return 2
-    except StartupError as err:
-        print(f"nwatch: {err}", file=sys.stderr)
-        return 1
-    except FileNotFoundError as err:
+    except (StartupError, FileNotFoundError) as err:
         print(f"nwatch: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
