@@ -120,6 +120,10 @@ def check_cluster(kafka: KafkaSettings, timeout: float = CLUSTER_TIMEOUT_SECONDS
         config = kafka_client_config(kafka)
     except ValueError as err:  # a SASL protocol without its mechanism or credentials
         raise StartupError(f"invalid Kafka settings: {err}") from None
+    for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+        path = config.get(name)  # set only for the SSL protocols
+        if path is not None and not Path(path).is_file():
+            raise StartupError(f"NWATCH_KAFKA__{name.upper()} {path}: no such file")
     quiet = logging.getLogger("kafka")  # its retries would log a line each; the error below says it once
     level, quiet.level = quiet.level, logging.CRITICAL
     try:

@@ -110,3 +110,17 @@ def test_an_unknown_top_level_variable_is_warned_of():
     assert proc.returncode == 0
     assert "NWATCH_BATCHSIZE is not a setting" in one_line_error(proc)
     assert '"batch_size": 256' in proc.stdout
+
+
+def test_run_with_a_missing_tls_file(tmp_path):
+    proc = nwatch("run", "--metrics-port", str(free_port()), NWATCH_STATE__DIR=str(tmp_path / "state"),
+                  NWATCH_KAFKA__SECURITY_PROTOCOL="SSL", NWATCH_KAFKA__SSL_CAFILE=str(tmp_path / "ca.pem"))
+    assert proc.returncode == 1
+    assert one_line_error(proc) == f"nwatch: NWATCH_KAFKA__SSL_CAFILE {tmp_path / 'ca.pem'}: no such file"
+
+
+def test_run_with_sasl_but_no_credentials(tmp_path):
+    proc = nwatch("run", "--metrics-port", str(free_port()), NWATCH_STATE__DIR=str(tmp_path / "state"),
+                  NWATCH_KAFKA__SECURITY_PROTOCOL="SASL_SSL")
+    assert proc.returncode == 1
+    assert "needs kafka.sasl_mechanism" in one_line_error(proc)
