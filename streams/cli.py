@@ -271,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from streams.broker import BrokerError
     from streams.runtime import StartupError, configure_gc, configure_threads
 
     parser = build_parser()
@@ -285,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as err:  # a value pydantic-settings could not even parse (not JSON where JSON is due)
         print(f"nwatch: invalid settings: {explain_settings_error(err, os.environ)}", file=sys.stderr)
         return 2
-    except (StartupError, FileNotFoundError) as err:
+    except (StartupError, BrokerError, FileNotFoundError) as err:
         print(f"nwatch: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -124,3 +124,9 @@ def test_run_with_sasl_but_no_credentials(tmp_path):
                   NWATCH_KAFKA__SECURITY_PROTOCOL="SASL_SSL")
     assert proc.returncode == 1
     assert "needs kafka.sasl_mechanism" in one_line_error(proc)
+
+
+def test_demo_without_the_broker_binary():
+    proc = nwatch("demo", "--duration", "5", "--metrics-port", str(free_port()), CALF_TANSU_BIN="/nonexistent/tansu")
+    assert proc.returncode == 1
+    assert "/nonexistent/tansu" in one_line_error(proc)
