@@ -24,7 +24,6 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import re
 import signal
 import socket
 import struct
@@ -37,7 +36,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from streams.config import KafkaSettings
+from streams.config import KafkaSettings, check_topic_name
 
 log = logging.getLogger(__name__)
 
@@ -582,7 +581,7 @@ def ensure_topics(
     # partitions and a replication factor above its broker count, so a typo
     # would pass against the demo broker and fail only on a real cluster.
     for name, count in wanted.items():
-        _check_topic_name(name)
+        check_topic_name(name)
         if count < 1:
             raise ValueError(f"topic {name!r}: partitions must be >= 1, got {count}")
     if replication < 1:
@@ -655,15 +654,6 @@ def _admin(bootstrap_servers: str | list[str], timeout: float, client_config: Ma
         raise BrokerError(f"cannot reach Kafka at {bootstrap_servers}: {err}") from err
 
 
-_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
-
-
-def _check_topic_name(name: str) -> None:
-    """Kafka's rule for topic names: 1-249 of ``[A-Za-z0-9._-]``, not ``.`` or ``..``."""
-    if not isinstance(name, str) or not _TOPIC_NAME.fullmatch(name) or name in (".", ".."):
-        raise ValueError(
-            f"invalid topic name {name!r}: use 1-249 letters, digits, '.', '_' or '-'"
-        )
 
 
 def _topic_results(result: Any) -> list[dict[str, Any]]:

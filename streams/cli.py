@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from streams.config import Settings, explain_settings_error, load_settings, unknown_variables
+from streams.config import Settings, check_topic_name, explain_settings_error, load_settings, unknown_variables
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -85,6 +85,11 @@ def cmd_produce(args: argparse.Namespace) -> int:
     if args.bootstrap_servers:
         kafka = kafka.model_copy(update={"bootstrap_servers": args.bootstrap_servers})
     topic = args.topic or kafka.input_topics[0]
+    try:
+        check_topic_name(topic)
+    except ValueError as err:
+        print(f"nwatch: {err}", file=sys.stderr)
+        return 2
     if args.create_topic:
         try:
             ensure_topics(kafka.bootstrap_servers, {topic: args.partitions}, client_config=kafka_client_config(kafka))

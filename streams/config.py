@@ -13,9 +13,9 @@ import re
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -124,17 +124,34 @@ FOREST_TREES: dict[str, int] = {"transaction": 50}
 PIPELINE_FIELDS = frozenset({"learn_block", "dedup_window", "max_lateness", "shards"})
 
 
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+
+def check_topic_name(name: str) -> str:
+    """Kafka's rule for topic names: 1-249 of ``[A-Za-z0-9._-]``, not ``.`` or ``..`` (ValueError).
+
+    Checked here, not left to the broker: Tansu accepts any name, so a typo would
+    pass against the demo broker and fail only on a real cluster.
+    """
+    if not isinstance(name, str) or not _TOPIC_NAME.fullmatch(name) or name in (".", ".."):
+        raise ValueError(f"invalid topic name {name!r}: use 1-249 letters, digits, '.', '_' or '-'")
+    return name
+
+
+TopicName = Annotated[str, AfterValidator(check_topic_name)]
+
+
 class KafkaSettings(_Frozen):
     bootstrap_servers: str = "127.0.0.1:9092"
-    input_topics: tuple[str, ...] = ("nwatch.events",)
-    scores_topic: str = "nwatch.scores"
-    anomalies_topic: str = "nwatch.anomalies"
-    drift_topic: str = "nwatch.drift"
-    alerts_topic: str = "nwatch.alerts"
-    dlq_topic: str = "nwatch.dlq"
+    input_topics: tuple[TopicName, ...] = Field(("nwatch.events",), min_length=1)
+    scores_topic: TopicName = "nwatch.scores"
+    anomalies_topic: TopicName = "nwatch.anomalies"
+    drift_topic: TopicName = "nwatch.drift"
+    alerts_topic: TopicName = "nwatch.alerts"
+    dlq_topic: TopicName = "nwatch.dlq"
     # Block summaries of sharded sources (compacted, one partition): the
     # worker that holds its partition merges them and runs their drift test.
-    shard_summaries_topic: str = "nwatch.shard-summaries"
+    shard_summaries_topic: TopicName = "nwatch.shard-summaries"
     # Every this many merged windows the merging worker writes a checkpoint of
     # the merge to that topic and tombstones for the blocks it covers, so that
     # compaction keeps the topic bounded and a take-over starts from the newest

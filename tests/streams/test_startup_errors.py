@@ -130,3 +130,14 @@ def test_demo_without_the_broker_binary():
     proc = nwatch("demo", "--duration", "5", "--metrics-port", str(free_port()), CALF_TANSU_BIN="/nonexistent/tansu")
     assert proc.returncode == 1
     assert "/nonexistent/tansu" in one_line_error(proc)
+
+
+def test_a_topic_name_kafka_would_refuse():
+    proc = nwatch("produce", "-", "--topic", "bad topic!", "--bootstrap-servers", "127.0.0.1:1")
+    assert proc.returncode == 2
+    assert "invalid topic name 'bad topic!'" in one_line_error(proc)
+    proc = nwatch("config", NWATCH_KAFKA__INPUT_TOPICS='["nwatch events"]')
+    assert proc.returncode == 2 and "invalid topic name 'nwatch events'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = nwatch("config", NWATCH_KAFKA__DLQ_TOPIC="dlq/x")
+    assert proc.returncode == 2 and "invalid topic name 'dlq/x'" in proc.stderr
