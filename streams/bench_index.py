@@ -26,6 +26,11 @@ def _cost_per_event(backend: str, capacity: int, dim: int, rng: np.random.Genera
         idx.add(fill[i : i + 1024], [str(j) for j in range(i, min(i + 1024, capacity))])
     batches = [rng.normal(size=(BATCH, dim)).astype(np.float32) for _ in range(8)]
     ids = [str(j) for j in range(BATCH)]
+    # One untimed batch first: the process's first exact query loads the compiled
+    # scan kernel (numba's cache), which made the first row ~2,000 us per event
+    # and "hnsw faster" at 16 x 1000, against ~8 us at 16 x 2000.
+    idx.query(batches[-1], K)
+    idx.add(batches[-1], ids)
     q_time = a_time = 0.0
     n = 0
     deadline = time.perf_counter() + seconds

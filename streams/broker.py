@@ -24,7 +24,6 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import re
 import signal
 import socket
 import struct
@@ -37,7 +36,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from streams.config import KafkaSettings
+from streams.config import KafkaSettings, check_topic_name
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +45,7 @@ __all__ = [
     "ClientConfig",
     "EmbeddedBroker",
     "aiokafka_client_config",
+    "cluster_topics",
     "default_topics",
     "ensure_topics",
     "kafka_client_config",
@@ -573,7 +573,6 @@ def ensure_topics(
         The cluster is unreachable, or refused a topic for a reason other than
         "already exists".
     """
-    from kafka import KafkaAdminClient
     from kafka.admin import NewTopic
     from kafka.errors import KafkaError
 
@@ -582,7 +581,7 @@ def ensure_topics(
     # partitions and a replication factor above its broker count, so a typo
     # would pass against the demo broker and fail only on a real cluster.
     for name, count in wanted.items():
-        _check_topic_name(name)
+        check_topic_name(name)
         if count < 1:
             raise ValueError(f"topic {name!r}: partitions must be >= 1, got {count}")
     if replication < 1:
@@ -590,17 +589,7 @@ def ensure_topics(
     if not wanted:
         return []
     timeout_ms = max(1, int(timeout * 1000))
-    config: dict[str, Any] = dict(client_config or {})
-    config.update(
-        bootstrap_servers=bootstrap_servers,
-        client_id="nwatch-admin",
-        request_timeout_ms=timeout_ms,
-        bootstrap_timeout_ms=timeout_ms,
-    )
-    try:
-        admin = KafkaAdminClient(**config)
-    except KafkaError as err:
-        raise BrokerError(f"cannot reach Kafka at {bootstrap_servers}: {err}") from err
+    admin = _admin(bootstrap_servers, timeout, client_config)
     try:
         configs = configs or {}
         new = [NewTopic(name, n, replication, topic_configs=dict(configs.get(name, {}))) for name, n in wanted.items()]
@@ -624,15 +613,47 @@ def ensure_topics(
     return created
 
 
-_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+def cluster_topics(
+    bootstrap_servers: str | list[str], *, timeout: float = 10.0, client_config: Mapping[str, Any] | None = None
+) -> set[str]:
+    """The names of the topics the cluster holds.
+
+    Raises
+    ------
+    BrokerError
+        The cluster did not answer within ``timeout`` seconds (wrong address,
+        broker down, a security setting it refuses).
+    """
+    from kafka.errors import KafkaError
+
+    admin = _admin(bootstrap_servers, timeout, client_config)
+    try:
+        return set(admin.list_topics())
+    except KafkaError as err:
+        raise BrokerError(f"cannot list the topics of Kafka at {bootstrap_servers}: {err}") from err
+    finally:
+        admin.close()
 
 
-def _check_topic_name(name: str) -> None:
-    """Kafka's rule for topic names: 1-249 of ``[A-Za-z0-9._-]``, not ``.`` or ``..``."""
-    if not isinstance(name, str) or not _TOPIC_NAME.fullmatch(name) or name in (".", ".."):
-        raise ValueError(
-            f"invalid topic name {name!r}: use 1-249 letters, digits, '.', '_' or '-'"
-        )
+def _admin(bootstrap_servers: str | list[str], timeout: float, client_config: Mapping[str, Any] | None) -> Any:
+    """A connected kafka-python admin client (BrokerError when the cluster cannot be reached)."""
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    timeout_ms = max(1, int(timeout * 1000))
+    config: dict[str, Any] = dict(client_config or {})
+    config.update(
+        bootstrap_servers=bootstrap_servers,
+        client_id="nwatch-admin",
+        request_timeout_ms=timeout_ms,
+        bootstrap_timeout_ms=timeout_ms,
+    )
+    try:
+        return KafkaAdminClient(**config)
+    except KafkaError as err:
+        raise BrokerError(f"cannot reach Kafka at {bootstrap_servers}: {err}") from err
+
+
 
 
 def _topic_results(result: Any) -> list[dict[str, Any]]:
@@ -735,3 +756,43 @@ def aiokafka_client_config(kafka_settings: KafkaSettings) -> ClientConfig:
             cafile=s.ssl_cafile, certfile=s.ssl_certfile, keyfile=s.ssl_keyfile
         )
     return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m streams.broker``: the embedded broker in the foreground, for trying ``nwatch
+    run`` and ``nwatch produce`` by hand. In memory: its records are gone when it stops."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="python -m streams.broker",
+        description="A Kafka-compatible broker (Tansu, in memory) on loopback, until Ctrl-C or SIGTERM.",
+    )
+    parser.add_argument("--port", type=int, default=9092, help="port (default 9092, nwatch's default address; 0: any free one)")
+    parser.add_argument("--host", default="127.0.0.1", help="address it listens on and advertises (default 127.0.0.1)")
+    args = parser.parse_args(argv)
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM too: the broker is stopped below, never left behind
+
+    signal.signal(signal.SIGTERM, stop)
+    broker = EmbeddedBroker(host=args.host, port=args.port)
+    try:
+        broker.start()
+        print(f"Kafka-compatible broker (Tansu, in memory) on {broker.bootstrap_servers}; Ctrl-C stops it",
+              flush=True)
+        while broker.is_running:
+            time.sleep(0.5)
+        print("the broker exited", file=sys.stderr)
+        return 1
+    except BrokerError as err:
+        print(f"broker: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        broker.stop()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

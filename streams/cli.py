@@ -5,16 +5,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import signal
 import sys
 from collections.abc import Sequence
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
-from streams.config import Settings, load_settings
+from streams.config import Settings, check_topic_name, explain_settings_error, load_settings, unknown_variables
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    for name in unknown_variables(os.environ):
+        print(f"nwatch: warning: {name} is not a setting and is ignored (nwatch config lists the settings)",
+              file=sys.stderr)
     return load_settings(getattr(args, "config", None))
 
 
@@ -39,6 +44,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
             batch_size=args.batch_size or settings.batch_size,
             progress=sys.stderr if show else None,
         )
+    if summary.interrupted:
+        done = f"the records of lines 1-{summary.lines:,}" if summary.lines else "no records yet"
+        print(f"nwatch: interrupted; the outputs hold {done}", file=sys.stderr)
     if not args.quiet:
         for line in summary.lines_text():
             print(line, file=sys.stderr)
@@ -48,13 +56,16 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 f"reference {s['reference_size']:>6,}  {s['encoder']}",
                 file=sys.stderr,
             )
-    return 0
+    return 130 if summary.interrupted else 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from streams.run import run_worker
 
-    return run_worker(_settings(args), loglevel=args.loglevel)
+    settings = _settings(args)
+    if args.metrics_port is not None:
+        settings = settings.model_copy(update={"metrics": settings.metrics.model_copy(update={"port": args.metrics_port})})
+    return run_worker(settings, loglevel=args.loglevel)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -68,13 +79,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_produce(args: argparse.Namespace) -> int:
     from streams.broker import BrokerError, ensure_topics, kafka_client_config
-    from streams.produce import ProduceError, ProgressLine, produce_file
+    from streams.produce import ProduceError, ProduceInterrupted, ProgressLine, produce_file
 
     settings = _settings(args)
     kafka = settings.kafka
     if args.bootstrap_servers:
         kafka = kafka.model_copy(update={"bootstrap_servers": args.bootstrap_servers})
     topic = args.topic or kafka.input_topics[0]
+    try:
+        check_topic_name(topic)
+    except ValueError as err:
+        print(f"nwatch: {err}", file=sys.stderr)
+        return 2
     if args.create_topic:
         try:
             ensure_topics(kafka.bootstrap_servers, {topic: args.partitions}, client_config=kafka_client_config(kafka))
@@ -91,7 +107,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
         print(f"nwatch: {err}", file=sys.stderr)
         for t in err.summary.lines_text():
             print(t, file=sys.stderr)
-        return 1
+        return 130 if isinstance(err, ProduceInterrupted) else 1
     if line:
         line.close()
     if not args.quiet:
@@ -193,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", help="TOML config file (NWATCH_* variables override it)")
     p.add_argument("--loglevel", default="warning", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--metrics-port", type=int, help="port of /metrics (default NWATCH_METRICS__PORT, 9650)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
@@ -264,6 +281,9 @@ def _terminated(signum: int, _frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from streams.broker import BrokerError
+    from streams.runtime import StartupError, configure_gc, configure_threads
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.func is cmd_run:
@@ -273,16 +293,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         # stop waited out the whole grace period for a SIGKILL. Until faust takes over,
         # SIGTERM ends the worker at once (nothing started yet that needs saving).
         signal.signal(signal.SIGTERM, _terminated)
-    from streams.runtime import configure_gc, configure_threads
-
-    configure_threads()
-    configure_gc()
     try:
+        configure_threads()
+        configure_gc()
         return int(args.func(args) or 0)
     except ValidationError as err:
         print(f"nwatch: invalid settings:\n{err}", file=sys.stderr)
         return 2
-    except FileNotFoundError as err:
+    except SettingsError as err:  # a value pydantic-settings could not even parse (not JSON where JSON is due)
+        print(f"nwatch: invalid settings: {explain_settings_error(err, os.environ)}", file=sys.stderr)
+        return 2
+    except (StartupError, BrokerError, FileNotFoundError) as err:
         print(f"nwatch: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -7,11 +7,15 @@ command shows.
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -120,17 +124,34 @@ FOREST_TREES: dict[str, int] = {"transaction": 50}
 PIPELINE_FIELDS = frozenset({"learn_block", "dedup_window", "max_lateness", "shards"})
 
 
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+
+def check_topic_name(name: str) -> str:
+    """Kafka's rule for topic names: 1-249 of ``[A-Za-z0-9._-]``, not ``.`` or ``..`` (ValueError).
+
+    Checked here, not left to the broker: Tansu accepts any name, so a typo would
+    pass against the demo broker and fail only on a real cluster.
+    """
+    if not isinstance(name, str) or not _TOPIC_NAME.fullmatch(name) or name in (".", ".."):
+        raise ValueError(f"invalid topic name {name!r}: use 1-249 letters, digits, '.', '_' or '-'")
+    return name
+
+
+TopicName = Annotated[str, AfterValidator(check_topic_name)]
+
+
 class KafkaSettings(_Frozen):
     bootstrap_servers: str = "127.0.0.1:9092"
-    input_topics: tuple[str, ...] = ("nwatch.events",)
-    scores_topic: str = "nwatch.scores"
-    anomalies_topic: str = "nwatch.anomalies"
-    drift_topic: str = "nwatch.drift"
-    alerts_topic: str = "nwatch.alerts"
-    dlq_topic: str = "nwatch.dlq"
+    input_topics: tuple[TopicName, ...] = Field(("nwatch.events",), min_length=1)
+    scores_topic: TopicName = "nwatch.scores"
+    anomalies_topic: TopicName = "nwatch.anomalies"
+    drift_topic: TopicName = "nwatch.drift"
+    alerts_topic: TopicName = "nwatch.alerts"
+    dlq_topic: TopicName = "nwatch.dlq"
     # Block summaries of sharded sources (compacted, one partition): the
     # worker that holds its partition merges them and runs their drift test.
-    shard_summaries_topic: str = "nwatch.shard-summaries"
+    shard_summaries_topic: TopicName = "nwatch.shard-summaries"
     # Every this many merged windows the merging worker writes a checkpoint of
     # the merge to that topic and tombstones for the blocks it covers, so that
     # compaction keeps the topic bounded and a take-over starts from the newest
@@ -335,6 +356,78 @@ class Settings(BaseSettings):
     def masked(self) -> dict[str, Any]:
         """The settings as plain data with every secret masked (``SecretStr`` dumps as '**********')."""
         return self.model_dump(mode="json")
+
+
+# NWATCH_* variables read directly, not settings (by the scan kernel, the runtime, ./dev, benches,
+# tests and the compose file).
+NON_SETTING_VARIABLES = frozenset({
+    "NWATCH_CONFIG_FILE", "NWATCH_SCAN_KERNEL", "NWATCH_GC_THRESHOLDS", "NWATCH_VENV", "NWATCH_HELDOUT_CACHE",
+    "NWATCH_PARTITIONS",  # deploy/compose.yaml's partition count
+})
+NON_SETTING_PREFIXES = ("NWATCH_SOAK_",)
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """The ``NWATCH_*`` variables of ``environ`` that name no setting, sorted.
+
+    A nested name that is not a setting (``NWATCH_METRICS__PORTT``) is refused
+    when the settings are read; a top-level one (``NWATCH_BATCHSIZE``) would be
+    ignored without a word, so the commands warn of these.
+
+    >>> unknown_variables({"NWATCH_BATCHSIZE": "5", "NWATCH_BATCH_SIZE": "5", "NWATCH_KAFKA__GROUP_ID": "g"})
+    ['NWATCH_BATCHSIZE']
+    """
+    fields = {name.upper() for name in Settings.model_fields}
+    unknown = []
+    for key in environ:
+        name = key.upper()
+        if not name.startswith("NWATCH_") or name in NON_SETTING_VARIABLES or name.startswith(NON_SETTING_PREFIXES):
+            continue
+        if name[len("NWATCH_"):].split("__", 1)[0] not in fields:
+            unknown.append(key)
+    return sorted(unknown)
+
+
+def explain_settings_error(err: Exception, environ: Mapping[str, str]) -> str:
+    """One line for a value pydantic-settings could not parse: the variable and what it wants.
+
+    pydantic-settings reads list and table settings from the environment as
+    JSON and names only the top-level field when that fails
+    (``error parsing value for field "kafka"``); this finds the variable.
+    """
+    match = re.search(r'field "(\w+)"', str(err))
+    field = match.group(1).upper() if match else ""
+    for key in sorted(environ):
+        name = key.upper()
+        if not field or not (name == f"NWATCH_{field}" or name.startswith(f"NWATCH_{field}__")):
+            continue
+        value = environ[key]
+        if not _is_json(value) and _wants_json(name[len("NWATCH_"):].lower().split("__")):
+            return (f"{key}={value!r} is not JSON; list and table settings take JSON in the environment, "
+                    f"e.g. NWATCH_KAFKA__INPUT_TOPICS='[\"a\", \"b\"]' or NWATCH_SOURCES='{{\"cards\": {{\"alpha\": 0.005}}}}'")
+    return f"{err} (list and table settings take JSON in the environment)"
+
+
+def _is_json(value: str) -> bool:
+    try:
+        json.loads(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _wants_json(path: list[str]) -> bool:
+    """True when the setting at ``path`` (field names, lower case) is a list, tuple, dict or model."""
+    model: Any = Settings
+    annotation: Any = None
+    for part in path:
+        fields = getattr(model, "model_fields", None)
+        if fields is None or part not in fields:
+            return True  # deeper than a plain value: a table
+        annotation = fields[part].annotation
+        model = annotation
+    origin = typing.get_origin(annotation)
+    return origin in (list, tuple, dict) or isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 def load_settings(config_file: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:

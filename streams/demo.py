@@ -142,7 +142,10 @@ def _viewer(bootstrap: str, topics: dict[str, str], stop: threading.Event, stats
 def run_demo(settings: Settings, *, duration: float | None, rate: float, events: int, seed: int,
              metrics_port: int | None, out: IO[str] = sys.stdout) -> int:
     from streams.broker import EmbeddedBroker, default_topics, ensure_topics
+    from streams.metrics import check_port
 
+    port = metrics_port if metrics_port is not None else settings.metrics.port
+    check_port(settings.metrics.host, port)  # the worker would fail to start: say so before anything starts
     t0 = time.monotonic()
     stop = threading.Event()
     stats = DemoStats()
@@ -167,7 +170,6 @@ def run_demo(settings: Settings, *, duration: float | None, rate: float, events:
         out.write(f"broker (Tansu) on {bootstrap}, topics ready after {time.monotonic() - t0:.1f} s\n")
         env = dict(os.environ)
         env["NWATCH_KAFKA__BOOTSTRAP_SERVERS"] = bootstrap
-        port = metrics_port if metrics_port is not None else settings.metrics.port
         env["NWATCH_METRICS__PORT"] = str(port)
         env["NWATCH_KAFKA__GROUP_ID"] = f"nwatch-demo-{os.getpid()}"
         # The embedded broker keeps nothing after the demo; neither does the worker's state.

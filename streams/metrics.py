@@ -65,7 +65,9 @@ backend (steady state, five sources, 2-core machine shared with other work).
 
 from __future__ import annotations
 
+import errno
 import math
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -80,6 +82,7 @@ from prometheus_client.utils import floatToGoString
 
 from models.errors import InvalidEvent
 from streams.config import MetricsSettings
+from streams.runtime import StartupError
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -741,5 +744,29 @@ def start_http_server(
     address only on purpose. ``port`` 0 lets the OS choose (see ``.port``).
     """
     # prometheus_client >= 0.20 returns (server, thread); earlier ones returned None.
-    server, thread = exposition.start_http_server(port, addr=host, registry=metrics.registry)
+    try:
+        server, thread = exposition.start_http_server(port, addr=host, registry=metrics.registry)
+    except OSError as err:
+        raise StartupError(_port_message(host, port, err)) from None
     return MetricsServer(server=server, thread=thread)
+
+
+def check_port(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
+    """Raise :class:`~streams.runtime.StartupError` now if ``/metrics`` could not be served on
+    ``host:port`` (for a command that starts the server in a child process later: the demo)."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the HTTP server binds
+            sock.bind(infos[0][4])
+    except OSError as err:
+        raise StartupError(_port_message(host, port, err)) from None
+
+
+def _port_message(host: str, port: int, err: OSError) -> str:
+    why = err.strerror or str(err)
+    hint = " (another nwatch worker or demo?)" if err.errno == errno.EADDRINUSE else ""
+    return (f"cannot serve /metrics on {host}:{port}: {why}{hint}; choose another port with "
+            "NWATCH_METRICS__PORT or --metrics-port, or another address with NWATCH_METRICS__HOST")

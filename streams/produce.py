@@ -57,6 +57,8 @@ _PRODUCER_DEFAULTS: dict[str, Any] = {
 # and 32 MiB, each flushed (and its failures counted) before the next is read.
 _MAX_PENDING_BYTES = 32 * 1024 * 1024
 
+# After Ctrl-C, how long the records already sent are waited for before they are counted.
+_INTERRUPT_FLUSH_SECONDS = 10.0
 # How many delivery error messages the summary keeps (the count is complete).
 _MAX_ERRORS = 5
 
@@ -70,6 +72,18 @@ class ProduceError(RuntimeError):
     def __init__(self, message: str, summary: ProduceSummary) -> None:
         super().__init__(message)
         self.summary = summary
+
+
+class ProduceInterrupted(ProduceError):
+    """Ctrl-C while producing; ``summary`` counts what the cluster acknowledged by then."""
+
+    def __init__(self, summary: ProduceSummary) -> None:
+        unacknowledged = summary.lines - summary.blank - summary.produced
+        where = (f"every line up to {summary.last_acknowledged:,} is on {summary.topic}"
+                 if unacknowledged == 0 and summary.failed == 0 else
+                 f"{summary.produced:,} of {summary.lines:,} lines acknowledged, the last at line "
+                 f"{summary.last_acknowledged:,}; {summary.failed:,} refused")
+        super().__init__(f"interrupted: {where}", summary)
 
 
 @dataclass(frozen=True)
@@ -98,6 +112,8 @@ class ProduceSummary:
         Wall time so far.
     errors
         The first few failure messages, with their line numbers.
+    last_acknowledged
+        The number of the last line acknowledged (0: none yet).
     """
 
     topic: str
@@ -110,6 +126,7 @@ class ProduceSummary:
     bytes: int = 0
     seconds: float = 0.0
     errors: tuple[str, ...] = ()
+    last_acknowledged: int = 0
 
     @property
     def messages_per_second(self) -> float:
@@ -212,19 +229,29 @@ def produce_file(
                 ) from err
             pending: list[tuple[int, Any, int, bool]] = []
             pending_bytes = 0
-            for line_no, value in _lines(stream, counts):
-                key, is_object = _key_of(value, key_field, shards or {})
-                counts.not_json += not is_object
+            try:
+                for line_no, value in _lines(stream, counts):
+                    key, is_object = _key_of(value, key_field, shards or {})
+                    counts.not_json += not is_object
+                    try:
+                        future = producer.send(topic, key=key, value=value)
+                    except MessageSizeTooLargeError as err:
+                        counts.fail(line_no, err)
+                        continue
+                    pending.append((line_no, future, len(value), key is not None))
+                    pending_bytes += len(value)
+                    if len(pending) >= batch or pending_bytes >= _MAX_PENDING_BYTES:
+                        _settle(producer, pending, counts, t0, progress)
+                        pending, pending_bytes = [], 0
+            except KeyboardInterrupt:
+                # Ctrl-C: what was sent is waited for (briefly) and counted, so the
+                # summary says what is on the topic and where to resume.
                 try:
-                    future = producer.send(topic, key=key, value=value)
-                except MessageSizeTooLargeError as err:
-                    counts.fail(line_no, err)
-                    continue
-                pending.append((line_no, future, len(value), key is not None))
-                pending_bytes += len(value)
-                if len(pending) >= batch or pending_bytes >= _MAX_PENDING_BYTES:
-                    _settle(producer, pending, counts, t0, progress)
-                    pending, pending_bytes = [], 0
+                    producer.flush(timeout=_INTERRUPT_FLUSH_SECONDS)
+                except KafkaError:
+                    pass
+                _count(pending, counts)
+                raise ProduceInterrupted(counts.summary(t0)) from None
             _settle(producer, pending, counts, t0, progress)
         except KafkaError as err:
             raise ProduceError(f"producing to {topic!r} failed: {err}", counts.summary(t0)) from err
@@ -235,13 +262,29 @@ def produce_file(
     return counts.summary(t0)
 
 
+def _count(pending: list[tuple[int, Any, int, bool]], counts: _Counts) -> list[BaseException]:
+    """Count the acknowledged records of ``pending`` and the failed ones; returns the failures."""
+    failures = []
+    for line_no, future, size, keyed in pending:
+        if future.succeeded():
+            counts.produced += 1
+            counts.bytes += size
+            counts.keyed += keyed
+            counts.last_acknowledged = max(counts.last_acknowledged, line_no)
+            continue
+        err = future.exception if future.failed() else RuntimeError("not acknowledged")
+        counts.fail(line_no, err)
+        failures.append(err)
+    return failures
+
+
 class _Counts:
     """Running totals; :meth:`summary` takes a frozen snapshot."""
 
     def __init__(self, topic: str) -> None:
         self.topic = topic
         self.lines = self.blank = self.produced = self.keyed = 0
-        self.not_json = self.failed = self.bytes = 0
+        self.not_json = self.failed = self.bytes = self.last_acknowledged = 0
         self.errors: list[str] = []
 
     def fail(self, line_no: int, err: BaseException) -> None:
@@ -253,7 +296,7 @@ class _Counts:
         return ProduceSummary(
             topic=self.topic, lines=self.lines, blank=self.blank, produced=self.produced,
             keyed=self.keyed, not_json=self.not_json, failed=self.failed, bytes=self.bytes,
-            seconds=time.perf_counter() - t0, errors=tuple(self.errors),
+            seconds=time.perf_counter() - t0, errors=tuple(self.errors), last_acknowledged=self.last_acknowledged,
         )  # fmt: skip
 
 
@@ -271,14 +314,7 @@ def _settle(
         return
     producer.flush()
     fatal: BaseException | None = None
-    for line_no, future, size, keyed in pending:
-        if future.succeeded():
-            counts.produced += 1
-            counts.bytes += size
-            counts.keyed += keyed
-            continue
-        err = future.exception if future.failed() else RuntimeError("not acknowledged")
-        counts.fail(line_no, err)
+    for err in _count(pending, counts):
         if not isinstance(err, (MessageSizeTooLargeError, RecordListTooLargeError)):
             fatal = fatal or err
     if fatal is not None:

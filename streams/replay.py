@@ -33,6 +33,7 @@ class ReplaySummary:
     labelled_anomalies_flagged: int = 0
     normals_flagged: int = 0
     normals_judged: int = 0
+    interrupted: bool = False  # Ctrl-C: ``lines`` are the lines whose outputs were all written
 
     @property
     def events_per_second(self) -> float:
@@ -85,12 +86,28 @@ def replay(
     progress: IO[str] | None = None,
     progress_every: float = 2.0,
 ) -> ReplaySummary:
-    """Run ``stream`` through ``pipeline``; write outputs as they come."""
+    """Run ``stream`` through ``pipeline``; write outputs as they come.
+
+    Ctrl-C (``KeyboardInterrupt``) ends the run early: the summary is returned
+    with ``interrupted`` set and ``lines`` the lines whose outputs were all written.
+    """
     summary = ReplaySummary()
     t0 = time.perf_counter()
+    try:
+        _replay(pipeline, stream, summary, t0, out, drift_out, rejects, batch_size, progress, progress_every)
+    except KeyboardInterrupt:
+        summary.interrupted = True
+    summary.seconds = time.perf_counter() - t0
+    if progress is not None and summary.seconds >= progress_every:
+        progress.write("\n")
+    return summary
+
+
+def _replay(pipeline: Pipeline, stream: BinaryIO, summary: ReplaySummary, t0: float, out: IO[bytes] | None,
+            drift_out: IO[bytes] | None, rejects: IO[bytes] | None, batch_size: int, progress: IO[str] | None,
+            progress_every: float) -> None:
     last = t0
     for batch in _batches(stream, batch_size):
-        summary.lines = batch[-1][0]
         result = pipeline.process_raw([raw for _, raw in batch])
         for i, rec in result.scores:
             summary.events += 1
@@ -125,6 +142,7 @@ def replay(
                     )
                     + b"\n"
                 )
+        summary.lines = batch[-1][0]
         now = time.perf_counter()
         if progress is not None and now - last >= progress_every:
             last = now
@@ -140,10 +158,6 @@ def replay(
         summary.drifts += 1
         if drift_out is not None:
             drift_out.write(orjson.dumps(d.to_dict()) + b"\n")
-    summary.seconds = time.perf_counter() - t0
-    if progress is not None and summary.seconds >= progress_every:
-        progress.write("\n")
-    return summary
 
 
 def open_input(path: str) -> BinaryIO:

@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import signal
 import subprocess
+import time
+from collections.abc import Callable
+
+
+class StartupError(RuntimeError):
+    """A command cannot start because of its settings or its surroundings (a port in use, a
+    state directory that cannot be written, a cluster that does not answer). The message
+    names the cause and the setting to change; ``nwatch`` prints it on one line, no traceback."""
 
 
 def configure_threads(blas_threads: int = 1) -> None:
@@ -42,9 +51,12 @@ def configure_gc(thresholds: tuple[int, int, int] | None = None) -> None:
     if thresholds is None:
         env = os.environ.get("NWATCH_GC_THRESHOLDS", "").strip()
         if env:
-            parts = tuple(int(v) for v in env.split(","))
+            try:
+                parts = tuple(int(v) for v in env.split(","))
+            except ValueError:
+                parts = ()
             if len(parts) != 3 or min(parts) < 0:
-                raise ValueError(f"NWATCH_GC_THRESHOLDS must be three integers >= 0, got {env!r}")
+                raise StartupError(f"NWATCH_GC_THRESHOLDS must be three integers >= 0, got {env!r}")
             thresholds = parts  # type: ignore[assignment]
         else:
             thresholds = GC_THRESHOLDS
@@ -74,3 +86,43 @@ def stop_process_group(proc: subprocess.Popen, *, timeout: float = 20.0) -> int:
         except ProcessLookupError:
             proc.wait()
     return proc.returncode
+
+
+class RepeatLimiter:
+    """A logging filter that lets a third-party log message through once per ``window`` seconds.
+
+    With the broker away, aiokafka's clients (faust's consumer and producer and
+    the worker's own) retry every ~50 ms and log an ERROR line at each try: ~150
+    lines a second, over a megabyte of log a minute, the one line that matters
+    buried. A message is known by its logger, level and format string (``"Unable
+    connect to node with id %s: %s"``), so one that differs only in its
+    arguments counts as a repeat; the next one let through says how many were
+    held back. The worker's own loggers (``neighbourwatch.*``) are never held back.
+    """
+
+    def __init__(self, window: float = 30.0, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.window = window
+        self.clock = clock
+        self._seen: dict[tuple[str, int, str], tuple[float, int]] = {}  # key -> (last let through, held back since)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("neighbourwatch"):
+            return True
+        key = (record.name, record.levelno, str(record.msg))
+        now = self.clock()
+        last = self._seen.get(key)
+        if last is not None and now - last[0] < self.window:
+            self._seen[key] = (last[0], last[1] + 1)
+            return False
+        held = last[1] if last is not None else 0
+        self._seen[key] = (now, 0)
+        if held:
+            record.msg = f"{record.msg} (and {held} more like it in the last {now - last[0]:.0f} s)"
+        return True
+
+
+def limit_repeats(logger: logging.Logger, window: float = 30.0) -> None:
+    """Hold back repeated third-party messages on each of ``logger``'s handlers (see :class:`RepeatLimiter`)."""
+    for handler in logger.handlers:
+        if not any(isinstance(f, RepeatLimiter) for f in handler.filters):
+            handler.addFilter(RepeatLimiter(window))

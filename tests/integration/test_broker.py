@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -424,3 +425,66 @@ def test_produce_reads_stdin(
         )  # fmt: skip
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     assert [r.key for r in consume_all(broker.bootstrap_servers, topic, 1)] == [b"s1"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_python_m_streams_broker_serves_until_stopped_and_leaves_nothing(sig) -> None:
+    """The README's broker for trying ``nwatch run`` by hand: it answers Kafka clients on the
+    port it prints; Ctrl-C or SIGTERM stops it and its Tansu process, exit status 0."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "streams.broker", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        line = proc.stdout.readline()
+        assert f"on 127.0.0.1:{port};" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+        assert ensure_topics(f"127.0.0.1:{port}", ["by-hand"]) == ["by-hand"]
+        tansu = [c.pid for c in psutil.Process(proc.pid).children() if "tansu" in " ".join(c.cmdline())]
+        assert len(tansu) == 1
+        proc.send_signal(sig)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert _gone(tansu[0])
+    with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port), 2):
+        pass
+
+
+def test_produce_interrupted_says_what_is_on_the_topic(broker: EmbeddedBroker, unique_topic, tmp_path: Path) -> None:
+    """Ctrl-C in ``nwatch produce``: exit 130 and a summary of what the cluster acknowledged, every
+    line up to the last acknowledged one on the topic (nothing silently half-sent)."""
+    import re
+    import time
+
+    topic = unique_topic("ctrlc")
+    ensure_topics(broker.bootstrap_servers, [topic])
+    lines = [orjson.dumps({"id": f"e{i}", "kind": "vector", "vector": [i, 1.0]}) for i in range(300_000)]
+    path = tmp_path / "big.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "produce", str(path), "--topic", topic,
+                             "--bootstrap-servers", broker.bootstrap_servers], stderr=subprocess.PIPE, text=True)
+    time.sleep(4)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    match = re.search(r"nwatch: interrupted: .*?([\d,]+)", err)
+    assert match, err
+    done = re.search(r"produced ([\d,]+) messages", err)
+    produced = int(done.group(1).replace(",", ""))
+    last = int(re.search(r"(?:up to|the last at line) ([\d,]+)", err).group(1).replace(",", ""))
+    assert 0 < produced <= last < len(lines)  # interrupted part way, after some were acknowledged
+    from kafka import KafkaConsumer, TopicPartition
+
+    from tests.integration.conftest import drain
+
+    consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap_servers, enable_auto_commit=False)
+    consumer.assign([TopicPartition(topic, 0)])
+    consumer.seek_to_beginning()
+    on_topic = {r.value for r in drain(consumer)}
+    consumer.close()
+    assert set(lines[:last]) <= on_topic  # every line up to the last acknowledged one
+    assert len(on_topic) >= produced

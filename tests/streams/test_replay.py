@@ -152,3 +152,27 @@ def test_cli_missing_file_is_a_clear_error(tmp_path):
         capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 1 and "nope.jsonl" in proc.stderr
+
+
+def test_ctrl_c_ends_a_replay_with_whole_batches_written_and_says_where(sample):
+    """Ctrl-C (KeyboardInterrupt while the input is read) returns the summary, marked interrupted,
+    with ``lines`` the lines whose outputs are all written."""
+    lines = sample.splitlines(keepends=True)[:95]
+
+    def interrupted_input():
+        for n, line in enumerate(lines, start=1):
+            if n == 95:
+                raise KeyboardInterrupt
+            yield line
+
+    backend = HashingTextBackend(dim=64)
+    pipe = Pipeline(settings=Settings(), text_backend=lambda: backend)
+    out, rej = io.BytesIO(), io.BytesIO()
+    summary = replay(pipe, interrupted_input(), out=out, rejects=rej, batch_size=20)
+    assert summary.interrupted
+    assert summary.lines == 80  # four batches of 20 written; the fifth was being read
+    scored = [orjson.loads(x)["id"] for x in out.getvalue().splitlines()]
+    assert scored == valid_ids(lines[:80])
+    assert summary.events == len(scored) and summary.rejects == len(rej.getvalue().splitlines())
+    full = _run(b"".join(lines[:80]), batch_size=20)[0]
+    assert not full.interrupted and full.lines == 80
