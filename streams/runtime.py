@@ -98,11 +98,18 @@ class RepeatLimiter:
     connect to node with id %s: %s"``), so one that differs only in its
     arguments counts as a repeat; the next one let through says how many were
     held back. The worker's own loggers (``neighbourwatch.*``) are never held back.
+
+    It remembers at most ``max_keys`` messages: a library that formats its
+    messages itself (an f-string per call) makes a new key each time, and a
+    worker runs for months. Past that, the messages not let through within the
+    window are forgotten (their count of held-back repeats with them).
     """
 
-    def __init__(self, window: float = 30.0, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, window: float = 30.0, *, clock: Callable[[], float] = time.monotonic,
+                 max_keys: int = 4096) -> None:
         self.window = window
         self.clock = clock
+        self.max_keys = max_keys
         self._seen: dict[tuple[str, int, str], tuple[float, int]] = {}  # key -> (last let through, held back since)
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -115,10 +122,18 @@ class RepeatLimiter:
             self._seen[key] = (last[0], last[1] + 1)
             return False
         held = last[1] if last is not None else 0
+        if last is None and len(self._seen) >= self.max_keys:
+            self._forget(now)
         self._seen[key] = (now, 0)
         if held:
             record.msg = f"{record.msg} (and {held} more like it in the last {now - last[0]:.0f} s)"
         return True
+
+    def _forget(self, now: float) -> None:
+        recent = {k: v for k, v in self._seen.items() if now - v[0] < self.window}
+        if len(recent) >= self.max_keys:  # all of them recent: keep the newer half
+            recent = dict(sorted(recent.items(), key=lambda kv: kv[1][0])[len(recent) // 2:])
+        self._seen = recent
 
 
 def limit_repeats(logger: logging.Logger, window: float = 30.0) -> None:

@@ -55,3 +55,24 @@ def test_repeat_limiter_lets_a_third_party_message_through_once_per_window():
     now[0] = 61.0
     quiet = record("aiokafka.conn", connect, 1, "refused")
     assert limiter.filter(quiet) and "more like it" not in quiet.getMessage()
+
+
+def test_repeat_limiter_memory_is_bounded_when_every_message_differs():
+    import logging
+
+    from streams.runtime import RepeatLimiter
+
+    now = [0.0]
+    limiter = RepeatLimiter(30.0, clock=lambda: now[0], max_keys=100)
+    for i in range(10_000):  # a library that formats its own messages: each one a new key
+        now[0] = i * 0.01
+        assert limiter.filter(logging.LogRecord("faust", logging.WARNING, __file__, 1, f"lag {i}", (), None))
+        assert len(limiter._seen) <= 100
+    # a repeat still within its window is still held back after the forgetting
+    connect = "Unable connect to node with id %s: %s"
+    rec = lambda: logging.LogRecord("aiokafka.conn", logging.ERROR, __file__, 1, connect, (1, "refused"), None)  # noqa: E731
+    assert limiter.filter(rec())
+    for i in range(60):
+        now[0] += 0.01
+        limiter.filter(logging.LogRecord("faust", logging.WARNING, __file__, 1, f"more {i}", (), None))
+    assert not limiter.filter(rec())
