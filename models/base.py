@@ -87,6 +87,14 @@ class Seasonal(Protocol):
     def seasonal_dims(self) -> tuple[int, ...]: ...
 
 
+@runtime_checkable
+class Named(Protocol):
+    """``dim_names()``: a name per dimension (``num:amount``, ``rarity:country``), so that a
+    drift explanation can say which fields moved instead of which column numbers."""
+
+    def dim_names(self) -> list[str]: ...
+
+
 def encoder_tag(encoder: Encoder) -> str:
     return f"{encoder.name}@{encoder.version}"
 

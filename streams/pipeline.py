@@ -41,7 +41,18 @@ from detectors.shards import (
 )
 from detectors.records import DriftRecord, Neighbour, ScoreRecord
 
-from models.base import Encoder, Learner, NumberTaker, Prefetcher, Rebasing, Seasonal, State, Stateful, encoder_tag
+from models.base import (
+    Encoder,
+    Learner,
+    Named,
+    NumberTaker,
+    Prefetcher,
+    Rebasing,
+    Seasonal,
+    State,
+    Stateful,
+    encoder_tag,
+)
 from models.errors import (
     DuplicateId,
     FutureTimestamp,
@@ -188,6 +199,13 @@ class Pending:
         self.components.clear()
 
 
+def name_fields(explanation: dict, names: list[str]) -> None:
+    """Add ``top_fields``, the names of the explanation's ``top_dimensions`` (in place)."""
+    dims = explanation.get("top_dimensions")
+    if dims:
+        explanation["top_fields"] = [names[j] if 0 <= j < len(names) else f"#{j}" for j in dims]
+
+
 @dataclass
 class SourceState:
     name: str
@@ -234,6 +252,20 @@ class SourceState:
         if cols is None:
             return None
         return X[:, cols] if isinstance(cols, slice) else np.delete(X, list(cols), axis=1)
+
+    def drift_dim_names(self) -> list[str] | None:
+        """A name per column of the drift test's vectors (the encoder's, less the seasonal
+        ones), or None for an encoder whose dimensions have no names (embeddings)."""
+        if not isinstance(self.encoder, Named):
+            return None
+        names = self.encoder.dim_names()
+        cols = self._drift_columns
+        if cols is None:
+            return names
+        if isinstance(cols, slice):
+            return names[cols]
+        dropped = set(cols)
+        return [name for j, name in enumerate(names) if j not in dropped]
 
     def admit(self, e: Event, *, now: float, max_future: float) -> None:
         """Refuse a repeated id, or an event time too far ahead of ``now`` or too far behind the
@@ -638,8 +670,11 @@ class Pipeline:
         if not alarms:
             return
         by_id = {e.id: e for e in events}
+        names = state.drift_dim_names()
         for alarm in alarms:
             at = by_id.get(alarm.detected_at)
+            if names is not None:
+                name_fields(alarm.explanation, names)
             result.drifts.append(
                 DriftRecord(
                     source=state.name,
