@@ -654,8 +654,6 @@ def _admin(bootstrap_servers: str | list[str], timeout: float, client_config: Ma
         raise BrokerError(f"cannot reach Kafka at {bootstrap_servers}: {err}") from err
 
 
-
-
 def _topic_results(result: Any) -> list[dict[str, Any]]:
     # kafka-python 3 returns {"topics": [{"name", "error_code", "error_message", ...}]};
     # older releases returned a response object with ``topic_errors`` tuples.

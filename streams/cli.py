@@ -78,7 +78,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
-    from streams.broker import BrokerError, ensure_topics, kafka_client_config
+    from streams.broker import ensure_topics, kafka_client_config
     from streams.produce import ProduceError, ProduceInterrupted, ProgressLine, produce_file
 
     settings = _settings(args)
@@ -91,12 +91,8 @@ def cmd_produce(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"nwatch: {err}", file=sys.stderr)
         return 2
-    if args.create_topic:
-        try:
-            ensure_topics(kafka.bootstrap_servers, {topic: args.partitions}, client_config=kafka_client_config(kafka))
-        except BrokerError as err:
-            print(f"nwatch: {err}", file=sys.stderr)
-            return 1
+    if args.create_topic:  # a BrokerError is printed by main, exit 1
+        ensure_topics(kafka.bootstrap_servers, {topic: args.partitions}, client_config=kafka_client_config(kafka))
     line = ProgressLine(sys.stderr) if args.progress or (sys.stderr.isatty() and not args.quiet) else None
     try:
         summary = produce_file(args.file, topic=topic, kafka_settings=kafka, key_field=args.key_field, progress=line,
